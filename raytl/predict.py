@@ -1,0 +1,71 @@
+"""``raytl predict``: top classes with probabilities for image files, from a saved model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raytl.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image
+from raytl.errors import RaytlError
+from raytl.models import load_saved_model
+from raytl.worker import BatchPreparer, default_device
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RaytlError(f"{path}: no such file or folder")
+    return files
+
+
+@torch.no_grad()
+def predict_paths(model_dir: Path, paths: list[Path], *, top: int = 3) -> list[Prediction]:
+    """Classify every image (folders are searched recursively); unreadable files get an error."""
+    model, pre, class_names, _ = load_saved_model(model_dir)
+    device = default_device()
+    model.to(device)
+    prepare = BatchPreparer(pre, device)
+    results: list[Prediction] = []
+    for path in _expand(paths):
+        try:
+            image = decode_image(path.read_bytes(), size=pre.image_size, max_pixels=178_956_970)
+        except (UnreadableImage, OSError) as exc:
+            results.append(Prediction(str(path), [], str(exc)))
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(prepare(image[np.newaxis]))
+        probs = torch.softmax(logits.float(), 1)[0].cpu()
+        values, indices = probs.topk(min(top, len(class_names)))
+        results.append(Prediction(
+            str(path), [(class_names[i], float(v)) for v, i in zip(values, indices, strict=True)]
+        ))
+    return results
+
+
+def format_predictions(results: list[Prediction]) -> str:
+    lines = []
+    for r in results:
+        if r.error:
+            lines.append(f"{r.path}: unreadable ({r.error})")
+        else:
+            lines.append(f"{r.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in r.top))
+    return "\n".join(lines) if lines else "no images found"

@@ -1,0 +1,138 @@
+"""``raytl train``: one configuration, one holdout unit, no Ray: train, test once, save.
+
+The same :class:`~raytl.worker.UnitTrainer` runs inside every Ray Train worker during a search;
+this module is its plain single-process driver (and the quickest way to try a configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytl.config import SpaceConfig
+from raytl.data import ImageData, load_data
+from raytl.data.splits import carve_test, stratified_split
+from raytl.errors import RaytlError
+from raytl.models import save_model, write_json_atomic
+from raytl.worker import UnitTrainer
+
+
+def load_dataset(config: SpaceConfig) -> ImageData:
+    """Load the space file's data source with its options."""
+    d = config.data
+    return load_data(
+        d.source, path=d.path, image_size=d.image_size, limit=d.limit, seed=d.seed,
+        on_bad_file=d.on_bad_file, max_pixels=d.max_pixels, download=d.download,
+        synthetic_classes=d.synthetic_classes, synthetic_per_class=d.synthetic_per_class,
+    )
+
+
+def prepare_output(output: Path, *, overwrite: bool = False) -> Path:
+    """Create the output folder; refuse a non-empty one unless ``overwrite`` (nothing is lost)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise RaytlError(f"{output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise RaytlError(f"{output}: already exists and is not empty; pass --overwrite or another --output")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RaytlError(f"{output}: cannot write there ({exc.strerror or exc})") from None
+    return output
+
+
+def write_skipped(output: Path, data: ImageData) -> None:
+    """List every unreadable file that was skipped, with its reason, in ``skipped.txt``."""
+    if data.skipped:
+        lines = [f"{s.path}\t{s.reason}" for s in data.skipped]
+        tmp = output / ".skipped.txt.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(output / "skipped.txt")
+
+
+def _progress_bar(enabled: bool, desc: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    return update, bar.close
+
+
+def train_single(
+    config: SpaceConfig, output: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the file's fixed configuration on a holdout split, test once, save to ``output``."""
+    started = time.perf_counter()
+    data = load_dataset(config)
+    seed = config.data.seed
+    pool, test_idx = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    train_idx, val_idx = stratified_split(
+        data.labels, pool, config.data.val_fraction, seed, data.class_names, "the validation split"
+    )
+    hp = config.hyperparameters()
+    echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes "
+         f"(train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}), "
+         f"fingerprint {data.fingerprint}")
+    write_skipped(output, data)
+    trainer = UnitTrainer(
+        hp, data, train_idx, val_idx, pretrained=config.model.pretrained,
+        image_size=config.data.image_size, seed=config.search.seed,
+    )
+    echo(f"model: {hp.backbone} ({'pretrained: ' + config.model.pretrained if trainer.strategy.pretrained else 'random init'}), "
+         f"{len(trainer.blocks)} blocks; strategy {hp.strategy}: "
+         + ", ".join(f"{p.name} {p.epochs} ep (freeze {p.freeze_depth})" for p in trainer.phases)
+         + f"; device {trainer.device}")
+    history = []
+    for _ in range(trainer.total_epochs):
+        update, close = _progress_bar(progress, f"epoch {trainer.epoch + 1}/{trainer.total_epochs}")
+        metrics = trainer.run_epoch(progress=update)
+        close()
+        history.append(metrics)
+        echo(f"epoch {metrics['epoch']:>2}/{trainer.total_epochs} [{metrics['phase']}] "
+             f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.3f} | "
+             f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.3f} | "
+             f"{metrics['epoch_seconds']:.1f}s, {metrics['images_per_second']:.0f} img/s")
+    test = trainer.evaluate(test_idx)
+    seconds = time.perf_counter() - started
+    echo(f"test accuracy {test.accuracy:.4f} (loss {test.loss:.4f}) on {len(test_idx)} untouched "
+         f"images; {seconds:.1f}s in all")
+    summary = {
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "seconds": seconds,
+        "hyperparameters": dataclasses.asdict(hp),
+        "data": {"source": data.source, "fingerprint": data.fingerprint, "images": len(data),
+                 "train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+        "history": history,
+    }
+    save_model(
+        output, trainer.model, backbone=hp.backbone, class_names=list(data.class_names),
+        preprocessing=trainer.pre, extra={"hyperparameters": dataclasses.asdict(hp)},
+    )
+    write_json_atomic(output / "metrics.json", summary)
+    write_space(output, config)
+    return summary
+
+
+def write_space(output: Path, config: SpaceConfig) -> None:
+    """The resolved configuration that ran, as ``space.yaml`` (loadable by ``load_space``)."""
+    tmp = output / ".space.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(output / "space.yaml")

@@ -1,0 +1,337 @@
+"""The per-worker training loop: one :class:`UnitTrainer` trains one unit (one independent model).
+
+It runs without Ray (``raytl train``, GPU checks) and inside Ray Train workers, where a worker may
+own several units, or share one unit with other workers through a :class:`GradientSync`. On a GPU it
+uses bf16 autocast, channels_last and pinned, non-blocking copies.
+
+Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
+through the backbone every epoch: the pooled features are computed once in eval mode and only the
+head trains on them, which is exactly equivalent since the frozen backbone (BatchNorm included)
+and the un-augmented inputs do not change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from raytl.config import Hyperparameters
+from raytl.data.dataset import ImageData
+from raytl.models import (
+    Preprocessing,
+    backbone_blocks,
+    create_model,
+    head_parameter_names,
+    preprocessing_for,
+)
+from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
+
+EVAL_BATCH = 256
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class GradientSync(Protocol):
+    """Data parallelism inside one unit: the ranks that share it average gradients and sum counts.
+
+    Contract: every rank of the unit calls each method the same number of times, in the same order.
+    """
+
+    rank: int
+    world_size: int
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None: ...
+    def sum(self, values: torch.Tensor) -> torch.Tensor: ...
+    def broadcast_model(self, model: torch.nn.Module) -> None: ...
+
+
+class BatchPreparer:
+    """Turns stored uint8 images (N, H, W, 3) into normalised model input at the model's size."""
+
+    def __init__(self, pre: Preprocessing, device: torch.device) -> None:
+        self.pre = pre
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        self.crop = RandomResizedCrop(pre.image_size, scale=(0.35, 1.0))
+
+    def __call__(self, images: np.ndarray, augment: bool = False) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N,3,H,W uint8
+        if augment:  # per-sample random resized crop + horizontal flip, at the stored resolution
+            out = []
+            for img in x:
+                top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+                img = TF.resized_crop(img, top, left, h, w, [self.pre.image_size] * 2, antialias=True)
+                if torch.rand(()) < 0.5:
+                    img = TF.horizontal_flip(img)
+                out.append(img)
+            x = torch.stack(out)
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.float().div_(255.0)
+        size = self.pre.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=self.pre.interpolation, antialias=True,
+                              align_corners=False if self.pre.interpolation != "nearest" else None)
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots
+        x = (x - self.mean) / self.std
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: np.ndarray  # predicted class per image, in the order of the indices given
+    probabilities: np.ndarray | None = None
+
+
+class UnitTrainer:
+    """Trains one model on one unit's train indices and validates it on the unit's val indices."""
+
+    def __init__(
+        self,
+        hp: Hyperparameters,
+        data: ImageData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        *,
+        pretrained: str,
+        image_size: int,
+        device: torch.device | None = None,
+        seed: int = 0,
+        sync: GradientSync | None = None,
+    ) -> None:
+        self.hp = hp
+        self.data = data
+        self.train_idx = np.asarray(train_idx)
+        self.val_idx = np.asarray(val_idx)
+        self.device = device or default_device()
+        self.seed = seed
+        self.sync = sync
+        self.strategy = STRATEGIES[hp.strategy]
+        torch.manual_seed(seed)
+        self.model = create_model(
+            hp.backbone, len(data.class_names), pretrained if self.strategy.pretrained else "none"
+        )
+        self.blocks = backbone_blocks(self.model)
+        self.head = head_parameter_names(self.model)
+        self.classifier = self.model.get_classifier()
+        self.phases = self.strategy.phases(hp, len(self.blocks))
+        self.pre = preprocessing_for(self.model, image_size)
+        self.prepare = BatchPreparer(self.pre, self.device)
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        if sync is not None:
+            sync.broadcast_model(self.model)  # one starting point for every rank of the unit
+        self.epoch = 0  # epochs completed
+        self.phase_index: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._features: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    def _phase_for(self, epoch: int) -> int:
+        """The phase that epoch ``epoch`` (0-based) belongs to."""
+        start = 0
+        for i, phase in enumerate(self.phases):
+            if epoch < start + phase.epochs:
+                return i
+            start += phase.epochs
+        return len(self.phases) - 1
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self._phase_for(self.epoch)]
+
+    def _head_only(self, phase: Phase) -> bool:
+        return phase.freeze_depth >= len(self.blocks) and not phase.augment
+
+    def _my_train_positions(self, epoch: int) -> np.ndarray:
+        """This rank's shuffled share of positions into ``train_idx`` (every rank shuffles alike)."""
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(len(self.train_idx))
+        if self.sync is None:
+            return order
+        per_rank = len(order) // self.sync.world_size  # equal shares keep the all-reduces in step
+        return order[self.sync.rank * per_rank : (self.sync.rank + 1) * per_rank]
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.train_idx) // (self.sync.world_size if self.sync else 1)
+        return max(1, math.ceil(n / self.hp.batch_size))
+
+    def _enter_phase(self, index: int) -> None:
+        phase = self.phases[index]
+        apply_freeze(self.model, self.blocks, phase.freeze_depth)
+        groups = param_groups(self.model, self.blocks, self.head, phase, self.hp.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups)
+        total = phase.epochs * self._steps_per_epoch()
+        warmup = min(max(1, total // 20), total)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero over the phase
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.phase_index = index
+        self._features.clear()
+
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self) -> Any:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda")
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.hp.label_smoothing)
+
+    @torch.no_grad()
+    def _pooled_features(self, indices: np.ndarray) -> torch.Tensor:
+        """Pre-logit features of the (frozen, eval-mode) backbone, computed once per phase."""
+        self.model.eval()
+        chunks = []
+        for start in range(0, len(indices), EVAL_BATCH):
+            x = self.prepare(self.data.images[indices[start : start + EVAL_BATCH]])
+            with self._autocast():
+                feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            chunks.append(feats.float())
+        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
+
+    def _cached(self, key: str, indices: np.ndarray) -> torch.Tensor:
+        if key not in self._features:
+            self._features[key] = self._pooled_features(indices)
+        return self._features[key]
+
+    def run_epoch(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Train one epoch and validate; returns the epoch's metrics."""
+        index = self._phase_for(self.epoch)
+        if index != self.phase_index:
+            self._enter_phase(index)
+        phase = self.phases[index]
+        head_only = self._head_only(phase)
+        start = time.perf_counter()
+        order = self._my_train_positions(self.epoch)
+        labels = torch.from_numpy(self.data.labels[self.train_idx])
+        if head_only:  # the cached feature matrix has one row per train index, in train_idx order
+            features = self._cached("train", self.train_idx)
+        set_train_mode(self.model)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        steps = math.ceil(len(order) / self.hp.batch_size)
+        for step in range(steps):
+            batch = order[step * self.hp.batch_size : (step + 1) * self.hp.batch_size]
+            y = labels[batch].to(self.device, non_blocking=True)
+            with self._autocast():
+                if head_only:
+                    logits = self.classifier(features[torch.from_numpy(batch).to(self.device)])
+                else:
+                    images = self.data.images[self.train_idx[batch]]
+                    logits = self.model(self.prepare(images, augment=phase.augment))
+                loss = self._loss(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.sync is not None:
+                self.sync.average_gradients(trainable)
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.detach() * len(batch)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(batch)
+            if progress:
+                progress(step + 1, steps)
+        train_seconds = time.perf_counter() - start
+        sums = torch.stack([total_loss.float(), correct.float(), torch.tensor(float(seen), device=self.device)])
+        if self.sync is not None:
+            sums = self.sync.sum(sums)
+        val = self.evaluate(self.val_idx, _head_only=head_only)
+        self.epoch += 1
+        seen_all = max(1.0, float(sums[2]))
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "phase": phase.name,
+            "train_loss": float(sums[0]) / seen_all,
+            "train_accuracy": float(sums[1]) / seen_all,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "epoch_seconds": time.perf_counter() - start,
+            "images_per_second": seen / max(train_seconds, 1e-9),
+            "head_only": head_only,
+        }
+        for group in self.optimizer.param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(
+        self, indices: np.ndarray, *, _head_only: bool = False, probabilities: bool = False,
+    ) -> EvalResult:
+        """Loss, accuracy and predictions on ``indices`` (sharded over the unit's ranks, if any)."""
+        indices = np.asarray(indices)
+        mine = indices
+        if self.sync is not None:
+            mine = indices[self.sync.rank :: self.sync.world_size]
+        self.model.eval()
+        labels = torch.from_numpy(self.data.labels[mine]).to(self.device)
+        if _head_only and self.sync is None:
+            logits = self.classifier(self._cached("val", indices)).float()
+        else:
+            chunks = []
+            for start in range(0, len(mine), EVAL_BATCH):
+                x = self.prepare(self.data.images[mine[start : start + EVAL_BATCH]])
+                with self._autocast():
+                    chunks.append(self.model(x).float())
+            logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.data.class_names))
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum") if len(mine) else torch.zeros(())
+        predictions = logits.argmax(1) if len(mine) else torch.empty(0, dtype=torch.long)
+        sums = torch.stack([loss_sum.float().to(self.device),
+                            (predictions == labels).sum().float().to(self.device),
+                            torch.tensor(float(len(mine)), device=self.device)])
+        if self.sync is not None:
+            sums = self.sync.sum(sums)
+        n = max(1.0, float(sums[2]))
+        probs = F.softmax(logits, 1).cpu().numpy() if probabilities else None
+        return EvalResult(float(sums[0]) / n, float(sums[1]) / n, predictions.cpu().numpy(), probs)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this unit stopped (weights_only-loadable)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "epoch": self.epoch,
+            "phase_index": self.phase_index,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.epoch = int(state["epoch"])
+        if state["phase_index"] is not None:
+            self._enter_phase(int(state["phase_index"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,39 @@
+"""Shared fixtures: small real datasets (digits, synthetic) and space files written per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_space(tmp_path: Path, body: dict, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def space_file(tmp_path: Path):
+    """A factory: write a space mapping to a YAML file in tmp_path and return its path."""
+    return lambda body, name="space.yaml": write_space(tmp_path, body, name)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from raytl.data import load_data
+
+    return load_data("digits")
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from raytl.data import load_data
+
+    return load_data("synthetic", synthetic_classes=4, synthetic_per_class=40, seed=0)

@@ -1,0 +1,129 @@
+"""Backbones: the offline weights map correctly, checkpoints load without pickle, blocks are ordered."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from raytl.errors import ConfigError, RaytlError
+from raytl.models import (
+    backbone_blocks,
+    count_blocks,
+    create_model,
+    head_parameter_names,
+    load_saved_model,
+    package_weights_path,
+    preprocessing_for,
+    save_model,
+)
+from raytl.worker import BatchPreparer
+
+
+@pytest.fixture(scope="module")
+def imagenet_model():
+    model = create_model("efficientnet_lite0", 1000, "package")
+    return model.eval()
+
+
+def test_package_weights_load_every_tensor(imagenet_model):
+    source = torch.load(package_weights_path(), map_location="cpu", weights_only=True)
+    target = imagenet_model.state_dict()
+    assert len(source) == len(target) == 296
+    # reset_classifier(1000) re-initialises the head: compare every other tensor, in order
+    for (src_name, src), (dst_name, dst) in zip(source.items(), target.items(), strict=True):
+        if dst_name.startswith("classifier"):
+            continue
+        assert torch.equal(src, dst), (src_name, dst_name)
+
+
+def test_pretrained_backbone_recognises_a_real_cat():
+    skimage_data = pytest.importorskip("skimage.data")
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    from raytl.models import load_package_weights
+
+    load_package_weights(model)
+    model.eval()
+    prepare = BatchPreparer(preprocessing_for(model, 224), torch.device("cpu"))
+    cat = skimage_data.chelsea()  # 300x451 RGB photograph of a cat
+    side = min(cat.shape[:2])
+    top, left = (cat.shape[0] - side) // 2, (cat.shape[1] - side) // 2
+    square = np.ascontiguousarray(cat[top : top + side, left : left + side])
+    with torch.no_grad():
+        logits = model(prepare(square[np.newaxis]))
+    assert int(logits.argmax()) == 285  # ImageNet "Egyptian cat"
+
+
+def test_package_weights_only_for_lite0():
+    with pytest.raises(RaytlError, match="only for efficientnet_lite0"):
+        create_model("resnet18", 10, "package")
+
+
+def test_block_counts_follow_timm_grouping():
+    assert count_blocks("efficientnet_lite0") == 8  # stem + 7 stages (conv_head joins the last)
+    assert count_blocks("resnet18") == 5  # stem + 4 stages
+    assert count_blocks("vit_small_patch16_224") == 13
+    with pytest.raises(ConfigError, match="not a timm model"):
+        count_blocks("no_such_net")
+
+
+def test_blocks_cover_every_parameter_once_and_exclude_the_head():
+    model = create_model("resnet18", 7, "none")
+    blocks = backbone_blocks(model)
+    head = head_parameter_names(model)
+    assert head == ["fc.weight", "fc.bias"]
+    names = [n for b in blocks for n in b]
+    assert len(names) == len(set(names))
+    assert set(names) | set(head) == {n for n, _ in model.named_parameters()}
+    assert blocks[0][0].startswith("conv1")  # stem first
+    assert blocks[-1][0].startswith("layer4")
+
+
+def test_checkpoint_path_loads_without_pickle(tmp_path):
+    source = create_model("resnet18", 5, "none")
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_model("resnet18", 3, str(path))  # another task's head is skipped
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, loaded.state_dict()[name])
+    assert loaded.get_classifier().out_features == 3
+
+
+def test_checkpoint_needing_code_to_unpickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would have run code",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"conv1.weight": Evil()}))
+    with pytest.raises(RaytlError, match="not a plain state dict"):
+        create_model("resnet18", 3, str(path))
+
+
+def test_checkpoint_of_another_architecture_fails_clearly(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(create_model("resnet18", 5, "none").state_dict(), path)
+    with pytest.raises(RaytlError, match="does not fit"):
+        create_model("efficientnet_lite0", 5, str(path))
+
+
+def test_preprocessing_follows_pretrained_config():
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False)
+    pre = preprocessing_for(vit, 96)
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.interpolation == "bicubic" and pre.image_size == 96
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = create_model("resnet18", 4, "none").eval()
+    pre = preprocessing_for(model, 32)
+    save_model(tmp_path, model, backbone="resnet18", class_names=["a", "b", "c", "d"], preprocessing=pre)
+    loaded, pre2, names, _ = load_saved_model(tmp_path)
+    assert names == ["a", "b", "c", "d"] and pre2 == pre
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x))
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
