@@ -14,10 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# The main job: the quickstart on the offline default (digits, ImageNet EfficientNet-Lite0 weights).
+# The main job: the quickstart search on the offline default (digits, ImageNet EfficientNet-Lite0 weights).
 quickstart: setup
-	$(BIN)/raytl train search_spaces/quickstart.yaml --set strategy=fine_tune --set freeze_depth=3 \
-		--output runs/quickstart-train --overwrite
+	$(BIN)/raytl search search_spaces/quickstart.yaml --output runs/quickstart --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

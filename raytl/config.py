@@ -151,6 +151,13 @@ class SpaceConfig:
             if spec.kind == "const" and spec.is_active({**values, **(sampled or {})}):
                 values[spec.name] = spec.values[0]
         values.update(sampled or {})
+        hints = typing.get_type_hints(Hyperparameters)
+        for name, value in values.items():  # tables hold ints as floats (3.0), numpy scalars, ...
+            if hasattr(value, "item"):
+                value = value.item()
+            if _base_type(hints[name]) is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            values[name] = value
         hp = Hyperparameters(**values)
         if hp.backbone is None:
             hp.backbone = self.model.backbone

@@ -267,7 +267,10 @@ class UnitTrainer:
         sums = torch.stack([total_loss.float(), correct.float(), torch.tensor(float(seen), device=self.device)])
         if self.sync is not None:
             sums = self.sync.sum(sums)
-        val = self.evaluate(self.val_idx, _head_only=head_only)
+        if len(self.val_idx):
+            val = self.evaluate(self.val_idx, _head_only=head_only)
+        else:  # a refit on train+val has nothing to validate on (the test split is not for that)
+            val = EvalResult(math.nan, math.nan, np.empty(0, dtype=np.int64))
         self.epoch += 1
         seen_all = max(1.0, float(sums[2]))
         metrics: dict[str, Any] = {

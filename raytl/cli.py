@@ -1,0 +1,148 @@
+"""The ``raytl`` command. Each subcommand reads: validate, build, run, report.
+
+User errors (a bad space file, a missing folder, unreadable data) print one line and exit 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from raytl import __version__
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key of the space file (data.limit=500); a bare hyperparameter name fixes "
+             "it (strategy=fine_tune)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytl", description="Search how best to transfer a pretrained image model to a task.",
+    )
+    parser.add_argument("--version", action="version", version=f"raytl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="search strategies and hyperparameters with Ray Tune")
+    p.add_argument("space", help="space file (search_spaces/quickstart.yaml)")
+    p.add_argument("--output", help="output folder (default: runs/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+    p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
+    _add_set(p)
+
+    p = sub.add_parser("train", help="train one configuration (no search, no Ray)")
+    p.add_argument("space", help="space file (its constants and defaults give the configuration)")
+    p.add_argument("--output", help="output folder (default: runs/NAME-train-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_set(p)
+
+    p = sub.add_parser("predict", help="classify images with a saved model (DIR/best or a train output)")
+    p.add_argument("model_dir")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top", type=int, default=3, help="classes to show per image")
+
+    data = sub.add_parser("data", help="inspect or convert data").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("inspect", help="classes, counts per class, unreadable files")
+    p.add_argument("source", help="an image folder, a folder of Parquet shards, digits, "
+                                  "fashion-mnist or synthetic")
+    p = data.add_parser("convert", help="write an image folder as Parquet shards")
+    p.add_argument("imagefolder")
+    p.add_argument("out_dir")
+    p.add_argument("--shard-size", type=int, default=1000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raytl.data import DataError
+    from raytl.errors import RaytlError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[(args.command, getattr(args, "data_command", None))](args)
+    except (RaytlError, DataError) as exc:
+        print(f"raytl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raytl: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from raytl.config import load_space
+    from raytl.search import run_search
+    from raytl.train import prepare_output
+
+    overrides = list(args.overrides)
+    if args.num_samples is not None:
+        overrides.append(f"search.num_samples={args.num_samples}")
+    config = load_space(args.space, overrides)
+    output = prepare_output(Path(args.output or f"runs/{config.name}"), overwrite=args.overwrite)
+    run_search(config, output, address=args.address)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raytl.config import load_space
+    from raytl.train import prepare_output, train_single
+
+    config = load_space(args.space, args.overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = prepare_output(Path(args.output or f"runs/{config.name}-train-{stamp}"),
+                            overwrite=args.overwrite)
+    progress = not args.no_progress and sys.stderr.isatty()
+    train_single(config, output, progress=progress)
+    print(f"saved to {output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from raytl.predict import format_predictions, predict_paths
+
+    results = predict_paths(Path(args.model_dir), [Path(p) for p in args.images], top=args.top)
+    print(format_predictions(results))
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def _source_and_path(source: str) -> tuple[str, str | None]:
+    if source in ("digits", "fashion-mnist", "synthetic"):
+        return source, None
+    path = Path(source)
+    if path.is_dir() and any(path.glob("*.parquet")) or path.suffix == ".parquet":
+        return "parquet", source
+    return "imagefolder", source
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from raytl.data import inspect_source
+
+    source, path = _source_and_path(args.source)
+    print(inspect_source(source, path=path).format())
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from raytl.data import convert_imagefolder
+
+    paths = convert_imagefolder(args.imagefolder, args.out_dir, shard_size=args.shard_size)
+    print(f"wrote {len(paths)} shard(s) to {os.path.abspath(args.out_dir)}")
+    return 0
+
+
+COMMANDS = {
+    ("search", None): cmd_search,
+    ("train", None): cmd_train,
+    ("predict", None): cmd_predict,
+    ("data", "inspect"): cmd_data_inspect,
+    ("data", "convert"): cmd_data_convert,
+}

@@ -1,0 +1,96 @@
+"""Evaluation schemes: which indices each unit trains and validates on, and which ranks train it.
+
+A scheme turns the training pool (everything but the test split) into units; each unit is an
+independent model with its own train/val indices:
+
+- ``holdout``: one stratified train/val split.
+- ``cv``: k stratified folds; unit i validates on fold i and trains on the rest.
+- ``segments``: the pool cut into S disjoint stratified segments, each with its own train/val split,
+  so S smaller models train side by side on data none of the others sees.
+
+A trial's W Ray Train workers share the U units (see :func:`assign_units`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from raytl.config import SchemeConfig
+from raytl.data.splits import check_class_sizes, stratified_split
+from raytl.errors import RaytlError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent model's data: indices into the dataset."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+
+
+def unit_count(scheme: SchemeConfig) -> int:
+    return {"holdout": 1, "cv": scheme.folds, "segments": scheme.segments}[scheme.kind]
+
+
+def make_units(
+    scheme: SchemeConfig, labels: np.ndarray, pool: np.ndarray, *, val_fraction: float, seed: int,
+    class_names: tuple[str, ...],
+) -> list[Unit]:
+    """The scheme's units over ``pool``; deterministic for a given seed."""
+    pool = np.asarray(pool)
+    if scheme.kind == "holdout":
+        train, val = stratified_split(labels, pool, val_fraction, seed, class_names, "the holdout split")
+        return [Unit("holdout", train, val)]
+    if scheme.kind == "cv":
+        k = scheme.folds
+        check_class_sizes(labels, pool, k, class_names, f"cross-validation with {k} folds")
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        return [
+            Unit(f"fold_{i}", np.sort(pool[train]), np.sort(pool[val]))
+            for i, (train, val) in enumerate(folds.split(pool, labels[pool]))
+        ]
+    s = scheme.segments
+    # each segment needs two images per class of its own to split into train and val
+    check_class_sizes(labels, pool, 2 * s, class_names, f"{s} segments")
+    if s == 1:
+        parts = [pool]
+    else:
+        cutter = StratifiedKFold(n_splits=s, shuffle=True, random_state=seed)
+        parts = [pool[part] for _, part in cutter.split(pool, labels[pool])]
+    units = []
+    for i, part in enumerate(parts):
+        train, val = stratified_split(labels, part, val_fraction, seed + i, class_names,
+                                      f"segment {i}'s validation split")
+        units.append(Unit(f"segment_{i}", train, val))
+    return units
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one rank trains: a unit, and its place among the ranks that share that unit."""
+
+    unit: int
+    rank_in_unit: int
+    ranks_per_unit: int
+
+
+def assign_units(n_units: int, world_size: int) -> list[list[Assignment]]:
+    """Per rank, the units it trains.
+
+    With ``world_size <= n_units`` units go round-robin to ranks (each rank trains its units on its
+    own). With more workers than units, ``world_size`` must be a multiple of ``n_units`` and each
+    unit trains data-parallel on ``world_size / n_units`` consecutive ranks.
+    """
+    if world_size <= n_units:
+        return [[Assignment(u, 0, 1) for u in range(r, n_units, world_size)] for r in range(world_size)]
+    if world_size % n_units:
+        raise RaytlError(
+            f"{world_size} workers cannot share {n_units} units evenly: use at most {n_units} "
+            f"workers, or a multiple of {n_units}"
+        )
+    per = world_size // n_units
+    return [[Assignment(r // per, r % per, per)] for r in range(world_size)]

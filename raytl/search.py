@@ -1,0 +1,399 @@
+"""``raytl search``: Ray Tune + OptunaSearch (define-by-run, conditional) + ASHA over Ray Train trials.
+
+Flow: validate the space, load the data once into Ray's object store, run the Tuner, write the
+results table, refit the best configuration on train+val, test it once, write ``best/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raytl.config import ParamSpec, SpaceConfig, condition_order
+from raytl.data import ImageData
+from raytl.data.splits import carve_test
+from raytl.errors import RaytlError
+from raytl.models import count_blocks, save_model, write_json_atomic
+from raytl.schemes import assign_units, unit_count
+from raytl.train import load_dataset, write_skipped, write_space
+
+EXPERIMENT = "tune"
+
+
+class DefineByRun:
+    """Optuna's define-by-run function for the ``space`` section (a class so Tune can pickle it).
+
+    Parents are sampled before the entries conditional on them, so an inactive entry is simply
+    never suggested (Optuna then sees it as absent, which multivariate TPE with ``group=True``
+    handles jointly). ``freeze_depth``'s upper bound follows the backbone sampled for the trial.
+    """
+
+    def __init__(self, space: dict[str, ParamSpec]) -> None:
+        self.ordered = condition_order(space)
+
+    def __call__(self, trial: Any) -> dict[str, Any] | None:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for spec in self.ordered:
+            if not spec.is_active(values):
+                continue
+            if spec.kind == "const":
+                values[spec.name] = constants[spec.name] = spec.values[0]
+            elif spec.kind == "choice":
+                values[spec.name] = trial.suggest_categorical(spec.name, list(spec.values))
+            elif spec.kind == "int":
+                high = int(spec.high)
+                if spec.name == "freeze_depth" and "backbone" in values:
+                    high = min(high, count_blocks(values["backbone"]))
+                values[spec.name] = trial.suggest_int(spec.name, int(spec.low), high, step=spec.step)
+            else:
+                values[spec.name] = trial.suggest_float(
+                    spec.name, spec.low, spec.high, log=spec.kind == "loguniform"
+                )
+        return constants or None
+
+
+def make_searcher(config: SpaceConfig) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    s = config.search
+    if s.sampler == "tpe":
+        # multivariate TPE models parameters jointly; group=True keeps that working when some
+        # parameters exist only for some strategies (otherwise it silently samples independently)
+        sampler = optuna.samplers.TPESampler(
+            seed=s.seed, multivariate=True, group=True, n_startup_trials=min(4, s.num_samples)
+        )
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    return OptunaSearch(
+        space=DefineByRun(config.space), metric=s.metric, mode=metric_mode(s.metric), sampler=sampler
+    )
+
+
+def metric_mode(metric: str) -> str:
+    return "min" if metric.endswith("loss") else "max"
+
+
+def make_scheduler(config: SpaceConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = config.search
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def check_resources(config: SpaceConfig) -> None:
+    """Fail before starting if a trial can never be placed or units cannot be shared out."""
+    import ray
+
+    r = config.resources
+    assign_units(unit_count(config.scheme), r.workers_per_trial)  # raises if W does not fit U
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= r.cpus_per_worker
+            and n["Resources"].get("GPU", 0) >= r.gpus_per_worker]
+    if not fits:
+        biggest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes)
+        raise RaytlError(
+            f"{config.source}: resources: a worker asks for {r.cpus_per_worker} CPU and "
+            f"{r.gpus_per_worker} GPU, but the largest node has {biggest[0]:g} CPU and {biggest[1]:g} GPU"
+        )
+
+
+class ProgressLine:
+    """A Tune callback printing one line per trial result: the live view of the search."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from ray.tune import Callback
+
+        class _Progress(Callback):
+            def __init__(self, total: int, metric: str, echo: Callable[[str], None]) -> None:
+                self.total, self.metric, self.echo = total, metric, echo
+                self.best: float | None = None
+                self.finished = 0
+                self.started = time.perf_counter()
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+                value = result.get(self.metric)
+                if value is None:
+                    return
+                better = self.best is None or (
+                    value > self.best if metric_mode(self.metric) == "max" else value < self.best
+                )
+                if better:
+                    self.best = value
+                config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+                self.echo(
+                    f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
+                    f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
+                    f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} "
+                    f"done, best {self.best:.4f} | {config}"
+                )
+
+            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+                self.finished += 1
+
+            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+                self.finished += 1
+                self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
+
+        return _Progress(*args, **kwargs)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to a cluster (``--address``), or start a local Ray bound to 127.0.0.1.
+
+    Returns whether this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        return True
+    # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
+    # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
+    # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    return True
+
+
+def run_search(
+    config: SpaceConfig, output: Path, *, address: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Run the whole search into ``output`` and return the results table."""
+    import ray
+    from ray import tune
+
+    started = time.perf_counter()
+    output = Path(output).resolve()
+    write_space(output, config)
+    data = load_dataset(config)
+    write_skipped(output, data)
+    echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
+         f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
+         f"({unit_count(config.scheme)} unit(s)); {config.search.num_samples} trials, "
+         f"{config.resources.workers_per_trial} worker(s) each")
+    owns_ray = init_ray(address)
+    try:
+        check_resources(config)
+        storage = config.search.storage or str(output / "ray")
+        data_ref = [ray.put(data)]  # once per search; workers read it from the object store
+        trainable = tune.with_parameters(
+            _trial_entry, space=config.to_dict(), source=config.source, data_ref=data_ref,
+            storage_path=storage, max_failures=config.search.max_failures,
+        )
+        # The Tune trial only drives its TorchTrainer, whose workers ask for their own CPUs/GPUs.
+        # Giving it 0.01 CPU would leave a 2-worker trial unplaceable on a 2-core machine; a zero
+        # CPU request must carry some resource (Ray refuses an empty one), hence one byte of memory.
+        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
+        s = config.search
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(config), scheduler=make_scheduler(config),
+                metric=s.metric, mode=metric_mode(s.metric), num_samples=s.num_samples,
+                max_concurrent_trials=s.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=storage, verbose=0,
+                callbacks=[ProgressLine(s.num_samples, s.metric, echo)],
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            ),
+        )
+        grid = tuner.fit()
+        table = results_table(grid, config)
+        write_results(output, table)
+        echo("")
+        echo(format_top(table, config.search.metric))
+        best = best_row(table, config.search.metric)
+        if best is not None:
+            refit_best(config, data, best, output, echo=echo)
+        echo(f"search finished in {time.perf_counter() - started:.0f}s; results in {output}")
+        return table
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _trial_entry(sampled: dict[str, Any], **kwargs: Any) -> None:
+    from raytl.trial import run_trial
+
+    run_trial(sampled, **kwargs)
+
+
+SAMPLED_COLUMNS = ("strategy", "backbone", "freeze_depth", "head_lr", "backbone_lr", "layer_decay",
+                   "weight_decay", "label_smoothing", "batch_size", "epochs", "lp_epochs", "augment")
+
+
+def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
+    """One row per trial: sampled values (missing where inactive), status, metrics, costs."""
+    metric = config.search.metric
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        cfg = result.config or {}
+        epochs = int(m.get("epoch") or 0)
+        total = int(m.get("total_epochs") or 0)
+        if result.error is not None:
+            status = "error"
+        elif total and epochs >= total:
+            status = "completed"
+        else:
+            status = "stopped"  # by the scheduler (ASHA)
+        row: dict[str, Any] = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
+        sampled = {k: cfg.get(k) for k in SAMPLED_COLUMNS if k in cfg}
+        hp = config.hyperparameters({k: v for k, v in sampled.items() if v is not None})
+        for key in SAMPLED_COLUMNS:
+            row[key] = cfg.get(key, None)
+        row["strategy"] = hp.strategy
+        row["backbone"] = hp.backbone
+        row["scheme"] = config.scheme.kind
+        row["units"] = m.get("units")
+        row[f"{metric}_mean"] = m.get(metric, math.nan)
+        row[f"{metric}_std"] = m.get(f"{metric}_std", math.nan)
+        for other in ("val_accuracy", "val_loss"):
+            if other != metric:
+                row[f"{other}_mean"] = m.get(other, math.nan)
+                row[f"{other}_std"] = m.get(f"{other}_std", math.nan)
+        unit_names = sorted({k.split("/")[1] for k in m if k.startswith("unit/")})
+        row["unit_names"] = unit_names
+        row["unit_val_accuracy"] = [m.get(f"unit/{u}/val_accuracy") for u in unit_names]
+        row["unit_nodes"] = [m.get(f"unit/{u}/node_id") for u in unit_names]
+        row["epochs"] = epochs
+        row["wall_seconds"] = m.get("time_total_s", math.nan)
+        row["worker_seconds"] = m.get("worker_seconds", math.nan)
+        row["startup_seconds"] = m.get("startup_seconds", math.nan)
+        row["nodes"] = m.get("nodes")
+        row["error"] = str(result.error).splitlines()[0][:300] if result.error else None
+        row["path"] = result.path
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("trial_id").reset_index(drop=True)
+    return table
+
+
+def write_results(output: Path, table: pd.DataFrame) -> None:
+    """results.parquet and results.csv, each written to a temporary file and renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = output / ".results.parquet.tmp"
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
+    tmp.replace(output / "results.parquet")
+    tmp = output / ".results.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(output / "results.csv")
+
+
+def best_row(table: pd.DataFrame, metric: str) -> pd.Series | None:
+    column = f"{metric}_mean"
+    ok = table[table["status"] != "error"].dropna(subset=[column]) if len(table) else table
+    if not len(ok):
+        return None
+    ok = ok.sort_values([column, "epochs"], ascending=[metric_mode(metric) == "min", False])
+    return ok.iloc[0]
+
+
+def format_top(table: pd.DataFrame, metric: str, n: int = 10) -> str:
+    if not len(table):
+        return "no trials ran"
+    column = f"{metric}_mean"
+    shown = table.sort_values(column, ascending=metric_mode(metric) == "min", na_position="last")
+    columns = ["trial_id", "status", "strategy", "freeze_depth", "head_lr", "backbone_lr", column,
+               f"{metric}_std", "epochs", "worker_seconds"]
+    shown = shown[[c for c in columns if c in shown]].head(n)
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4g}".format):
+        return f"top trials by {metric} ({len(table)} in all):\n{shown.to_string(index=False)}"
+
+
+def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Path,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
+    import ray
+
+    sampled = {k: best[k] for k in SAMPLED_COLUMNS if k in best and not _missing(best[k])}
+    sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
+    hp = config.hyperparameters(sampled)
+    echo(f"refitting the best trial {best['trial_id']} on train+val: "
+         + ", ".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(hp).items()))
+    r = config.resources
+    remote = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_refit)
+    result = ray.get(remote.remote(config.to_dict(), config.source, sampled, data))
+    from raytl.models import create_model
+
+    model = create_model(hp.backbone, len(data.class_names), "none")
+    model.load_state_dict(result.pop("state"))
+    best_dir = output / "best"
+    summary = {"trial_id": best["trial_id"], "hyperparameters": dataclasses.asdict(hp),
+               "search_metric": config.search.metric,
+               "search_value": float(best[f"{config.search.metric}_mean"]), **result}
+    save_model(best_dir, model, backbone=hp.backbone, class_names=list(data.class_names),
+               preprocessing=result.pop("preprocessing"),
+               extra={"hyperparameters": dataclasses.asdict(hp)})
+    summary.pop("preprocessing", None)
+    write_json_atomic(best_dir / "metrics.json", summary)
+    echo(f"best configuration: test accuracy {result['test_accuracy']:.4f} on "
+         f"{result['test_images']} untouched images (refit {result['seconds']:.0f}s); saved to {best_dir}")
+    return summary
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any], data: ImageData) -> dict[str, Any]:
+    """A Ray task: train the configuration on the whole pool, evaluate on the test split."""
+    import torch
+
+    from raytl.config import parse_space
+    from raytl.worker import UnitTrainer
+
+    started = time.perf_counter()
+    config = parse_space(space, source)
+    hp = config.hyperparameters(sampled)
+    pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    trainer = UnitTrainer(hp, data, pool, np.array([], dtype=np.int64),
+                          pretrained=config.model.pretrained, image_size=config.data.image_size,
+                          seed=config.search.seed)
+    history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
+    result = trainer.evaluate(test)
+    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    return {
+        "state": state, "preprocessing": trainer.pre, "test_accuracy": result.accuracy,
+        "test_loss": result.loss, "test_images": len(test), "train_images": len(pool),
+        "train_loss": [h["train_loss"] for h in history], "seconds": time.perf_counter() - started,
+        "device": str(trainer.device), "torch_threads": torch.get_num_threads(),
+        "test_predictions": result.predictions.tolist(), "test_labels": data.labels[test].tolist(),
+    }
+
+
+def _echo_stderr(line: str) -> None:
+    print(line, file=sys.stderr)

@@ -1,0 +1,202 @@
+"""One trial: a thin Tune driver that runs a Ray Train ``TorchTrainer`` whose workers train the units.
+
+Tune samples a configuration and calls :func:`run_trial`; it builds a ``TorchTrainer`` (Train V2)
+whose ``TuneReportCallback`` forwards rank 0's per-epoch report to Tune, where ASHA decides whether
+the trial goes on. Each worker runs :func:`train_loop_per_worker`: it builds the scheme's units,
+trains the ones :func:`~raytl.schemes.assign_units` gives it, gathers every unit's validation
+metrics each epoch, and reports their mean and std with a checkpoint holding every unit's state
+(each unit's owner writes its own file; Ray Train merges them into one checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from raytl.config import parse_space
+from raytl.data.splits import carve_test
+from raytl.schemes import Assignment, assign_units, make_units
+from raytl.worker import UnitTrainer
+
+UNIT_STATE = "unit_{}.pt"
+
+
+class GroupSync:
+    """Gradient averaging among the ranks that share one unit (a torch.distributed subgroup)."""
+
+    def __init__(self, group: Any, ranks: list[int]) -> None:
+        self.group = group
+        self.ranks = ranks
+        self.rank = ranks.index(dist.get_rank())
+        self.world_size = len(ranks)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce, not one per tensor
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world_size
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(synced)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values, group=self.group)
+        return values
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, self.ranks[0], group=self.group)
+
+
+def _syncs(plan: list[list[Assignment]], rank: int) -> dict[int, GroupSync]:
+    """Subgroups for data-parallel units; every rank creates every group, in the same order."""
+    syncs: dict[int, GroupSync] = {}
+    per = plan[0][0].ranks_per_unit
+    if per == 1:
+        return syncs
+    for unit in range(len(plan) // per):
+        ranks = list(range(unit * per, (unit + 1) * per))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            syncs[unit] = GroupSync(group, ranks)
+    return syncs
+
+
+def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over units of each unit's epoch metrics (what Tune and ASHA see)."""
+    out: dict[str, Any] = {}
+    for key in ("val_accuracy", "val_loss", "train_loss", "train_accuracy"):
+        values = [m[key] for m in unit_metrics]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """The Ray Train worker: train this rank's units, report every epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    started = time.perf_counter()
+    startup_seconds = time.time() - cfg["trial_started"]  # Tune trial start -> this worker running
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    config = parse_space(cfg["space"], cfg["source"])
+    data = ray.get(cfg["data_ref"][0])
+    hp = config.hyperparameters(cfg["sampled"])
+    seed = config.data.seed
+    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    units = make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
+                       seed=seed, class_names=data.class_names)
+    plan = assign_units(len(units), world)
+    syncs = _syncs(plan, rank)
+    device = ray.train.torch.get_device()
+    trainers = {
+        a.unit: UnitTrainer(
+            hp, data, units[a.unit].train, units[a.unit].val, pretrained=config.model.pretrained,
+            image_size=config.data.image_size, device=device, seed=config.search.seed + a.unit,
+            sync=syncs.get(a.unit),
+        )
+        for a in plan[rank]
+    }
+    owners = {a.unit for a in plan[rank] if a.rank_in_unit == 0}
+    prior_seconds = 0.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            for unit, trainer in trainers.items():
+                trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
+                                                   map_location=device, weights_only=True))
+            meta = Path(folder) / "worker_seconds.txt"
+            if meta.is_file():
+                prior_seconds = float(meta.read_text())
+    total_epochs = next(iter(trainers.values())).total_epochs
+    node = ray.get_runtime_context().get_node_id()
+    while next(iter(trainers.values())).epoch < total_epochs:
+        mine = []
+        for unit, trainer in trainers.items():
+            metrics = trainer.run_epoch()
+            if unit in owners:
+                mine.append({**metrics, "unit": unit, "unit_name": units[unit].name, "node_id": node})
+        elapsed = time.perf_counter() - started
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (mine, elapsed, startup_seconds))
+        unit_metrics = sorted((m for ms, _, _ in gathered for m in ms), key=lambda m: m["unit"])
+        worker_seconds = prior_seconds + sum(seconds for _, seconds, _ in gathered)
+        epoch = unit_metrics[0]["epoch"]
+        report = {
+            **summarize(unit_metrics),
+            "epoch": epoch,
+            "total_epochs": total_epochs,
+            "phase": unit_metrics[0]["phase"],
+            "units": len(units),
+            "workers": world,
+            "worker_seconds": worker_seconds,
+            "startup_seconds": max(s for _, _, s in gathered),
+            "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
+            "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
+            "nodes": ",".join(sorted({m["node_id"] for m in unit_metrics})),
+        }
+        for m in unit_metrics:
+            for key in ("val_accuracy", "val_loss", "train_loss", "images_per_second"):
+                report[f"unit/{m['unit_name']}/{key}"] = m[key]
+            report[f"unit/{m['unit_name']}/node_id"] = m["node_id"]
+            for key, value in m.items():
+                if key.startswith("lr/"):
+                    report[f"unit/{m['unit_name']}/{key}"] = value
+        with tempfile.TemporaryDirectory() as folder:
+            for unit in owners:
+                torch.save(trainers[unit].state_dict(), Path(folder) / UNIT_STATE.format(unit))
+            if rank == 0:
+                (Path(folder) / "worker_seconds.txt").write_text(repr(worker_seconds))
+            has_files = bool(owners) or rank == 0
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(folder) if has_files else None,
+                checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+            )
+
+
+def run_trial(sampled: dict[str, Any], *, space: dict[str, Any], source: str, data_ref: list[Any],
+              storage_path: str, max_failures: int) -> None:
+    """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = space["resources"]
+    gpus = float(resources["gpus_per_worker"])
+    per_worker = {"CPU": float(resources["cpus_per_worker"])}
+    if gpus:
+        per_worker["GPU"] = gpus
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "space": space, "source": source, "sampled": dict(sampled), "data_ref": data_ref,
+            "cpus_per_worker": resources["cpus_per_worker"], "trial_started": time.time(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(resources["workers_per_trial"]), use_gpu=gpus > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train_{trial_id}",
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
