@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     _add_set(p)
 
+    p = sub.add_parser("report", help="write DIR/report.md and its plots for a finished search")
+    p.add_argument("dir")
+
     p = sub.add_parser("train", help="train one configuration (no search, no Ray)")
     p.add_argument("space", help="space file (its constants and defaults give the configuration)")
     p.add_argument("--output", help="output folder (default: runs/NAME-train-TIMESTAMP)")
@@ -92,6 +95,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from raytl.report import write_report
+
+    path = write_report(Path(args.dir))
+    print(f"wrote {path}")
+    print(f"review the trials: tensorboard --logdir {Path(args.dir) / 'tensorboard'} --host 127.0.0.1")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from raytl.config import load_space
     from raytl.train import prepare_output, train_single
@@ -143,6 +155,7 @@ COMMANDS = {
     ("search", None): cmd_search,
     ("train", None): cmd_train,
     ("predict", None): cmd_predict,
+    ("report", None): cmd_report,
     ("data", "inspect"): cmd_data_inspect,
     ("data", "convert"): cmd_data_convert,
 }

@@ -24,7 +24,10 @@ from raytl.data import ImageData
 from raytl.data.splits import carve_test
 from raytl.errors import RaytlError
 from raytl.models import count_blocks, save_model, write_json_atomic
+from raytl.report import write_report
 from raytl.schemes import assign_units, unit_count
+from raytl.tensorboard import callback as tensorboard_callback
+from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
 
 EXPERIMENT = "tune"
@@ -178,8 +181,17 @@ def init_ray(address: str | None) -> bool:
     # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
     # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(), **kwargs)
     return True
+
+
+def _free_port() -> int:
+    """A free port on 127.0.0.1, so a second local search does not collide on the dashboard's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_search(
@@ -222,19 +234,24 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage, verbose=0,
-                callbacks=[ProgressLine(s.num_samples, s.metric, echo)],
+                callbacks=[ProgressLine(s.num_samples, s.metric, echo),
+                           tensorboard_callback(output / "tensorboard", config.space, config.name,
+                                                s.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
             ),
         )
         grid = tuner.fit()
         table = results_table(grid, config)
-        write_results(output, table)
+        write_results(output, table, history_table(grid))
         echo("")
         echo(format_top(table, config.search.metric))
         best = best_row(table, config.search.metric)
         if best is not None:
             refit_best(config, data, best, output, echo=echo)
-        echo(f"search finished in {time.perf_counter() - started:.0f}s; results in {output}")
+        report = write_report(output)
+        echo(f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
+             f"report in {report}")
+        echo(f"review the trials: tensorboard --logdir {output / 'tensorboard'} --host 127.0.0.1")
         return table
     finally:
         if owns_ray:
@@ -290,6 +307,9 @@ def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
         row["worker_seconds"] = m.get("worker_seconds", math.nan)
         row["startup_seconds"] = m.get("startup_seconds", math.nan)
         row["nodes"] = m.get("nodes")
+        frame = result.metrics_dataframe
+        has_time = frame is not None and len(frame) and "timestamp" in frame
+        row["started_at"] = float(frame["timestamp"].min()) if has_time else math.nan  # 1st report
         row["error"] = str(result.error).splitlines()[0][:300] if result.error else None
         row["path"] = result.path
         rows.append(row)
@@ -299,14 +319,46 @@ def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
     return table
 
 
-def write_results(output: Path, table: pd.DataFrame) -> None:
-    """results.parquet and results.csv, each written to a temporary file and renamed."""
+def history_table(grid: Any) -> pd.DataFrame:
+    """One row per trial and epoch (mean over units), for learning curves.
+
+    After a restore Tune repeats the epochs since the last checkpoint (ray#4187): the last row of
+    each (trial_id, epoch) wins.
+    """
+    frames = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or not len(frame) or "epoch" not in frame:
+            continue
+        keep = [c for c in frame.columns if c in HISTORY_COLUMNS]
+        frame = frame[keep].copy()
+        frame["trial_id"] = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["trial_id", *HISTORY_COLUMNS])
+    history = pd.concat(frames, ignore_index=True).dropna(subset=["epoch"])
+    history["epoch"] = history["epoch"].astype(int)
+    history = history.drop_duplicates(["trial_id", "epoch"], keep="last")
+    return history.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+
+
+HISTORY_COLUMNS = ("epoch", "phase", "val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std",
+                   "train_loss", "train_accuracy", "epoch_seconds", "images_per_second",
+                   "worker_seconds", "timestamp")
+
+
+def write_results(output: Path, table: pd.DataFrame, history: pd.DataFrame | None = None) -> None:
+    """results.parquet, results.csv (and history.parquet), each written to a temporary file, renamed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tmp = output / ".results.parquet.tmp"
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
     tmp.replace(output / "results.parquet")
+    if history is not None:
+        tmp = output / ".history.parquet.tmp"
+        pq.write_table(pa.Table.from_pandas(history, preserve_index=False), tmp)
+        tmp.replace(output / "history.parquet")
     tmp = output / ".results.csv.tmp"
     table.to_csv(tmp, index=False)
     tmp.replace(output / "results.csv")
@@ -360,6 +412,9 @@ def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Pa
                extra={"hyperparameters": dataclasses.asdict(hp)})
     summary.pop("preprocessing", None)
     write_json_atomic(best_dir / "metrics.json", summary)
+    _, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    write_refit_images(output / "tensorboard", list(data.class_names), result["test_labels"],
+                       result["test_predictions"], data.images[test])
     echo(f"best configuration: test accuracy {result['test_accuracy']:.4f} on "
          f"{result['test_images']} untouched images (refit {result['seconds']:.0f}s); saved to {best_dir}")
     return summary

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,12 +36,18 @@ SPACE = {
 }
 
 
-@pytest.mark.slow
-def test_search_end_to_end(tmp_path):
-    out = tmp_path / "search"
-    out.mkdir()
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """One real search, shared by the tests below (it is the expensive part)."""
+    out = tmp_path_factory.mktemp("search")
     config = parse_space(SPACE, "e2e.yaml")
     table = run_search(config, out, echo=lambda line: None)
+    return out, table
+
+
+@pytest.mark.slow
+def test_search_end_to_end(search, tmp_path):
+    out, table = search
 
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 4 == len(table)
@@ -75,3 +86,130 @@ def test_search_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith(str(image)) and line.count(" 0.") + line.count(" 1.0") == 3
+
+
+def _plugin_data(accumulator):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = {}
+    for tag, content in accumulator.PluginTagToContent("hparams").items():
+        out[tag] = plugin_data_pb2.HParamsPluginData.FromString(content)
+    return out
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_and_hparams_read_back(search):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = search
+    results = pd.read_parquet(out / "results.parquet")
+    logdir = out / "tensorboard"
+    root = EventAccumulator(str(logdir))
+    root.Reload()
+    experiment = _plugin_data(root)["_hparams_/experiment"].experiment
+    infos = {info.name: info for info in experiment.hparam_infos}
+    assert [v.string_value for v in infos["strategy"].domain_discrete.values] == ["linear_probe", "fine_tune"]
+    assert [v.number_value for v in infos["freeze_depth"].domain_discrete.values] == [3, 4, 5, 6, 7]
+    assert infos["head_lr"].domain_interval.min_value == pytest.approx(1e-2)
+    assert infos["head_lr"].domain_interval.max_value == pytest.approx(5e-2)
+    assert {m.name.tag for m in experiment.metric_infos} >= {"final/val_accuracy", "final/status"}
+
+    for _, row in results.iterrows():
+        run = logdir / f"trial_{row['trial_id']}"
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        values = [e.value for e in acc.Scalars("val_accuracy")]
+        assert [e.step for e in acc.Scalars("val_accuracy")] == list(range(1, row["epochs"] + 1))
+        assert values[-1] == pytest.approx(row["val_accuracy_mean"], abs=1e-6)
+        assert acc.Scalars("final/epochs")[-1].value == row["epochs"]
+        assert acc.Scalars("final/status")[-1].value == {"completed": 2, "stopped": 1}[row["status"]]
+        data = _plugin_data(acc)
+        start = data["_hparams_/session_start_info"].session_start_info
+        assert start.hparams["strategy"].string_value == row["strategy"]
+        if row["strategy"] == "linear_probe":
+            assert "freeze_depth" not in start.hparams  # inactive: absent, not a default
+        else:
+            assert start.hparams["freeze_depth"].number_value == row["freeze_depth"]
+            assert start.hparams["backbone_lr"].number_value == pytest.approx(row["backbone_lr"])
+        assert data["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+        for unit in ("fold_0", "fold_1"):
+            unit_acc = EventAccumulator(str(run / unit))
+            unit_acc.Reload()
+            tags = unit_acc.Tags()["scalars"]
+            assert {"train_loss", "val_accuracy", "val_loss", "lr/head"} <= set(tags)
+            assert len(unit_acc.Scalars("val_loss")) == row["epochs"]
+
+    best = EventAccumulator(str(logdir / "best"))
+    best.Reload()
+    assert "test/confusion_matrix" in best.Tags()["images"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_the_hparams_plugin(search):
+    out, _ = search
+    results = pd.read_parquet(out / "results.parquet")
+    port = _free_port()
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen(
+        [str(tensorboard), "--logdir", str(out / "tensorboard"), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/data/plugin/hparams"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                experiment = _post(f"{base}/experiment", {"experimentName": ""})
+                if experiment.get("hparamInfos"):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "tensorboard did not serve the hparams plugin"
+            time.sleep(1)
+        names = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"strategy", "freeze_depth", "head_lr", "backbone_lr"} <= names
+        groups = _post(f"{base}/session_groups", {
+            "experimentName": "",
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": "strategy"}, {"metric": {"tag": "final/val_accuracy"}}],
+            "startIndex": 0, "sliceSize": 100,
+        })
+        assert int(groups["totalSize"]) == len(results)
+        served = {g["hparams"]["strategy"] for g in groups["sessionGroups"]}
+        assert served == set(results["strategy"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_report_has_sections_and_valid_plots(search):
+    out, _ = search
+    report = (out / "report.md").read_text()
+    for heading in ("## Best configuration", "## Trials", "## Plots", "tensorboard --logdir"):
+        assert heading in report
+    for name in ("metric_per_trial.png", "metric_by_strategy.png", "metric_vs_freeze_depth.png",
+                 "learning_curves.png", "confusion_matrix.png"):
+        assert f"({name})" in report
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    history = pd.read_parquet(out / "history.parquet")
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    proc = subprocess.run([sys.executable, "-m", "raytl", "report", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "tensorboard --logdir" in proc.stdout

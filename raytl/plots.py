@@ -1,0 +1,115 @@
+"""The report's figures (matplotlib, headless): one function per plot, each returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures only go to PNG files and TensorBoard
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+STRATEGY_COLOURS = {"linear_probe": "tab:blue", "fine_tune": "tab:orange", "lp_ft": "tab:green",
+                    "scratch": "tab:red"}
+
+
+def _colour(strategy: str) -> str:
+    return STRATEGY_COLOURS.get(strategy, "tab:gray")
+
+
+def metric_per_trial(results: pd.DataFrame, metric: str, maximise: bool) -> Figure:
+    """Each trial's score in the order the trials started, with the running best."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = results[f"{metric}_mean"].to_numpy(dtype=float)
+    order = np.arange(1, len(values) + 1)
+    ax.scatter(order, values, c=[_colour(s) for s in results["strategy"]], zorder=3)
+    filled = np.where(np.isnan(values), -np.inf if maximise else np.inf, values)
+    running = np.maximum.accumulate(filled) if maximise else np.minimum.accumulate(filled)
+    ax.step(order, np.where(np.isfinite(running), running, np.nan), where="post", color="black",
+            label="running best")
+    ax.set(xlabel="trial (in start order)", ylabel=metric, title=f"{metric} per trial")
+    _strategy_legend(ax, extra=True)
+    fig.tight_layout()
+    return fig
+
+
+def metric_by_strategy(results: pd.DataFrame, metric: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    strategies = [s for s in STRATEGY_COLOURS if s in set(results["strategy"])]
+    strategies += sorted(set(results["strategy"]) - set(strategies))
+    for i, strategy in enumerate(strategies):
+        values = results.loc[results["strategy"] == strategy, f"{metric}_mean"].dropna()
+        jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(values))
+        ax.scatter(np.full(len(values), i) + jitter, values, color=_colour(strategy), zorder=3)
+        if len(values):
+            ax.hlines(values.max(), i - 0.3, i + 0.3, color=_colour(strategy))
+    ax.set_xticks(range(len(strategies)), strategies)
+    ax.set(ylabel=metric, title=f"{metric} by strategy (line: best)")
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_freeze_depth(results: pd.DataFrame, metric: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shown = results.dropna(subset=["freeze_depth"]) if "freeze_depth" in results else results.iloc[:0]
+    for strategy, group in shown.groupby("strategy"):
+        ax.scatter(group["freeze_depth"], group[f"{metric}_mean"], color=_colour(strategy),
+                   label=strategy, zorder=3)
+    if not len(shown):
+        ax.text(0.5, 0.5, "no trial used freeze_depth", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend()
+    ax.set(xlabel="freeze_depth (blocks frozen, stem first)", ylabel=metric,
+           title=f"{metric} vs freeze depth")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, results: pd.DataFrame, metric: str, maximise: bool,
+                    top: int = 5) -> Figure:
+    """The validation curves (mean over units) of the best ``top`` trials."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ranked = results.sort_values(f"{metric}_mean", ascending=not maximise).head(top)
+    for _, row in ranked.iterrows():
+        curve = history[history["trial_id"] == row["trial_id"]].sort_values("epoch")
+        ax.plot(curve["epoch"], curve[metric], marker="o", color=_colour(row["strategy"]),
+                label=f"{row['trial_id']} ({row['strategy']})")
+    ax.set(xlabel="epoch", ylabel=f"{metric} (mean over units)", title=f"learning curves, top {top}")
+    if len(ranked):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(labels: list[int], predictions: list[int], class_names: list[str]) -> Figure:
+    n = len(class_names)
+    matrix = np.zeros((n, n), dtype=int)
+    for y, p in zip(labels, predictions, strict=True):
+        matrix[y, p] += 1
+    size = max(4.0, min(12.0, 0.5 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > threshold else "black")
+    accuracy = np.trace(matrix) / max(1, matrix.sum())
+    ax.set(xlabel="predicted", ylabel="true", title=f"test confusion matrix (accuracy {accuracy:.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def _strategy_legend(ax: plt.Axes, extra: bool = False) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=s)
+               for s, c in STRATEGY_COLOURS.items()]
+    if extra:
+        handles.append(Line2D([], [], color="black", label="running best"))
+    ax.legend(handles=handles, fontsize=8)
+

@@ -1,0 +1,240 @@
+"""TensorBoard for a search: scalars per trial and per unit, the HParams dashboard, the refit's images.
+
+The driver writes everything (a Tune callback fed by the trials' reports), so the logs land in the
+output folder even when the workers run on other nodes, and only one process writes each file.
+
+Layout under ``DIR/tensorboard/``::
+
+    .                      the HParams experiment: every hyperparameter with its domain, the metrics
+    trial_<id>/            one HParams session per trial; the mean (and std) over units per epoch,
+                           and ``final/*`` when the trial ends
+    trial_<id>/<unit>/     each unit's curves: train/val loss, val accuracy, learning rate per group
+    best/                  the refit model: confusion matrix and misclassified test images
+
+HParams entries are written as TensorBoard's own protocol buffers (``tensorboard.plugins.hparams``),
+with discrete domains for choices and integer ranges and real intervals for continuous values, so
+the parallel-coordinates and scatter views have their axes before the first trial ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import struct_pb2
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from raytl.config import ParamSpec
+
+TRIAL_SCALARS = ("val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std", "train_loss",
+                 "train_accuracy", "epoch_seconds", "images_per_second", "worker_seconds")
+UNIT_SCALARS = ("train_loss", "val_accuracy", "val_loss", "images_per_second")
+# status as a number, so the HParams views can colour and filter by it
+STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0}
+FINAL_METRICS = ("final/val_accuracy", "final/val_accuracy_std", "final/val_loss", "final/epochs",
+                 "final/status")
+
+
+def run_name(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    data.version = metadata.PLUGIN_DATA_VERSION
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def _value(v: Any) -> struct_pb2.Value:
+    if isinstance(v, bool):
+        return struct_pb2.Value(bool_value=v)
+    if isinstance(v, int | float):
+        return struct_pb2.Value(number_value=float(v))
+    return struct_pb2.Value(string_value=str(v))
+
+
+def _data_type(v: Any) -> int:
+    if isinstance(v, bool):
+        return api_pb2.DATA_TYPE_BOOL
+    if isinstance(v, int | float):
+        return api_pb2.DATA_TYPE_FLOAT64
+    return api_pb2.DATA_TYPE_STRING
+
+
+def hparam_info(spec: ParamSpec) -> api_pb2.HParamInfo:
+    """A hyperparameter's HParams entry: choices and integer ranges discrete, the rest intervals."""
+    info = api_pb2.HParamInfo(name=spec.name, display_name=spec.name)
+    if spec.kind in ("const", "choice"):
+        info.type = _data_type(spec.values[0])
+        info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[_value(v) for v in spec.values]))
+    elif spec.kind == "int":
+        info.type = api_pb2.DATA_TYPE_FLOAT64
+        values = range(int(spec.low), int(spec.high) + 1, spec.step)
+        info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[_value(v) for v in values]))
+    else:
+        info.type = api_pb2.DATA_TYPE_FLOAT64
+        info.domain_interval.min_value = spec.low
+        info.domain_interval.max_value = spec.high
+    return info
+
+
+def experiment_summary(space: dict[str, ParamSpec], description: str) -> Summary:
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag.split("/")[1],
+                                  dataset_type=api_pb2.DATASET_VALIDATION)
+               for tag in FINAL_METRICS]
+    experiment = api_pb2.Experiment(
+        description=description, time_created_secs=time.time(),
+        hparam_infos=[hparam_info(spec) for spec in space.values()], metric_infos=metrics,
+    )
+    return _plugin_summary(metadata.EXPERIMENT_TAG,
+                           plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def session_start_summary(hparams: dict[str, Any], group: str) -> Summary:
+    start = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
+    for name, value in hparams.items():
+        if value is None:
+            continue
+        start.hparams[name].CopyFrom(_value(value))
+    return _plugin_summary(metadata.SESSION_START_INFO_TAG,
+                           plugin_data_pb2.HParamsPluginData(session_start_info=start))
+
+
+def session_end_summary(status: str) -> Summary:
+    code = api_pb2.STATUS_FAILURE if status == "error" else api_pb2.STATUS_SUCCESS
+    end = plugin_data_pb2.SessionEndInfo(status=code, end_time_secs=time.time())
+    return _plugin_summary(metadata.SESSION_END_INFO_TAG,
+                           plugin_data_pb2.HParamsPluginData(session_end_info=end))
+
+
+class SearchBoard:
+    """Writes a search's TensorBoard runs; fed one trial report at a time (see :func:`callback`)."""
+
+    def __init__(self, logdir: Path, space: dict[str, ParamSpec], description: str = "") -> None:
+        self.logdir = Path(logdir)
+        self.space = space
+        self._writers: dict[str, SummaryWriter] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        root = self._writer(".")
+        root.file_writer.add_summary(experiment_summary(space, description))
+        root.flush()
+
+    def _writer(self, run: str) -> SummaryWriter:
+        if run not in self._writers:
+            self._writers[run] = SummaryWriter(str(self.logdir / run), flush_secs=10)
+        return self._writers[run]
+
+    def result(self, trial_id: str, hparams: dict[str, Any], result: dict[str, Any]) -> None:
+        """One epoch's report of a trial: trial means, per-unit curves, the session start once."""
+        run = run_name(trial_id)
+        writer = self._writer(run)
+        if trial_id not in self._last:
+            writer.file_writer.add_summary(session_start_summary(hparams, group=run))
+        self._last[trial_id] = result
+        step = int(result.get("epoch") or result.get("training_iteration") or 0)
+        for key in TRIAL_SCALARS:
+            value = result.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+        units: dict[str, dict[str, float]] = {}
+        for key, value in result.items():
+            if key.startswith("unit/") and isinstance(value, int | float):
+                _, unit, metric = key.split("/", 2)
+                units.setdefault(unit, {})[metric] = value
+        for unit, metrics in units.items():
+            unit_writer = self._writer(f"{run}/{unit}")
+            for metric, value in metrics.items():
+                if metric in UNIT_SCALARS or metric.startswith("lr/"):
+                    unit_writer.add_scalar(metric, value, step)
+        writer.flush()
+
+    def end(self, trial_id: str, status: str) -> None:
+        """A trial ended (completed, stopped by the scheduler, or failed): final metrics + session end."""
+        run = run_name(trial_id)
+        writer = self._writer(run)
+        last = self._last.get(trial_id, {})
+        step = int(last.get("epoch") or 0)
+        finals = {
+            "final/val_accuracy": last.get("val_accuracy", math.nan),
+            "final/val_accuracy_std": last.get("val_accuracy_std", math.nan),
+            "final/val_loss": last.get("val_loss", math.nan),
+            "final/epochs": float(step),
+            "final/status": STATUS_CODES[status],
+        }
+        for tag, value in finals.items():
+            writer.add_scalar(tag, value, step)
+        writer.file_writer.add_summary(session_end_summary(status))
+        writer.flush()
+        for name in [r for r in self._writers if r == run or r.startswith(run + "/")]:
+            self._writers.pop(name).close()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+def callback(logdir: Path, space: dict[str, ParamSpec], description: str, max_epochs: int) -> Any:
+    """A Ray Tune callback that writes the search's TensorBoard runs from the driver.
+
+    Tune pickles its callbacks with the experiment state, so the writers (which hold locks and
+    open files) are created on first use and never pickled.
+    """
+    from ray.tune import Callback
+
+    class TensorBoardCallback(Callback):
+        def __init__(self) -> None:
+            self._board: SearchBoard | None = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_board": None}
+
+        @property
+        def board(self) -> SearchBoard:
+            if self._board is None:
+                self._board = SearchBoard(logdir, space, description)
+            return self._board
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+            if "epoch" in result:
+                self.board.result(trial.trial_id, dict(trial.config), result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+            last = trial.last_result or {}
+            total = last.get("total_epochs") or max_epochs
+            done = (last.get("epoch") or 0) >= total
+            self.board.end(trial.trial_id, "completed" if done else "stopped")
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+            self.board.end(trial.trial_id, "error")
+
+        def on_experiment_end(self, trials, **info):  # noqa: ANN001
+            if self._board is not None:
+                self._board.close()
+
+    return TensorBoardCallback()
+
+
+def write_refit_images(logdir: Path, class_names: list[str], labels: list[int],
+                       predictions: list[int], images: Any, max_images: int = 16) -> None:
+    """The refit model's confusion matrix and a few misclassified test images, under ``best/``."""
+    import numpy as np
+
+    from raytl.plots import confusion_figure
+
+    writer = SummaryWriter(str(Path(logdir) / "best"))
+    try:
+        writer.add_figure("test/confusion_matrix", confusion_figure(labels, predictions, class_names), 0)
+        wrong = [i for i, (y, p) in enumerate(zip(labels, predictions, strict=True)) if y != p]
+        for n, i in enumerate(wrong[:max_images]):
+            tag = f"test/misclassified/{n:02d}_true_{class_names[labels[i]]}_pred_{class_names[predictions[i]]}"
+            writer.add_image(tag.replace(" ", "_"), np.asarray(images[i]), 0, dataformats="HWC")
+        accuracy = 1.0 - len(wrong) / max(1, len(labels))
+        writer.add_scalar("test/accuracy", accuracy, 0)
+    finally:
+        writer.close()
