@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STRATEGY_COLOURS = {"linear_probe": "tab:blue", "fine_tune": "tab:orange", "lp_ft": "tab:green",
                     "scratch": "tab:red"}
@@ -30,6 +31,7 @@ def metric_per_trial(results: pd.DataFrame, metric: str, maximise: bool) -> Figu
     ax.step(order, np.where(np.isfinite(running), running, np.nan), where="post", color="black",
             label="running best")
     ax.set(xlabel="trial (in start order)", ylabel=metric, title=f"{metric} per trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _strategy_legend(ax, extra=True)
     fig.tight_layout()
     return fig
@@ -72,10 +74,12 @@ def learning_curves(history: pd.DataFrame, results: pd.DataFrame, metric: str, m
     """The validation curves (mean over units) of the best ``top`` trials."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ranked = results.sort_values(f"{metric}_mean", ascending=not maximise).head(top)
-    for _, row in ranked.iterrows():
+    styles = ["-", "--", ":", "-.", (0, (5, 1))]  # trials of one strategy share a colour
+    for rank, (_, row) in enumerate(ranked.iterrows()):
         curve = history[history["trial_id"] == row["trial_id"]].sort_values("epoch")
         ax.plot(curve["epoch"], curve[metric], marker="o", color=_colour(row["strategy"]),
-                label=f"{row['trial_id']} ({row['strategy']})")
+                linestyle=styles[rank % len(styles)], label=f"{row['trial_id']} ({row['strategy']})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=f"{metric} (mean over units)", title=f"learning curves, top {top}")
     if len(ranked):
         ax.legend(fontsize=8)
