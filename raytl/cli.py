@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from raytl.config import load_space
-    from raytl.search import run_search
+    from raytl.search import clear_search_outputs, run_search
     from raytl.train import prepare_output
 
     overrides = list(args.overrides)
@@ -91,6 +91,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         overrides.append(f"search.num_samples={args.num_samples}")
     config = load_space(args.space, overrides)
     output = prepare_output(Path(args.output or f"runs/{config.name}"), overwrite=args.overwrite)
+    if args.overwrite:
+        clear_search_outputs(output)
     run_search(config, output, address=args.address)
     return 0
 

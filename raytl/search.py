@@ -185,6 +185,48 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
+SEARCH_OUTPUTS = ("ray", "tensorboard", "best", "results.parquet", "results.csv", "history.parquet",
+                  "report.md", "space.yaml", "skipped.txt", "metric_per_trial.png",
+                  "metric_by_strategy.png", "metric_vs_freeze_depth.png", "learning_curves.png",
+                  "confusion_matrix.png")
+
+
+def clear_search_outputs(output: Path) -> None:
+    """Remove what an earlier search wrote to ``output`` (``--overwrite``), and nothing else.
+
+    Without this, the new search's TensorBoard runs and Tune experiment would mix with the old.
+    """
+    import shutil
+
+    for name in SEARCH_OUTPUTS:
+        path = Path(output) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def publish_to_storage(output: Path, storage: str) -> None:
+    """Copy the reviewable outputs next to the experiment on ``search.storage`` (a shared folder or a
+    pyarrow URI such as s3://), so whoever reads the storage has the results and TensorBoard runs."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    target = storage.rstrip("/")
+    fs, base = pafs.FileSystem.from_uri(target) if "://" in target else (pafs.LocalFileSystem(), target)
+    fs.create_dir(base, recursive=True)
+    for name in ("tensorboard", "best", "results.parquet", "results.csv", "history.parquet",
+                 "report.md", "space.yaml"):
+        source = output / name
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for path in (p for p in files if p.exists()):
+            relative = path.relative_to(output).as_posix()
+            fs.create_dir(f"{base}/{relative}".rsplit("/", 1)[0], recursive=True)
+            with path.open("rb") as src, fs.open_output_stream(f"{base}/{relative}") as dst:
+                shutil.copyfileobj(src, dst)
+
+
 def _free_port() -> int:
     """A free port on 127.0.0.1, so a second local search does not collide on the dashboard's."""
     import socket
@@ -249,6 +291,8 @@ def run_search(
         if best is not None:
             refit_best(config, data, best, output, echo=echo)
         report = write_report(output)
+        if config.search.storage:
+            publish_to_storage(output, config.search.storage)
         echo(f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
              f"report in {report}")
         echo(f"review the trials: tensorboard --logdir {output / 'tensorboard'} --host 127.0.0.1")

@@ -69,3 +69,28 @@ def test_missing_data_folder_is_one_clear_line(tmp_path, space_file):
     proc = raytl("train", str(space), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "data.path" in proc.stderr
+
+
+def test_overwrite_clears_only_what_a_search_wrote(tmp_path):
+    from raytl.search import clear_search_outputs
+
+    (tmp_path / "tensorboard" / "trial_x").mkdir(parents=True)
+    (tmp_path / "results.parquet").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("mine")
+    clear_search_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_publish_copies_results_and_runs_to_storage(tmp_path):
+    from raytl.search import publish_to_storage
+
+    out = tmp_path / "out"
+    (out / "tensorboard" / "trial_1" / "fold_0").mkdir(parents=True)
+    (out / "tensorboard" / "trial_1" / "fold_0" / "events.out").write_bytes(b"events")
+    (out / "best").mkdir()
+    (out / "best" / "metrics.json").write_text("{}")
+    (out / "results.csv").write_text("trial_id\n")
+    publish_to_storage(out, f"file://{tmp_path}/shared/exp")
+    copied = sorted(p.relative_to(tmp_path / "shared" / "exp").as_posix()
+                    for p in (tmp_path / "shared" / "exp").rglob("*") if p.is_file())
+    assert copied == ["best/metrics.json", "results.csv", "tensorboard/trial_1/fold_0/events.out"]

@@ -40,8 +40,9 @@ SPACE = {
 def search(tmp_path_factory):
     """One real search, shared by the tests below (it is the expensive part)."""
     out = tmp_path_factory.mktemp("search")
-    config = parse_space(SPACE, "e2e.yaml")
-    table = run_search(config, out, echo=lambda line: None)
+    storage = tmp_path_factory.mktemp("storage") / "experiment"  # a "shared" storage folder
+    space = {**SPACE, "search": {**SPACE["search"], "storage": str(storage)}}
+    table = run_search(parse_space(space, "e2e.yaml"), out, echo=lambda line: None)
     return out, table
 
 
@@ -67,7 +68,11 @@ def test_search_end_to_end(search, tmp_path):
         assert np.isclose(accs.std(), row["val_accuracy_std"])
         assert row["worker_seconds"] > 0 and row["wall_seconds"] > 0
     assert results["val_accuracy_mean"].max() > 0.4  # 10 classes: chance is 0.1
-    assert (out / "ray" / "tune").is_dir()  # the Ray experiment, for resuming
+    storage = Path(results["path"].iloc[0]).parents[1]
+    assert (storage / "tune").is_dir()  # the Ray experiment lives on search.storage, for resuming
+    assert list(storage.glob("train_*/checkpoint_epoch_*/unit_0.pt"))  # every epoch, every unit
+    assert list(storage.glob("train_*/checkpoint_epoch_*/unit_1.pt"))
+    assert (storage / "tensorboard").is_dir() and (storage / "results.parquet").is_file()
 
     best = out / "best"
     for name in ("model.safetensors", "config.json", "class_names.json", "metrics.json"):
