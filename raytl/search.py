@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -117,44 +116,37 @@ def check_resources(config: SpaceConfig) -> None:
         )
 
 
-class ProgressLine:
+def progress_callback(total: int, metric: str, echo: Callable[[str], None]) -> Any:
     """A Tune callback printing one line per trial result: the live view of the search."""
+    from ray.tune import Callback
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from ray.tune import Callback
+    class ProgressLine(Callback):
+        def __init__(self) -> None:
+            self.best: float | None = None
+            self.finished = 0
+            self.started = time.perf_counter()
 
-        class _Progress(Callback):
-            def __init__(self, total: int, metric: str, echo: Callable[[str], None]) -> None:
-                self.total, self.metric, self.echo = total, metric, echo
-                self.best: float | None = None
-                self.finished = 0
-                self.started = time.perf_counter()
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+            value = result.get(metric)
+            if value is None:
+                return
+            if self.best is None or (value > self.best if metric_mode(metric) == "max"
+                                     else value < self.best):
+                self.best = value
+            config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+            echo(f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
+                 f"{result.get('epoch')}/{result.get('total_epochs')} {metric} {value:.4f} "
+                 f"(±{result.get(metric + '_std', 0):.4f}) | {self.finished}/{total} done, "
+                 f"best {self.best:.4f} | {config}")
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-                value = result.get(self.metric)
-                if value is None:
-                    return
-                better = self.best is None or (
-                    value > self.best if metric_mode(self.metric) == "max" else value < self.best
-                )
-                if better:
-                    self.best = value
-                config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-                self.echo(
-                    f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
-                    f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
-                    f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} "
-                    f"done, best {self.best:.4f} | {config}"
-                )
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+            self.finished += 1
 
-            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                self.finished += 1
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+            self.finished += 1
+            echo(f"trial {trial.trial_id} failed: see {trial.path}")
 
-            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                self.finished += 1
-                self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
-
-        return _Progress(*args, **kwargs)
+    return ProgressLine()
 
 
 def _fmt(value: Any) -> str:
@@ -257,6 +249,8 @@ def run_search(
     try:
         check_resources(config)
         storage = config.search.storage or str(output / "ray")
+        if "://" not in storage:
+            storage = str(Path(storage).resolve())  # Tune and Train want absolute local paths
         data_ref = [ray.put(data)]  # once per search; workers read it from the object store
         trainable = tune.with_parameters(
             _trial_entry, space=config.to_dict(), source=config.source, data_ref=data_ref,
@@ -276,7 +270,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage, verbose=0,
-                callbacks=[ProgressLine(s.num_samples, s.metric, echo),
+                callbacks=[progress_callback(s.num_samples, s.metric, echo),
                            tensorboard_callback(output / "tensorboard", config.space, config.name,
                                                 s.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
@@ -493,6 +487,3 @@ def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any], data: Im
         "test_predictions": result.predictions.tolist(), "test_labels": data.labels[test].tolist(),
     }
 
-
-def _echo_stderr(line: str) -> None:
-    print(line, file=sys.stderr)
