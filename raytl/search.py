@@ -283,7 +283,7 @@ def run_search(
         echo(format_top(table, config.search.metric))
         best = best_row(table, config.search.metric)
         if best is not None:
-            refit_best(config, data, best, output, echo=echo)
+            refit_best(config, data, best, output, data_ref=data_ref, echo=echo)
         report = write_report(output)
         if config.search.storage:
             publish_to_storage(output, config.search.storage)
@@ -424,8 +424,8 @@ def format_top(table: pd.DataFrame, metric: str, n: int = 10) -> str:
         return f"top trials by {metric} ({len(table)} in all):\n{shown.to_string(index=False)}"
 
 
-def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Path,
-               echo: Callable[[str], None] = print) -> dict[str, Any]:
+def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Path, *,
+               data_ref: list[Any], echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
     import ray
 
@@ -436,7 +436,7 @@ def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Pa
          + ", ".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(hp).items()))
     r = config.resources
     remote = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_refit)
-    result = ray.get(remote.remote(config.to_dict(), config.source, sampled, data))
+    result = ray.get(remote.remote(config.to_dict(), config.source, sampled, data_ref))
     from raytl.models import create_model
 
     model = create_model(hp.backbone, len(data.class_names), "none")
@@ -462,14 +462,17 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any], data: ImageData) -> dict[str, Any]:
+def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
+           data_ref: list[Any]) -> dict[str, Any]:
     """A Ray task: train the configuration on the whole pool, evaluate on the test split."""
+    import ray
     import torch
 
     from raytl.config import parse_space
     from raytl.worker import UnitTrainer
 
     started = time.perf_counter()
+    data = ray.get(data_ref[0])  # the search's copy in the object store, not a second one
     config = parse_space(space, source)
     hp = config.hyperparameters(sampled)
     pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
