@@ -28,6 +28,7 @@ from raytl.schemes import assign_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
+from raytl.trial import trial_status
 
 EXPERIMENT = "tune"
 
@@ -271,8 +272,7 @@ def run_search(
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage, verbose=0,
                 callbacks=[progress_callback(s.num_samples, s.metric, echo),
-                           tensorboard_callback(output / "tensorboard", config.space, config.name,
-                                                s.max_epochs)],
+                           tensorboard_callback(output / "tensorboard", config.space, config.name)],
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
             ),
         )
@@ -314,13 +314,7 @@ def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
         m = result.metrics or {}
         cfg = result.config or {}
         epochs = int(m.get("epoch") or 0)
-        total = int(m.get("total_epochs") or 0)
-        if result.error is not None:
-            status = "error"
-        elif total and epochs >= total:
-            status = "completed"
-        else:
-            status = "stopped"  # by the scheduler (ASHA)
+        status = trial_status(m, failed=result.error is not None)
         row: dict[str, Any] = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
         sampled = {k: cfg.get(k) for k in SAMPLED_COLUMNS if k in cfg}
         hp = config.hyperparameters({k: v for k, v in sampled.items() if v is not None})

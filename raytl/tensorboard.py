@@ -29,6 +29,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from raytl.config import ParamSpec
+from raytl.trial import trial_status
 
 TRIAL_SCALARS = ("val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std", "train_loss",
                  "train_accuracy", "epoch_seconds", "images_per_second", "worker_seconds")
@@ -179,7 +180,7 @@ class SearchBoard:
         self._writers.clear()
 
 
-def callback(logdir: Path, space: dict[str, ParamSpec], description: str, max_epochs: int) -> Any:
+def callback(logdir: Path, space: dict[str, ParamSpec], description: str) -> Any:
     """A Ray Tune callback that writes the search's TensorBoard runs from the driver.
 
     Tune pickles its callbacks with the experiment state, so the writers (which hold locks and
@@ -205,10 +206,7 @@ def callback(logdir: Path, space: dict[str, ParamSpec], description: str, max_ep
                 self.board.result(trial.trial_id, dict(trial.config), result)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            last = trial.last_result or {}
-            total = last.get("total_epochs") or max_epochs
-            done = (last.get("epoch") or 0) >= total
-            self.board.end(trial.trial_id, "completed" if done else "stopped")
+            self.board.end(trial.trial_id, trial_status(trial.last_result or {}))
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
             self.board.end(trial.trial_id, "error")

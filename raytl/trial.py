@@ -69,6 +69,14 @@ def _syncs(plan: list[list[Assignment]], rank: int) -> dict[int, GroupSync]:
     return syncs
 
 
+def trial_status(last: dict[str, Any], failed: bool = False) -> str:
+    """What a finished trial's last report says: completed, stopped (by ASHA) or error."""
+    if failed:
+        return "error"
+    total = int(last.get("total_epochs") or 0)
+    return "completed" if total and int(last.get("epoch") or 0) >= total else "stopped"
+
+
 def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over units of each unit's epoch metrics (what Tune and ASHA see)."""
     out: dict[str, Any] = {}
