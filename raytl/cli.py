@@ -38,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     _add_set(p)
 
+    p = sub.add_parser("compare", help="run the space once per evaluation scheme and compare cost "
+                                       "and fidelity against untouched test data")
+    p.add_argument("space", help="space file (search_spaces/compare_schemes.yaml)")
+    p.add_argument("--schemes", default="holdout,cv,segments",
+                   help="comma-separated schemes to compare (default: holdout,cv,segments)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run everything with this many seeds (search.seed, +1, ...) for the spread")
+    p.add_argument("--refit-sample", type=int,
+                   help="refit only this many (seeded random) distinct configurations per repeat "
+                        "for the test figures (default: all)")
+    p.add_argument("--output", help="output folder (default: runs/NAME-compare)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+    _add_set(p)
+
     p = sub.add_parser("report", help="write DIR/report.md and its plots for a finished search")
     p.add_argument("dir")
 
@@ -94,6 +109,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.overwrite:
         clear_search_outputs(output)
     run_search(config, output, address=args.address)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shutil
+
+    from raytl.compare import parse_schemes, run_compare
+    from raytl.config import load_space
+    from raytl.train import prepare_output
+
+    schemes = parse_schemes(args.schemes)
+    config = load_space(args.space, list(args.overrides))
+    output = prepare_output(Path(args.output or f"runs/{config.name}-compare"),
+                            overwrite=args.overwrite)
+    if args.overwrite and (output / "runs").is_dir():
+        shutil.rmtree(output / "runs")
+    run_compare(config, output, schemes=schemes, repeats=args.repeats,
+                refit_sample=args.refit_sample, address=args.address)
     return 0
 
 
@@ -155,6 +188,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     ("search", None): cmd_search,
+    ("compare", None): cmd_compare,
     ("train", None): cmd_train,
     ("predict", None): cmd_predict,
     ("report", None): cmd_report,

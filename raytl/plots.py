@@ -117,3 +117,39 @@ def _strategy_legend(ax: plt.Axes, extra: bool = False) -> None:
         handles.append(Line2D([], [], color="black", label="running best"))
     ax.legend(handles=handles, fontsize=8)
 
+
+
+SCHEME_COLOURS = {"holdout": "tab:purple", "cv": "tab:blue", "segments": "tab:olive"}
+
+
+def scheme_val_vs_test(trials: pd.DataFrame, metric: str) -> Figure:
+    """Per scheme: each trial's validation score against its configuration's refit test accuracy."""
+    schemes = list(dict.fromkeys(trials["scheme"]))
+    fig, axes = plt.subplots(1, len(schemes), figsize=(4 * len(schemes), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, scheme in zip(axes[0], schemes, strict=True):
+        t = trials[trials["scheme"] == scheme]
+        ax.scatter(t[f"{metric}_mean"], t["test_accuracy"], c=[_colour(s) for s in t["strategy"]],
+                   zorder=3)
+        ax.set(title=scheme, xlabel=f"validation {metric} (the scheme's score)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (refit on the whole pool)")
+    _strategy_legend(axes[0][-1])
+    fig.tight_layout()
+    return fig
+
+
+def scheme_cost_fidelity(summary: pd.DataFrame) -> Figure:
+    """Bars per scheme: worker-seconds, Kendall tau and regret (mean over repeats, std as error)."""
+    grouped = summary.groupby("scheme", sort=False)
+    mean, std = grouped.mean(numeric_only=True), grouped.std(ddof=1, numeric_only=True).fillna(0)
+    figures = [("worker_seconds", "worker-seconds (cost)"), ("kendall_tau", "Kendall tau (ranking)"),
+               ("regret", "regret of the pick (test acc.)")]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for ax, (column, title) in zip(axes, figures, strict=True):
+        colours = [SCHEME_COLOURS.get(s, "tab:gray") for s in mean.index]
+        ax.bar(mean.index, mean[column].fillna(0), yerr=std[column], color=colours, capsize=4)
+        ax.set(title=title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -33,6 +33,12 @@ from raytl.trial import trial_status
 EXPERIMENT = "tune"
 
 
+def echo_line(line: str) -> None:
+    """The default ``echo``: a module function, so Tune can pickle the callbacks that hold it (Ray
+    swaps ``builtins.print`` during a run, after which the old ``print`` no longer pickles)."""
+    print(line, flush=True)
+
+
 class DefineByRun:
     """Optuna's define-by-run function for the ``space`` section (a class so Tune can pickle it).
 
@@ -231,16 +237,22 @@ def _free_port() -> int:
 
 def run_search(
     config: SpaceConfig, output: Path, *, address: str | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = echo_line, data: ImageData | None = None,
+    data_ref: list[Any] | None = None, refit: bool = True,
 ) -> pd.DataFrame:
-    """Run the whole search into ``output`` and return the results table."""
+    """Run the whole search into ``output`` and return the results table.
+
+    ``data``/``data_ref`` let a caller that runs several searches on one dataset (``raytl compare``)
+    load it and put it in the object store once; ``refit=False`` skips the refit of the best trial.
+    """
     import ray
     from ray import tune
 
     started = time.perf_counter()
     output = Path(output).resolve()
     write_space(output, config)
-    data = load_dataset(config)
+    if data is None:
+        data = load_dataset(config)
     write_skipped(output, data)
     echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
          f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
@@ -252,7 +264,8 @@ def run_search(
         storage = config.search.storage or str(output / "ray")
         if "://" not in storage:
             storage = str(Path(storage).resolve())  # Tune and Train want absolute local paths
-        data_ref = [ray.put(data)]  # once per search; workers read it from the object store
+        if data_ref is None:
+            data_ref = [ray.put(data)]  # once per search; workers read it from the object store
         trainable = tune.with_parameters(
             _trial_entry, space=config.to_dict(), source=config.source, data_ref=data_ref,
             storage_path=storage, max_failures=config.search.max_failures,
@@ -282,7 +295,7 @@ def run_search(
         echo("")
         echo(format_top(table, config.search.metric))
         best = best_row(table, config.search.metric)
-        if best is not None:
+        if best is not None and refit:
             refit_best(config, data, best, output, data_ref=data_ref, echo=echo)
         report = write_report(output)
         if config.search.storage:
@@ -419,12 +432,11 @@ def format_top(table: pd.DataFrame, metric: str, n: int = 10) -> str:
 
 
 def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Path, *,
-               data_ref: list[Any], echo: Callable[[str], None] = print) -> dict[str, Any]:
+               data_ref: list[Any], echo: Callable[[str], None] = echo_line) -> dict[str, Any]:
     """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
     import ray
 
-    sampled = {k: best[k] for k in SAMPLED_COLUMNS if k in best and not _missing(best[k])}
-    sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
+    sampled = sampled_values(best)
     hp = config.hyperparameters(sampled)
     echo(f"refitting the best trial {best['trial_id']} on train+val: "
          + ", ".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(hp).items()))
@@ -456,9 +468,18 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def sampled_values(row: pd.Series) -> dict[str, Any]:
+    """A results row's sampled hyperparameters as plain Python values (inactive ones left out)."""
+    sampled = {k: row[k] for k in SAMPLED_COLUMNS if k in row and not _missing(row[k])}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
+
+
 def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
-           data_ref: list[Any]) -> dict[str, Any]:
-    """A Ray task: train the configuration on the whole pool, evaluate on the test split."""
+           data_ref: list[Any], keep_state: bool = True) -> dict[str, Any]:
+    """A Ray task: train the configuration on the whole pool, evaluate on the test split.
+
+    ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
+    """
     import ray
     import torch
 
@@ -475,7 +496,7 @@ def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
                           seed=config.search.seed)
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
     result = trainer.evaluate(test)
-    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()} if keep_state else None
     return {
         "state": state, "preprocessing": trainer.pre, "test_accuracy": result.accuracy,
         "test_loss": result.loss, "test_images": len(test), "train_images": len(pool),
