@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from raytl import __version__
+from raytl.errors import RaytlError
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     _add_set(p)
 
+    p = sub.add_parser("resume", help="continue an interrupted search in its output folder")
+    p.add_argument("dir", help="the search's output folder (it holds space.yaml)")
+    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+
     p = sub.add_parser("compare", help="run the space once per evaluation scheme and compare cost "
                                        "and fidelity against untouched test data")
     p.add_argument("space", help="space file (search_spaces/compare_schemes.yaml)")
@@ -52,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
     _add_set(p)
+
+    p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray Job (Jobs API)")
+    p.add_argument("space", help="space file; it travels with the job")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: "
+                                     "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    p.add_argument("--output", help="where the job writes: a folder on the cluster (shared by its "
+                                    "nodes) or a URI such as s3://bucket/runs/NAME "
+                                    "(default: runs/NAME in the job's working directory)")
+    p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("--no-package", action="store_true",
+                   help="do not ship the local raytl package; use the one in the cluster image")
+    _add_set(p)
+
+    p = sub.add_parser("jobs", help="list the Ray Jobs on a cluster")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
+    p = sub.add_parser("logs", help="print (or --follow) a Ray Job's logs")
+    p.add_argument("job_id")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
+    p.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    p = sub.add_parser("stop", help="stop a Ray Job")
+    p.add_argument("job_id")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
 
     p = sub.add_parser("report", help="write DIR/report.md and its plots for a finished search")
     p.add_argument("dir")
@@ -112,6 +140,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from raytl.config import load_space
+    from raytl.search import run_search
+
+    output = Path(args.dir)
+    if not (output / "space.yaml").is_file():
+        raise RaytlError(f"{output}: no space.yaml; expected the output folder of `raytl search`")
+    run_search(load_space(output / "space.yaml"), output, address=args.address, resume=True)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import shutil
 
@@ -128,6 +167,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_compare(config, output, schemes=schemes, repeats=args.repeats,
                 refit_sample=args.refit_sample, address=args.address)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from raytl.config import load_space
+    from raytl.jobs import submit
+
+    name = load_space(args.space, list(args.overrides), local_paths=False).name
+    return submit(Path(args.space), address=args.address, output=args.output or f"runs/{name}",
+                  overrides=list(args.overrides), num_samples=args.num_samples,
+                  wait=not args.no_wait, package=not args.no_package)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from raytl.jobs import list_jobs
+
+    return list_jobs(args.address)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from raytl.jobs import logs
+
+    return logs(args.job_id, args.address, args.follow)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from raytl.jobs import stop
+
+    return stop(args.job_id, args.address)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -188,7 +255,12 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     ("search", None): cmd_search,
+    ("resume", None): cmd_resume,
     ("compare", None): cmd_compare,
+    ("submit", None): cmd_submit,
+    ("jobs", None): cmd_jobs,
+    ("logs", None): cmd_logs,
+    ("stop", None): cmd_stop,
     ("train", None): cmd_train,
     ("predict", None): cmd_predict,
     ("report", None): cmd_report,

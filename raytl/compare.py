@@ -114,7 +114,7 @@ def run_compare(
     """Run the space once per scheme and repeat, refit the configurations, write the comparison."""
     import ray
 
-    from raytl.search import echo_line, init_ray, run_search
+    from raytl.search import echo_line, init_ray, prepare_feature_cache, run_search
     from raytl.train import load_dataset, write_skipped, write_space
 
     echo = echo or echo_line
@@ -129,6 +129,8 @@ def run_compare(
     trials: list[pd.DataFrame] = []
     try:
         data_ref = [ray.put(data)]
+        storage = config.search.storage or str(output)
+        feature_refs = prepare_feature_cache(config, data_ref, storage, echo)
         for repeat in range(repeats):
             seed = config.search.seed + repeat
             tables = {}
@@ -138,12 +140,14 @@ def run_compare(
                 echo(f"== {scheme}, seed {seed} ==")
                 t0 = time.perf_counter()
                 table = run_search(scheme_config(config, scheme, seed), run_dir, data=data,
-                                   data_ref=data_ref, refit=False, echo=echo)
+                                   data_ref=data_ref, refit=False, echo=echo,
+                                   feature_refs=feature_refs)
                 table = table.copy()
                 table["search_wall_seconds"] = time.perf_counter() - t0
                 table["repeat"], table["seed"], table["run_dir"] = repeat, seed, str(run_dir)
                 tables[scheme] = table
-            tests = refit_configurations(config, tables, seed, data_ref, refit_sample, echo)
+            tests = refit_configurations(config, tables, seed, data_ref, refit_sample, echo,
+                                         feature_refs)
             for table in tables.values():
                 table["config_key"] = [config_key(_sampled(row)) for _, row in table.iterrows()]
                 for column, field in (("test_accuracy", "test_accuracy"), ("refit_seconds", "seconds")):
@@ -167,7 +171,7 @@ def _sampled(row: pd.Series) -> dict[str, Any]:
 
 def refit_configurations(
     config: SpaceConfig, tables: dict[str, pd.DataFrame], seed: int, data_ref: list[Any],
-    sample: int | None, echo: Callable[[str], None],
+    sample: int | None, echo: Callable[[str], None], feature_refs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Refit each distinct configuration the schemes tried (or a seeded random ``sample`` of them)
     on the whole training pool, as parallel Ray tasks; test accuracy per configuration key."""
@@ -187,7 +191,8 @@ def refit_configurations(
     r = config.resources
     remote = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_refit)
     refit_space = dataclasses.replace(config, search=dataclasses.replace(config.search, seed=seed))
-    futures = {k: remote.remote(refit_space.to_dict(), config.source, distinct[k], data_ref, False)
+    futures = {k: remote.remote(refit_space.to_dict(), config.source, distinct[k], data_ref, False,
+                                feature_refs)
                for k in keys}
     results = {}
     for key, future in futures.items():
@@ -260,10 +265,13 @@ def verdict(agg: pd.DataFrame) -> list[str]:
     if by["regret_mean"].notna().any():
         low = by["regret_mean"].min()
         winners = [s for s, v in by["regret_mean"].items() if abs(v - low) < 1e-9]
-        lines.append(f"**Selection:** {', '.join(winners)} picked the configuration closest to the best "
-                     f"test accuracy found (regret {low:.4f}; "
-                     + ", ".join(f"{s} {v:.4f}" for s, v in by["regret_mean"].items()
-                                 if s not in winners) + ").")
+        others = [f"{s} {v:.4f}" for s, v in by["regret_mean"].items() if s not in winners]
+        if others:
+            lines.append(f"**Selection:** {', '.join(winners)} picked the configuration closest to "
+                         f"the best test accuracy found (regret {low:.4f}; {', '.join(others)}).")
+        else:
+            lines.append(f"**Selection:** every scheme picked a configuration with the same test "
+                         f"accuracy (regret {low:.4f} for all).")
         if cheapest in winners:
             lines.append(f"**Verdict:** for this budget {cheapest} chose as well as any scheme at the "
                          f"lowest cost.")

@@ -51,6 +51,7 @@ class ModelConfig:
 
     backbone: str = "efficientnet_lite0"
     pretrained: str = "package"
+    compile: bool = False  # torch.compile the model for training and evaluation (GPU nodes)
 
 
 @dataclass
@@ -143,6 +144,7 @@ class SpaceConfig:
     space: dict[str, ParamSpec]
     source: str = "<memory>"
     raw: dict[str, Any] = field(default_factory=dict)
+    cache: bool = True  # the frozen-feature cache (raytl.feature_cache); `cache: off` disables it
 
     def hyperparameters(self, sampled: dict[str, Any] | None = None) -> Hyperparameters:
         """The trial configuration for ``sampled`` values, constants and defaults filled in."""
@@ -167,7 +169,7 @@ class SpaceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, in the file's own shape (written as DIR/space.yaml)."""
-        out: dict[str, Any] = {"name": self.name}
+        out: dict[str, Any] = {"name": self.name, "cache": self.cache}
         for section in ("data", "model", "scheme", "search", "resources"):
             out[section] = dataclasses.asdict(getattr(self, section))
         out["space"] = {name: spec_to_yaml(spec) for name, spec in self.space.items()}
@@ -197,8 +199,13 @@ def spec_to_yaml(spec: ParamSpec) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None) -> SpaceConfig:
-    """Read, override (``--set key=value``) and validate a space file."""
+def load_space(path: str | Path, overrides: list[str] | None = None, *,
+               local_paths: bool = True) -> SpaceConfig:
+    """Read, override (``--set key=value``) and validate a space file.
+
+    ``local_paths=False`` skips the checks that data and checkpoint paths exist here (``raytl
+    submit``: they are paths on the cluster).
+    """
     source = str(path)
     p = Path(path)
     if not p.is_file():
@@ -214,7 +221,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SpaceCon
     if not isinstance(raw, dict):
         raise ConfigError(source, "<top level>", f"expected a mapping, got {type(raw).__name__}")
     apply_overrides(raw, overrides or [], source)
-    return parse_space(raw, source)
+    return parse_space(raw, source, local_paths=local_paths)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:
@@ -251,9 +258,10 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def parse_space(raw: dict[str, Any], source: str = "<memory>") -> SpaceConfig:
+def parse_space(raw: dict[str, Any], source: str = "<memory>", *,
+                local_paths: bool = True) -> SpaceConfig:
     """Validate a space file's mapping; every problem raises a :class:`ConfigError`."""
-    _reject_unknown(raw, ["name", "space", *_SECTIONS], source, "")
+    _reject_unknown(raw, ["name", "cache", "space", *_SECTIONS], source, "")
     name = raw.get("name", Path(source).stem if source != "<memory>" else "raytl")
     if not isinstance(name, str) or not name:
         raise ConfigError(source, "name", f"expected a non-empty string, got {name!r}")
@@ -266,10 +274,16 @@ def parse_space(raw: dict[str, Any], source: str = "<memory>") -> SpaceConfig:
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
         raise ConfigError(source, "space", f"expected a mapping, got {type(space_raw).__name__}")
+    cache = raw.get("cache", True)
+    if isinstance(cache, str) and cache.lower() in ("on", "off"):  # YAML 1.2 readers keep them strings
+        cache = cache.lower() == "on"
+    if not isinstance(cache, bool):
+        raise ConfigError(source, "cache", f"expected on or off, got {cache!r}")
     config = SpaceConfig(
-        name=name, space=parse_params(space_raw, source), source=source, raw=raw, **sections
+        name=name, space=parse_params(space_raw, source), source=source, raw=raw, cache=cache,
+        **sections,
     )
-    _check_ranges(config)
+    _check_ranges(config, local_paths)
     return config
 
 
@@ -454,7 +468,7 @@ def condition_order(specs: dict[str, ParamSpec]) -> list[ParamSpec]:
     return ordered
 
 
-def _check_ranges(config: SpaceConfig) -> None:
+def _check_ranges(config: SpaceConfig, local_paths: bool = True) -> None:
     """Values that must be positive or in (0, 1), the backbone's existence and freeze-depth bounds."""
     src = config.source
     d, s, sc, r = config.data, config.search, config.scheme, config.resources
@@ -485,9 +499,9 @@ def _check_ranges(config: SpaceConfig) -> None:
     if d.source in ("imagefolder", "parquet") and not d.path:
         raise ConfigError(src, "data.path", f"the {d.source} source needs a path")
     needs_path = d.source in ("imagefolder", "parquet") or (d.source == "fashion-mnist" and not d.download)
-    if d.path and needs_path and not Path(d.path).exists():
+    if local_paths and d.path and needs_path and not Path(d.path).exists():
         raise ConfigError(src, "data.path", f"no such file or folder: {d.path}")
-    _check_hyperparameters(config)
+    _check_hyperparameters(config, local_paths)
 
 
 def _values_of(spec: ParamSpec | None, default: Any) -> list[Any]:
@@ -498,7 +512,7 @@ def _values_of(spec: ParamSpec | None, default: Any) -> list[Any]:
     return [spec.low, spec.high]
 
 
-def _check_hyperparameters(config: SpaceConfig) -> None:
+def _check_hyperparameters(config: SpaceConfig, local_paths: bool = True) -> None:
     """Backbones exist in timm; freeze depth fits each backbone it can meet; numbers are sane."""
     from raytl.models import check_pretrained, count_blocks  # timm import is slow: only when needed
 
@@ -508,7 +522,7 @@ def _check_hyperparameters(config: SpaceConfig) -> None:
     depths = {}
     for backbone in backbones:
         depths[backbone] = count_blocks(backbone, src, backbone_key)
-        check_pretrained(backbone, config.model.pretrained, src)
+        check_pretrained(backbone, config.model.pretrained, src, check_path=local_paths)
     fd = space.get("freeze_depth")
     if fd is not None:
         low, high = (int(v) for v in (_values_of(fd, 0)[0], _values_of(fd, 0)[-1]))

@@ -50,7 +50,8 @@ def count_blocks(backbone: str, source: str = "<memory>", key: str = "model.back
     return _block_count(backbone)
 
 
-def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>") -> None:
+def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>",
+                     check_path: bool = True) -> None:
     """Validate ``model.pretrained`` up front (before any trial starts)."""
     if pretrained == "package" and backbone != PACKAGE_BACKBONE:
         raise ConfigError(
@@ -58,7 +59,7 @@ def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>") -
             f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
             "use hub (online), none, or a checkpoint path",
         )
-    if pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
+    if check_path and pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
         raise ConfigError(
             source, "model.pretrained",
             f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}",

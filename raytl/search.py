@@ -7,6 +7,8 @@ results table, refit the best configuration on train+val, test it once, write ``
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import time
@@ -28,7 +30,7 @@ from raytl.schemes import assign_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
-from raytl.trial import trial_status
+from raytl.trial import trial_resources, trial_status
 
 EXPERIMENT = "tune"
 
@@ -121,10 +123,30 @@ def check_resources(config: SpaceConfig) -> None:
             f"{config.source}: resources: a worker asks for {r.cpus_per_worker} CPU and "
             f"{r.gpus_per_worker} GPU, but the largest node has {biggest[0]:g} CPU and {biggest[1]:g} GPU"
         )
+    slots = sum(_worker_slots(n["Resources"], r.cpus_per_worker, r.gpus_per_worker) for n in fits)
+    if slots < r.workers_per_trial:
+        raise RaytlError(
+            f"{config.source}: resources: a trial needs {r.workers_per_trial} workers of "
+            f"{r.cpus_per_worker} CPU and {r.gpus_per_worker} GPU, but the whole cluster fits only "
+            f"{slots} at once"
+        )
 
 
-def progress_callback(total: int, metric: str, echo: Callable[[str], None]) -> Any:
-    """A Tune callback printing one line per trial result: the live view of the search."""
+def _worker_slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of this size one node holds (trials queue for free slots, never fail)."""
+    count = int(resources.get("CPU", 0) // cpus)
+    if gpus > 0:
+        count = min(count, int(resources.get("GPU", 0) // gpus))
+    return count
+
+
+def progress_callback(total: int, metric: str, echo: Callable[[str], None],
+                      clock_path: Path | None = None) -> Any:
+    """A Tune callback printing one line per trial result: the live view of the search.
+
+    It also keeps the driver's clock per trial (launched, finished) in ``clock_path``, a JSON file
+    that survives the driver (``raytl resume`` reads it back).
+    """
     from ray.tune import Callback
 
     class ProgressLine(Callback):
@@ -132,6 +154,20 @@ def progress_callback(total: int, metric: str, echo: Callable[[str], None]) -> A
             self.best: float | None = None
             self.finished = 0
             self.started = time.perf_counter()
+            # the driver's wall clock per trial: launched (Tune starts it), finished
+            self.clock: dict[str, dict[str, float]] = read_clock(clock_path)
+            self.finished = sum(1 for t in self.clock.values() if "finished_at" in t)
+
+        def _tick(self, trial_id: str, event: str) -> None:
+            self.clock = {**read_clock(clock_path), **self.clock}  # a restored copy starts stale
+            self.clock.setdefault(trial_id, {})[event] = time.time()
+            if clock_path is not None:
+                tmp = clock_path.with_name(f".{clock_path.name}.tmp")
+                tmp.write_text(json.dumps(self.clock))
+                tmp.replace(clock_path)
+
+        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+            self._tick(trial.trial_id, "launched_at")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
             value = result.get(metric)
@@ -148,12 +184,23 @@ def progress_callback(total: int, metric: str, echo: Callable[[str], None]) -> A
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
             self.finished += 1
+            self._tick(trial.trial_id, "finished_at")
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
             self.finished += 1
+            self._tick(trial.trial_id, "finished_at")
             echo(f"trial {trial.trial_id} failed: see {trial.path}")
 
     return ProgressLine()
+
+
+CLOCK_FILE = ".trial_clock.json"
+
+
+def read_clock(path: Path | None) -> dict[str, dict[str, float]]:
+    if path is None or not Path(path).is_file():
+        return {}
+    return json.loads(Path(path).read_text())
 
 
 def _fmt(value: Any) -> str:
@@ -180,14 +227,17 @@ def init_ray(address: str | None) -> bool:
     # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
     # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(), **kwargs)
+    # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
+    # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), **kwargs)
     return True
 
 
 SEARCH_OUTPUTS = ("ray", "tensorboard", "best", "results.parquet", "results.csv", "history.parquet",
                   "report.md", "space.yaml", "skipped.txt", "metric_per_trial.png",
                   "metric_by_strategy.png", "metric_vs_freeze_depth.png", "learning_curves.png",
-                  "confusion_matrix.png")
+                  "confusion_matrix.png", ".trial_clock.json", ".data_fingerprint")
 
 
 def clear_search_outputs(output: Path) -> None:
@@ -239,8 +289,14 @@ def run_search(
     config: SpaceConfig, output: Path, *, address: str | None = None,
     echo: Callable[[str], None] = echo_line, data: ImageData | None = None,
     data_ref: list[Any] | None = None, refit: bool = True,
+    feature_refs: dict[str, Any] | None = None, resume: bool = False,
 ) -> pd.DataFrame:
     """Run the whole search into ``output`` and return the results table.
+
+    ``resume=True`` continues the search whose Tune experiment is on the storage (the driver was
+    killed, the machine rebooted): finished trials are kept, unfinished ones resume from their last
+    checkpoints, the searcher's state (the Optuna study) is restored with it, and only the missing
+    trials are sampled, so the search still ends with exactly ``num_samples`` trials.
 
     ``data``/``data_ref`` let a caller that runs several searches on one dataset (``raytl compare``)
     load it and put it in the object store once; ``refit=False`` skips the refit of the best trial.
@@ -250,9 +306,11 @@ def run_search(
 
     started = time.perf_counter()
     output = Path(output).resolve()
-    write_space(output, config)
+    if not resume:
+        write_space(output, config)
     if data is None:
         data = load_dataset(config)
+    check_same_data(output, data, resume)
     write_skipped(output, data)
     echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
          f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
@@ -266,37 +324,50 @@ def run_search(
             storage = str(Path(storage).resolve())  # Tune and Train want absolute local paths
         if data_ref is None:
             data_ref = [ray.put(data)]  # once per search; workers read it from the object store
+        if feature_refs is None:
+            feature_refs = prepare_feature_cache(config, data_ref, storage, echo)
         trainable = tune.with_parameters(
             _trial_entry, space=config.to_dict(), source=config.source, data_ref=data_ref,
             storage_path=storage, max_failures=config.search.max_failures,
+            feature_refs=feature_refs,
         )
-        # The Tune trial only drives its TorchTrainer, whose workers ask for their own CPUs/GPUs.
-        # Giving it 0.01 CPU would leave a 2-worker trial unplaceable on a 2-core machine; a zero
-        # CPU request must carry some resource (Ray refuses an empty one), hence one byte of memory.
-        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
+        trainable = tune.with_resources(trainable, functools.partial(
+            trial_resources, space=config.to_dict(), cached_backbones=tuple(feature_refs)))
         s = config.search
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(config), scheduler=make_scheduler(config),
-                metric=s.metric, mode=metric_mode(s.metric), num_samples=s.num_samples,
-                max_concurrent_trials=s.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=storage, verbose=0,
-                callbacks=[progress_callback(s.num_samples, s.metric, echo),
-                           tensorboard_callback(output / "tensorboard", config.space, config.name)],
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            ),
-        )
+        progress = progress_callback(s.num_samples, s.metric, echo, output / CLOCK_FILE)
+        experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
+        if resume:
+            if not tune.Tuner.can_restore(experiment):
+                raise RaytlError(f"{output}: no interrupted search to resume (no Tune experiment "
+                                 f"at {experiment})")
+            echo(f"resuming the search in {experiment}")
+            # the run config (callbacks included) and the searcher's state come from the experiment
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=make_searcher(config), scheduler=make_scheduler(config),
+                    metric=s.metric, mode=metric_mode(s.metric), num_samples=s.num_samples,
+                    max_concurrent_trials=s.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=storage, verbose=0,
+                    callbacks=[progress,
+                               tensorboard_callback(output / "tensorboard", config.space, config.name)],
+                    failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                ),
+            )
         grid = tuner.fit()
-        table = results_table(grid, config)
+        table = results_table(grid, config, clock=read_clock(output / CLOCK_FILE))
         write_results(output, table, history_table(grid))
         echo("")
         echo(format_top(table, config.search.metric))
         best = best_row(table, config.search.metric)
         if best is not None and refit:
-            refit_best(config, data, best, output, data_ref=data_ref, echo=echo)
+            refit_best(config, data, best, output, data_ref=data_ref, echo=echo,
+                       feature_refs=feature_refs)
         report = write_report(output)
         if config.search.storage:
             publish_to_storage(output, config.search.storage)
@@ -309,6 +380,71 @@ def run_search(
             ray.shutdown()
 
 
+def check_same_data(output: Path, data: ImageData, resume: bool) -> None:
+    """Record the data's fingerprint; a resumed search must see exactly the same data."""
+    path = output / ".data_fingerprint"
+    if resume and path.is_file() and path.read_text().strip() != data.fingerprint:
+        raise RaytlError(f"{output}: the data changed since the search started (fingerprint "
+                         f"{path.read_text().strip()}, now {data.fingerprint}); resuming would mix "
+                         "trials scored on different data")
+    if not resume or not path.is_file():
+        path.write_text(data.fingerprint + "\n")
+
+
+def cacheable_backbones(config: SpaceConfig) -> list[str]:
+    """The backbones whose frozen features some trial of this space can train on: there is a
+    linear probe or lp_ft among the strategies, pretrained weights, and the cache is on."""
+    if not config.cache or config.model.pretrained == "none":
+        return []
+
+    def options(name: str, default: Any) -> list[Any]:
+        spec = config.space.get(name)
+        return list(spec.values) if spec is not None and spec.kind in ("const", "choice") else [default]
+
+    if not {"linear_probe", "lp_ft"} & set(options("strategy", "fine_tune")):
+        return []
+    if options("augment", False) == [True]:
+        return []
+    return [b or config.model.backbone for b in options("backbone", None)]
+
+
+def prepare_feature_cache(config: SpaceConfig, data_ref: list[Any], storage: str,
+                          echo: Callable[[str], None]) -> dict[str, Any]:
+    """Compute (or read) the frozen features once per backbone, before any trial starts (the
+    single producer), on a worker-sized Ray task; trials get them through the object store."""
+    import ray
+
+    backbones = cacheable_backbones(config)
+    if not backbones:
+        return {}
+    r = config.resources
+    task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                      num_returns=2)(_features_task)
+    root = f"{storage.rstrip('/')}/feature_cache"
+    refs = {}
+    for backbone in backbones:
+        features_ref, info_ref = task.remote(root, backbone, config.model.pretrained, data_ref,
+                                             config.data.image_size, r.cpus_per_worker)
+        info = ray.get(info_ref)
+        echo(f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
+             f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})")
+        refs[backbone] = features_ref
+    return refs
+
+
+def _features_task(root: str, backbone: str, pretrained: str, data_ref: list[Any],
+                   image_size: int, cpus: float) -> tuple[Any, dict[str, Any]]:
+    import ray
+    import torch
+
+    from raytl.feature_cache import ensure_features, entry_path
+
+    torch.set_num_threads(max(1, int(cpus)))
+    result = ensure_features(root, backbone, pretrained, ray.get(data_ref[0]), image_size)
+    return result.features, {"computed": result.computed, "seconds": result.seconds,
+                             "shape": result.features.shape, "path": entry_path(root, result.key)}
+
+
 def _trial_entry(sampled: dict[str, Any], **kwargs: Any) -> None:
     from raytl.trial import run_trial
 
@@ -319,8 +455,13 @@ SAMPLED_COLUMNS = ("strategy", "backbone", "freeze_depth", "head_lr", "backbone_
                    "weight_decay", "label_smoothing", "batch_size", "epochs", "lp_epochs", "augment")
 
 
-def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
-    """One row per trial: sampled values (missing where inactive), status, metrics, costs."""
+def results_table(grid: Any, config: SpaceConfig,
+                  clock: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """One row per trial: sampled values (missing where inactive), status, metrics, costs.
+
+    ``clock`` (the progress callback's) adds when the driver launched each trial and saw it end,
+    so ``overhead_seconds`` (launch to the first training step) and ``trial_seconds`` are real.
+    """
     metric = config.search.metric
     rows = []
     for result in grid:
@@ -352,6 +493,11 @@ def results_table(grid: Any, config: SpaceConfig) -> pd.DataFrame:
         row["worker_seconds"] = m.get("worker_seconds", math.nan)
         row["startup_seconds"] = m.get("startup_seconds", math.nan)
         row["nodes"] = m.get("nodes")
+        row["head_only"] = m.get("head_only")
+        times = (clock or {}).get(str(row["trial_id"]), {})
+        row["launched_at"] = times.get("launched_at", math.nan)
+        row["overhead_seconds"] = m.get("ready_at", math.nan) - row["launched_at"]
+        row["trial_seconds"] = times.get("finished_at", math.nan) - row["launched_at"]
         frame = result.metrics_dataframe
         has_time = frame is not None and len(frame) and "timestamp" in frame
         row["started_at"] = float(frame["timestamp"].min()) if has_time else math.nan  # 1st report
@@ -432,7 +578,8 @@ def format_top(table: pd.DataFrame, metric: str, n: int = 10) -> str:
 
 
 def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Path, *,
-               data_ref: list[Any], echo: Callable[[str], None] = echo_line) -> dict[str, Any]:
+               data_ref: list[Any], echo: Callable[[str], None] = echo_line,
+               feature_refs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
     import ray
 
@@ -442,7 +589,8 @@ def refit_best(config: SpaceConfig, data: ImageData, best: pd.Series, output: Pa
          + ", ".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(hp).items()))
     r = config.resources
     remote = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_refit)
-    result = ray.get(remote.remote(config.to_dict(), config.source, sampled, data_ref))
+    result = ray.get(remote.remote(config.to_dict(), config.source, sampled, data_ref, True,
+                                   feature_refs))
     from raytl.models import create_model
 
     model = create_model(hp.backbone, len(data.class_names), "none")
@@ -475,7 +623,8 @@ def sampled_values(row: pd.Series) -> dict[str, Any]:
 
 
 def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
-           data_ref: list[Any], keep_state: bool = True) -> dict[str, Any]:
+           data_ref: list[Any], keep_state: bool = True,
+           feature_refs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Ray task: train the configuration on the whole pool, evaluate on the test split.
 
     ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
@@ -491,9 +640,11 @@ def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
     config = parse_space(space, source)
     hp = config.hyperparameters(sampled)
     pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    ref = (feature_refs or {}).get(hp.backbone)
     trainer = UnitTrainer(hp, data, pool, np.array([], dtype=np.int64),
                           pretrained=config.model.pretrained, image_size=config.data.image_size,
-                          seed=config.search.seed)
+                          seed=config.search.seed, features=ray.get(ref) if ref is not None else None,
+                          compile=config.model.compile)
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
     result = trainer.evaluate(test)
     state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()} if keep_state else None

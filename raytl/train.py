@@ -39,7 +39,10 @@ def prepare_output(output: Path, *, overwrite: bool = False) -> Path:
     if output.exists() and not output.is_dir():
         raise RaytlError(f"{output}: exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise RaytlError(f"{output}: already exists and is not empty; pass --overwrite or another --output")
+        hint = (f"`raytl resume {output}` continues its search, " if (output / "space.yaml").is_file()
+                else "")
+        raise RaytlError(f"{output}: already exists and is not empty; {hint}pass --overwrite to "
+                         "replace it, or another --output")
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / ".write-test"
@@ -92,7 +95,7 @@ def train_single(
     write_skipped(output, data)
     trainer = UnitTrainer(
         hp, data, train_idx, val_idx, pretrained=config.model.pretrained,
-        image_size=config.data.image_size, seed=config.search.seed,
+        image_size=config.data.image_size, seed=config.search.seed, compile=config.model.compile,
     )
     echo(f"model: {hp.backbone} ({'pretrained: ' + config.model.pretrained if trainer.strategy.pretrained else 'random init'}), "
          f"{len(trainer.blocks)} blocks; strategy {hp.strategy}: "

@@ -87,6 +87,73 @@ def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list[Any]]:
+    """The space, the data (from the object store), the trial's hyperparameters and its units."""
+    import ray
+
+    config = parse_space(cfg["space"], cfg["source"])
+    data = ray.get(cfg["data_ref"][0])
+    hp = config.hyperparameters(cfg["sampled"])
+    seed = config.data.seed
+    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    units = make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
+                       seed=seed, class_names=data.class_names)
+    return config, data, hp, units
+
+
+def _shared_features(cfg: dict[str, Any], backbone: str) -> Any:
+    """The cached frozen features for this backbone (zero-copy from the object store), if any."""
+    import ray
+
+    ref = (cfg.get("feature_refs") or {}).get(backbone)
+    return ray.get(ref) if ref is not None else None
+
+
+def _unit_trainer(config: Any, data: Any, hp: Any, unit: Any, index: int, device: Any,
+                  sync: Any = None, features: Any = None) -> UnitTrainer:
+    return UnitTrainer(hp, data, unit.train, unit.val, pretrained=config.model.pretrained,
+                       image_size=config.data.image_size, device=device,
+                       seed=config.search.seed + index, sync=sync, features=features,
+                       compile=config.model.compile)
+
+
+def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> float:
+    """Restore every unit from a checkpoint folder; the worker-seconds spent before it."""
+    for unit, trainer in trainers.items():
+        trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
+                                           map_location=device, weights_only=True))
+    meta = Path(folder) / "worker_seconds.txt"
+    return float(meta.read_text()) if meta.is_file() else 0.0
+
+
+def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
+                 worker_seconds: float, startup_seconds: float, ready_at: float) -> dict[str, Any]:
+    """What one epoch reports to Tune: mean/std over units, costs, and every unit's own values."""
+    report = {
+        **summarize(unit_metrics),
+        "epoch": unit_metrics[0]["epoch"],
+        "total_epochs": total_epochs,
+        "phase": unit_metrics[0]["phase"],
+        "units": units,
+        "workers": workers,
+        "worker_seconds": worker_seconds,
+        "startup_seconds": startup_seconds,
+        "ready_at": ready_at,  # wall clock when the last worker was ready to take its first step
+        "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
+        "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
+        "head_only": all(m.get("head_only") for m in unit_metrics),
+        "nodes": ",".join(sorted({m["node_id"] for m in unit_metrics})),
+    }
+    for m in unit_metrics:
+        for key in ("val_accuracy", "val_loss", "train_loss", "images_per_second"):
+            report[f"unit/{m['unit_name']}/{key}"] = m[key]
+        report[f"unit/{m['unit_name']}/node_id"] = m["node_id"]
+        for key, value in m.items():
+            if key.startswith("lr/"):
+                report[f"unit/{m['unit_name']}/{key}"] = value
+    return report
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """The Ray Train worker: train this rank's units, report every epoch."""
     import ray
@@ -98,37 +165,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    config = parse_space(cfg["space"], cfg["source"])
-    data = ray.get(cfg["data_ref"][0])
-    hp = config.hyperparameters(cfg["sampled"])
-    seed = config.data.seed
-    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
-    units = make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
-                       seed=seed, class_names=data.class_names)
+    config, data, hp, units = _setup(cfg)
     plan = assign_units(len(units), world)
     syncs = _syncs(plan, rank)
     device = ray.train.torch.get_device()
-    trainers = {
-        a.unit: UnitTrainer(
-            hp, data, units[a.unit].train, units[a.unit].val, pretrained=config.model.pretrained,
-            image_size=config.data.image_size, device=device, seed=config.search.seed + a.unit,
-            sync=syncs.get(a.unit),
-        )
-        for a in plan[rank]
-    }
+    features = _shared_features(cfg, hp.backbone)
+    trainers = {a.unit: _unit_trainer(config, data, hp, units[a.unit], a.unit, device,
+                                      syncs.get(a.unit), features)
+                for a in plan[rank]}
     owners = {a.unit for a in plan[rank] if a.rank_in_unit == 0}
     prior_seconds = 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            for unit, trainer in trainers.items():
-                trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
-                                                   map_location=device, weights_only=True))
-            meta = Path(folder) / "worker_seconds.txt"
-            if meta.is_file():
-                prior_seconds = float(meta.read_text())
+            prior_seconds = _load_units(folder, trainers, device)
     total_epochs = next(iter(trainers.values())).total_epochs
     node = ray.get_runtime_context().get_node_id()
+    ready_at = time.time()
     while next(iter(trainers.values())).epoch < total_epochs:
         mine = []
         for unit, trainer in trainers.items():
@@ -137,30 +190,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 mine.append({**metrics, "unit": unit, "unit_name": units[unit].name, "node_id": node})
         elapsed = time.perf_counter() - started
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (mine, elapsed, startup_seconds))
-        unit_metrics = sorted((m for ms, _, _ in gathered for m in ms), key=lambda m: m["unit"])
-        worker_seconds = prior_seconds + sum(seconds for _, seconds, _ in gathered)
-        epoch = unit_metrics[0]["epoch"]
-        report = {
-            **summarize(unit_metrics),
-            "epoch": epoch,
-            "total_epochs": total_epochs,
-            "phase": unit_metrics[0]["phase"],
-            "units": len(units),
-            "workers": world,
-            "worker_seconds": worker_seconds,
-            "startup_seconds": max(s for _, _, s in gathered),
-            "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
-            "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
-            "nodes": ",".join(sorted({m["node_id"] for m in unit_metrics})),
-        }
-        for m in unit_metrics:
-            for key in ("val_accuracy", "val_loss", "train_loss", "images_per_second"):
-                report[f"unit/{m['unit_name']}/{key}"] = m[key]
-            report[f"unit/{m['unit_name']}/node_id"] = m["node_id"]
-            for key, value in m.items():
-                if key.startswith("lr/"):
-                    report[f"unit/{m['unit_name']}/{key}"] = value
+        dist.all_gather_object(gathered, (mine, elapsed, startup_seconds, ready_at))
+        unit_metrics = sorted((m for ms, *_ in gathered for m in ms), key=lambda m: m["unit"])
+        worker_seconds = prior_seconds + sum(g[1] for g in gathered)
+        report = epoch_report(unit_metrics, units=len(units), workers=world, total_epochs=total_epochs,
+                              worker_seconds=worker_seconds,
+                              startup_seconds=max(g[2] for g in gathered),
+                              ready_at=max(g[3] for g in gathered))
+        epoch = report["epoch"]
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
                 torch.save(trainers[unit].state_dict(), Path(folder) / UNIT_STATE.format(unit))
@@ -174,15 +211,83 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             )
 
 
+def is_lean(sampled: dict[str, Any], space: dict[str, Any], cached_backbones: Any) -> bool:
+    """Whether a trial only ever trains a head on cached features, so it needs no Ray Train
+    worker group (whose start-up costs far more than the training itself)."""
+    if not cached_backbones:
+        return False
+    hp = parse_space(space).hyperparameters(sampled)
+    return hp.strategy == "linear_probe" and not hp.augment and hp.backbone in cached_backbones
+
+
+def trial_resources(sampled: dict[str, Any], *, space: dict[str, Any],
+                    cached_backbones: tuple[str, ...]) -> Any:
+    """What the Tune trial itself asks for. A lean trial trains in the trial's process, so it
+    takes one worker's CPUs. Otherwise the trial only drives its TorchTrainer, whose workers ask
+    for their own CPUs/GPUs; a 0.01-CPU share would leave a 2-worker trial unplaceable on a
+    2-core machine, and a zero request must carry some resource, hence one byte of memory."""
+    from ray.tune import PlacementGroupFactory
+
+    if is_lean(sampled, space, cached_backbones):
+        return PlacementGroupFactory([{"CPU": float(space["resources"]["cpus_per_worker"])}])
+    return PlacementGroupFactory([{"CPU": 0, "memory": 1}])
+
+
+def run_lean_trial(cfg: dict[str, Any]) -> None:
+    """A head-only trial on cached features, inside the Tune trial's own process: every unit
+    in turn, the same report and per-unit checkpoint files as a Ray Train trial."""
+    import ray
+    from ray import tune
+
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    config, data, hp, units = _setup(cfg)
+    device = torch.device("cpu")  # a linear head on cached features: the CPU is plenty
+    features = _shared_features(cfg, hp.backbone)
+    trainers = {i: _unit_trainer(config, data, hp, unit, i, device, None, features)
+                for i, unit in enumerate(units)}
+    startup_seconds = time.time() - cfg["trial_started"]
+    prior_seconds = 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            prior_seconds = _load_units(folder, trainers, device)
+    total_epochs = trainers[0].total_epochs
+    node = ray.get_runtime_context().get_node_id()
+    ready_at = time.time()
+    while trainers[0].epoch < total_epochs:
+        unit_metrics = [{**trainer.run_epoch(), "unit": i, "unit_name": units[i].name, "node_id": node}
+                        for i, trainer in trainers.items()]
+        worker_seconds = prior_seconds + time.perf_counter() - started
+        report = epoch_report(unit_metrics, units=len(units), workers=0, total_epochs=total_epochs,
+                              worker_seconds=worker_seconds, startup_seconds=startup_seconds,
+                              ready_at=ready_at)
+        with tempfile.TemporaryDirectory() as folder:
+            for i, trainer in trainers.items():
+                torch.save(trainer.state_dict(head_only=True), Path(folder) / UNIT_STATE.format(i))
+            (Path(folder) / "worker_seconds.txt").write_text(repr(worker_seconds))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
 def run_trial(sampled: dict[str, Any], *, space: dict[str, Any], source: str, data_ref: list[Any],
-              storage_path: str, max_failures: int) -> None:
-    """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback)."""
+              storage_path: str, max_failures: int,
+              feature_refs: dict[str, Any] | None = None) -> None:
+    """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback), or,
+    for a head-only trial on cached features, the training itself (:func:`run_lean_trial`)."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     resources = space["resources"]
+    loop_config = {
+        "space": space, "source": source, "sampled": dict(sampled), "data_ref": data_ref,
+        "feature_refs": feature_refs or {}, "cpus_per_worker": resources["cpus_per_worker"],
+        "trial_started": time.time(),
+    }
+    if is_lean(sampled, space, feature_refs or {}):
+        run_lean_trial(loop_config)
+        return
     gpus = float(resources["gpus_per_worker"])
     per_worker = {"CPU": float(resources["cpus_per_worker"])}
     if gpus:
@@ -190,10 +295,7 @@ def run_trial(sampled: dict[str, Any], *, space: dict[str, Any], source: str, da
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "space": space, "source": source, "sampled": dict(sampled), "data_ref": data_ref,
-            "cpus_per_worker": resources["cpus_per_worker"], "trial_started": time.time(),
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(resources["workers_per_trial"]), use_gpu=gpus > 0,
             resources_per_worker=per_worker,

@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from raytl.config import Hyperparameters
 from raytl.data.dataset import ImageData
+from raytl.feature_cache import pooled_features
 from raytl.models import (
     Preprocessing,
     backbone_blocks,
@@ -116,6 +117,8 @@ class UnitTrainer:
         device: torch.device | None = None,
         seed: int = 0,
         sync: GradientSync | None = None,
+        features: np.ndarray | None = None,
+        compile: bool = False,
     ) -> None:
         self.hp = hp
         self.data = data
@@ -140,11 +143,15 @@ class UnitTrainer:
             self.model.to(memory_format=torch.channels_last)
         if sync is not None:
             sync.broadcast_model(self.model)  # one starting point for every rank of the unit
+        # torch.compile wraps the module for the forward passes; state_dict keys stay the same
+        self.forward = torch.compile(self.model) if compile else self.model
         self.epoch = 0  # epochs completed
         self.phase_index: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self._features: dict[str, torch.Tensor] = {}
+        # the frozen backbone's pooled features for every image (raytl.feature_cache), if given
+        self.shared_features = features
 
     # ------------------------------------------------------------------ schedule
 
@@ -207,21 +214,16 @@ class UnitTrainer:
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hp.label_smoothing)
 
-    @torch.no_grad()
-    def _pooled_features(self, indices: np.ndarray) -> torch.Tensor:
-        """Pre-logit features of the (frozen, eval-mode) backbone, computed once per phase."""
-        self.model.eval()
-        chunks = []
-        for start in range(0, len(indices), EVAL_BATCH):
-            x = self.prepare(self.data.images[indices[start : start + EVAL_BATCH]])
-            with self._autocast():
-                feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-            chunks.append(feats.float())
-        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
-
     def _cached(self, key: str, indices: np.ndarray) -> torch.Tensor:
+        """Pre-logit features of the (frozen, eval-mode) backbone, computed once per phase, or
+        taken from the shared feature cache when the trainer was given one."""
         if key not in self._features:
-            self._features[key] = self._pooled_features(indices)
+            if self.shared_features is not None:
+                rows = torch.from_numpy(np.ascontiguousarray(self.shared_features[indices]))
+                self._features[key] = rows.to(self.device, non_blocking=True)
+            else:
+                self._features[key] = pooled_features(self.model, self.prepare,
+                                                      self.data.images[indices], self.device)
         return self._features[key]
 
     def run_epoch(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -250,7 +252,7 @@ class UnitTrainer:
                     logits = self.classifier(features[torch.from_numpy(batch).to(self.device)])
                 else:
                     images = self.data.images[self.train_idx[batch]]
-                    logits = self.model(self.prepare(images, augment=phase.augment))
+                    logits = self.forward(self.prepare(images, augment=phase.augment))
                 loss = self._loss(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,7 +308,7 @@ class UnitTrainer:
             for start in range(0, len(mine), EVAL_BATCH):
                 x = self.prepare(self.data.images[mine[start : start + EVAL_BATCH]])
                 with self._autocast():
-                    chunks.append(self.model(x).float())
+                    chunks.append(self.forward(x).float())
             logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.data.class_names))
         loss_sum = F.cross_entropy(logits, labels, reduction="sum") if len(mine) else torch.zeros(())
         predictions = logits.argmax(1) if len(mine) else torch.empty(0, dtype=torch.long)
@@ -321,10 +323,16 @@ class UnitTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this unit stopped (weights_only-loadable)."""
+    def state_dict(self, head_only: bool = False) -> dict[str, Any]:
+        """Everything needed to continue exactly where this unit stopped (weights_only-loadable).
+
+        ``head_only``: only the classifier's weights, for a trial that never moves the backbone
+        (a linear probe on cached features); the backbone is the pretrained one by construction.
+        """
+        weights = ({"head": self.classifier.state_dict()} if head_only
+                   else {"model": self.model.state_dict()})
         return {
-            "model": self.model.state_dict(),
+            **weights,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "epoch": self.epoch,
@@ -332,7 +340,10 @@ class UnitTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        if "head" in state:
+            self.classifier.load_state_dict(state["head"])
+        else:
+            self.model.load_state_dict(state["model"])
         self.epoch = int(state["epoch"])
         if state["phase_index"] is not None:
             self._enter_phase(int(state["phase_index"]))

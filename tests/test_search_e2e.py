@@ -73,6 +73,11 @@ def test_search_end_to_end(search, tmp_path):
     assert list(storage.glob("train_*/checkpoint_epoch_*/unit_0.pt"))  # every epoch, every unit
     assert list(storage.glob("train_*/checkpoint_epoch_*/unit_1.pt"))
     assert (storage / "tensorboard").is_dir() and (storage / "results.parquet").is_file()
+    # the frozen features were computed once for the search, and the probes trained on them alone
+    assert len(list(storage.glob("feature_cache/*/features.parquet"))) == 1
+    assert probes["head_only"].all() and not tunes["head_only"].any()
+    assert (probes["overhead_seconds"] < tunes["overhead_seconds"].min()).all()  # no worker group
+    assert (results["trial_seconds"] > 0).all() and (results["overhead_seconds"] > 0).all()
 
     best = out / "best"
     for name in ("model.safetensors", "config.json", "class_names.json", "metrics.json"):

@@ -56,3 +56,34 @@ def test_tpe_is_multivariate_and_grouped():
     sampler = make_searcher(config)._sampler
     assert isinstance(sampler, optuna.samplers.TPESampler)
     assert sampler._multivariate and sampler._group
+
+
+def test_feature_cache_applies_only_where_a_head_trains_alone():
+    from raytl.search import cacheable_backbones
+
+    base = {"name": "c", "data": {"source": "digits"}}
+    probe = {"strategy": {"choice": ["linear_probe", "fine_tune"]}}
+    assert cacheable_backbones(parse_space({**base, "space": probe})) == ["efficientnet_lite0"]
+    assert cacheable_backbones(parse_space({**base, "space": {"strategy": "lp_ft"}})) == \
+        ["efficientnet_lite0"]
+    assert cacheable_backbones(parse_space({**base, "space": {"strategy": "fine_tune"}})) == []
+    assert cacheable_backbones(parse_space({**base, "cache": "off", "space": probe})) == []
+    assert cacheable_backbones(parse_space({**base, "space": {**probe, "augment": True}})) == []
+    none = {**base, "model": {"pretrained": "none"}, "space": probe}
+    assert cacheable_backbones(parse_space(none)) == []  # random weights differ per trial seed
+
+
+def test_only_cached_linear_probes_run_lean_and_reserve_a_cpu():
+    from raytl.trial import is_lean, trial_resources
+
+    space = parse_space({"name": "c", "data": {"source": "digits"},
+                         "resources": {"cpus_per_worker": 2}}).to_dict()
+    cached = ("efficientnet_lite0",)
+    assert is_lean({"strategy": "linear_probe"}, space, cached)
+    assert not is_lean({"strategy": "linear_probe", "augment": True}, space, cached)
+    assert not is_lean({"strategy": "lp_ft"}, space, cached)  # its fine-tuning phase needs Ray Train
+    assert not is_lean({"strategy": "linear_probe"}, space, ())
+    lean = trial_resources({"strategy": "linear_probe"}, space=space, cached_backbones=cached)
+    driver = trial_resources({"strategy": "fine_tune"}, space=space, cached_backbones=cached)
+    assert lean.bundles == [{"CPU": 2.0}]
+    assert driver.bundles[0].get("CPU", 0) == 0 and driver.bundles[0]["memory"] == 1

@@ -1,0 +1,232 @@
+"""``raytl submit`` / ``jobs`` / ``logs`` / ``stop``: a search as a Ray Job on a remote cluster.
+
+The job's runtime environment carries the space file and the raytl package itself (the cluster
+image supplies torch, timm, Ray and the rest), so a laptop can submit without installing anything on
+the cluster. The job runs ``python -m raytl search space.yaml --address auto ...`` on the head.
+
+Ray's token authentication: the token is read from the places Ray reads it (``RAY_AUTH_TOKEN``,
+then the file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``) and sent as a bearer
+header, whether or not ``RAY_AUTH_MODE`` is set on the laptop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytl.errors import RaytlError
+
+TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    source: str  # where it came from, for error messages
+
+
+def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
+    """The Ray auth token, in Ray's own order of precedence; None when there is none."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
+                             f"({exc.strerror or exc})") from None
+        if not value:
+            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return Token(value, f"RAY_AUTH_TOKEN_PATH ({path})")
+    default = (home or Path.home()) / ".ray" / "auth_token"
+    if default.is_file() and default.read_text().strip():
+        return Token(default.read_text().strip(), str(default))
+    return None
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for the dashboard at ``address``, authenticated; clear errors."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise RaytlError("no cluster address: pass --address http://HEAD:8265 (the dashboard, "
+                         "reached through an SSH tunnel or port-forward) or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    token = find_token()
+    headers = {"Authorization": f"Bearer {token.value}"} if token else None
+    try:
+        jobs = JobSubmissionClient(address, headers=headers)
+    except ConnectionError as exc:
+        raise RaytlError(f"cannot reach the Ray dashboard at {address}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # AuthenticationError and friends
+        raise _auth_error(exc, address, token) from None
+    return _Checked(jobs, address, token)
+
+
+def _auth_error(exc: Exception, address: str, token: Token | None) -> Exception:
+    from ray.exceptions import AuthenticationError
+
+    if not isinstance(exc, AuthenticationError):
+        return exc
+    text = str(exc)
+    if "Authentication required" in text or token is None:
+        return RaytlError(f"the Ray cluster at {address} requires an auth token and none was found: "
+                          "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to the token file, or put it "
+                          "in ~/.ray/auth_token (on the head: `ray get-auth-token`)")
+    return RaytlError(f"the Ray cluster at {address} refused the auth token from {token.source}: "
+                      "it is not this cluster's token")
+
+
+class _Checked:
+    """The client's calls, with authentication and connection failures turned into one line."""
+
+    def __init__(self, jobs: Any, address: str, token: Token | None) -> None:
+        self._jobs, self.address, self._token = jobs, address, token
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._jobs, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except ConnectionError as exc:
+                raise RaytlError(f"lost the Ray dashboard at {self.address}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    raise RaytlError(f"no such job on {self.address}: {exc}") from None
+                raise
+            except Exception as exc:
+                error = _auth_error(exc, self.address, self._token)
+                if error is exc:
+                    raise
+                raise error from None
+
+        return call
+
+    @property
+    def raw(self) -> Any:
+        return self._jobs
+
+
+def stage(space: Path, package: bool) -> Path:
+    """A temporary working directory for the job: the space file (and the raytl package)."""
+    import raytl
+
+    staging = Path(tempfile.mkdtemp(prefix="raytl-job-"))
+    shutil.copy2(space, staging / "space.yaml")
+    if package:
+        shutil.copytree(Path(raytl.__file__).parent, staging / "raytl",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return staging
+
+
+def entrypoint(output: str, overrides: list[str], num_samples: int | None) -> str:
+    """The job's command line, quoted for the shell the job runs in."""
+    import shlex
+
+    args = ["python", "-m", "raytl", "search", "space.yaml", "--address", "auto", "--overwrite"]
+    if "://" in output:  # results go to the URI (search.storage); the head keeps a scratch copy
+        args += ["--output", "raytl-output", "--set", f"search.storage={output}"]
+    else:
+        args += ["--output", output]
+    if num_samples is not None:
+        args += ["--num-samples", str(num_samples)]
+    for item in overrides:
+        args += ["--set", item]
+    return shlex.join(args)
+
+
+def submit(space: Path, *, address: str | None, output: str, overrides: list[str],
+           num_samples: int | None = None, wait: bool = True, package: bool = True,
+           echo: Callable[[str], None] = print) -> int:
+    """Submit the search; with ``wait`` follow its logs and return the job's exit status."""
+    from raytl.config import load_space
+
+    space = Path(space)
+    # a wrong space fails here, not minutes later on the cluster (its paths are the cluster's)
+    load_space(space, overrides, local_paths=False)
+    jobs = client(address)
+    staging = stage(space, package)
+    try:
+        job_id = jobs.submit_job(
+            entrypoint=entrypoint(output, overrides, num_samples),
+            runtime_env={"working_dir": str(staging),
+                         "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+            metadata={"raytl_space": space.name},
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    echo(f"submitted job {job_id} to {jobs.address}")
+    if not wait:
+        echo(f"follow it: raytl logs {job_id} --address {jobs.address} --follow")
+        return 0
+    return follow(jobs, job_id, echo)
+
+
+def follow(jobs: _Checked, job_id: str, echo: Callable[[str], None] = print) -> int:
+    """Stream the job's logs until it ends; its status as an exit code."""
+
+    async def tail() -> None:
+        async for chunk in jobs.raw.tail_job_logs(job_id):
+            for line in chunk.splitlines():
+                echo(line)
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:  # the log stream can drop; the status below still decides
+        echo(f"(log stream ended: {exc})")
+    status = str(_wait_terminal(jobs, job_id))
+    info = jobs.get_job_info(job_id)
+    echo(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message
+                                      else ""))
+    return TERMINAL.get(status, 1)
+
+
+def _wait_terminal(jobs: _Checked, job_id: str, timeout: float = 120.0) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(jobs.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def list_jobs(address: str | None, echo: Callable[[str], None] = print) -> int:
+    jobs = client(address)
+    rows = sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0)
+    if not rows:
+        echo(f"no jobs on {jobs.address}")
+    for job in rows:
+        status = str(job.status).split(".")[-1]
+        echo(f"{job.submission_id or job.job_id}  {status:<9}  {job.entrypoint}")
+    return 0
+
+
+def logs(job_id: str, address: str | None, follow_logs: bool,
+         echo: Callable[[str], None] = print) -> int:
+    jobs = client(address)
+    if follow_logs:
+        return follow(jobs, job_id, echo)
+    echo(jobs.get_job_logs(job_id).rstrip("\n"))
+    return 0
+
+
+def stop(job_id: str, address: str | None, echo: Callable[[str], None] = print) -> int:
+    jobs = client(address)
+    stopped = jobs.stop_job(job_id)
+    echo(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0

@@ -1,0 +1,258 @@
+"""At scale: a search over several Ray nodes, and `raytl submit` to a token-protected head.
+
+The clusters here are real: ``ray.cluster_utils.Cluster`` (a head and two worker nodes, each its own
+raylet) and ``ray start --head --block`` as a process group the test owns and kills. Never
+``ray stop``: it would end every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raytl.errors import RaytlError
+from raytl.jobs import entrypoint, find_token
+
+TINY = {
+    "name": "tiny",
+    "data": {"source": "digits", "image_size": 48, "limit": 300, "test_fraction": 0.2},
+    "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
+    "scheme": {"kind": "segments", "segments": 2},
+    "search": {"num_samples": 2, "max_concurrent": 1, "max_epochs": 1, "seed": 1},
+    "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+    "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [3.0e-3, 3.0e-2]},
+              "batch_size": 32},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ token lookup (no cluster)
+
+
+def test_find_token_follows_rays_precedence(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-default\n")
+    path = tmp_path / "token"
+    path.write_text("from-path\n")
+    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home).value \
+        == "from-env"
+    token = find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home)
+    assert token.value == "from-path" and "RAY_AUTH_TOKEN_PATH" in token.source
+    assert find_token({}, home).value == "from-default"
+    assert find_token({}, tmp_path / "nobody") is None
+    with pytest.raises(RaytlError, match="RAY_AUTH_TOKEN_PATH=.*cannot read"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(RaytlError, match="empty"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")}, home)
+
+
+def test_entrypoint_sends_uri_outputs_to_storage():
+    line = entrypoint("s3://bucket/runs/x", ["data.limit=500"], 4)
+    assert "--set search.storage=s3://bucket/runs/x" in line and "--address auto" in line
+    assert "--num-samples 4" in line and "--set data.limit=500" in line
+    assert "--output /shared/runs/x" in entrypoint("/shared/runs/x", [], None)
+
+
+def test_submit_without_address_is_one_clear_line(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump(TINY))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    run = subprocess.run([sys.executable, "-m", "raytl", "submit", str(space)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no cluster address" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_submit_to_unreachable_address_is_one_clear_line(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump(TINY))
+    port = _free_port()  # nothing listens there
+    run = subprocess.run([sys.executable, "-m", "raytl", "submit", str(space), "--address",
+                          f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" \
+        in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ several nodes
+
+
+@pytest.mark.slow
+def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path):
+    """A head with no CPUs and two 1-CPU worker nodes: each 2-worker trial must span both."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raytl.config import parse_space
+    from raytl.search import run_search
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": _free_port(),
+    })
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        storage = tmp_path / "shared" / "experiment"
+        # fine-tuning the last block: a Ray Train trial (a cached linear probe would run lean,
+        # in one process), whose two workers need both 1-CPU nodes
+        space = {**TINY, "search": {**TINY["search"], "storage": str(storage)},
+                 "space": {**TINY["space"], "strategy": "fine_tune", "freeze_depth": 7,
+                           "backbone_lr": 1.0e-3}}
+        out = tmp_path / "out"
+        out.mkdir()
+        table = run_search(parse_space(space, "tiny.yaml"), out, address=cluster.address,
+                           echo=lambda line: None)
+        worker_ids = {w.node_id for w in workers}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert len(table) == 2 and set(table["status"]) == {"completed"}
+    for _, row in table.iterrows():
+        units = list(row["unit_nodes"])
+        assert len(units) == 2 and set(units) == worker_ids  # one segment on each worker node
+        assert set(row["nodes"].split(",")) == worker_ids
+    # everything a reviewer needs is on the shared storage, not in a node-local folder
+    assert (storage / "results.parquet").is_file() and (storage / "report.md").is_file()
+    assert len(pd.read_parquet(storage / "results.parquet")) == 2
+    runs = [p for p in (storage / "tensorboard").iterdir() if p.name.startswith("trial_")]
+    assert len(runs) == 2 and all(list(p.rglob("events.out.tfevents.*")) for p in runs)
+    assert list(storage.glob("train_*/checkpoint_epoch_*/unit_0.pt"))
+    assert list(storage.glob("train_*/checkpoint_epoch_*/unit_1.pt"))
+    assert (storage / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raytl.config import parse_space
+    from raytl.search import run_search
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        space = {**TINY, "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}}
+        with pytest.raises(RaytlError, match="needs 2 workers of 1.0 CPU.*fits only 1"):
+            run_search(parse_space(space, "tiny.yaml"), tmp_path, address=cluster.address,
+                       echo=lambda line: None)
+        space = {**TINY, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1,
+                                       "gpus_per_worker": 0.5}}
+        with pytest.raises(RaytlError, match="0.5 GPU, but the largest node has 1 CPU and 0 GPU"):
+            run_search(parse_space(space, "tiny.yaml"), tmp_path, address=cluster.address,
+                       echo=lambda line: None)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ------------------------------------------------------------------ raytl submit, token auth
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """``ray start --head --block`` with token auth on and the dashboard on 127.0.0.1."""
+    token = secrets.token_hex(32)
+    dashboard = _free_port()
+    # the job's `python` is the head's: this environment's, as on a cluster image
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+    logs = tmp_path_factory.mktemp("head") / "head.log"
+    with logs.open("w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+             f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--include-dashboard=true"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401: up, and asking for the token
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the head did not start: {logs.read_text()[-2000:]}") from None
+                time.sleep(1)
+        yield address, token
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _raytl(*args: str, token: str | None, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(home)  # no ~/.ray/auth_token to fall back on
+    if token is not None:
+        env["RAY_AUTH_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "raytl", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_submit_runs_the_search_as_a_job(head, tmp_path):
+    address, token = head
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump({**TINY, "resources": {"workers_per_trial": 1,
+                                                           "cpus_per_worker": 1}}))
+    out = tmp_path / "job-output"  # the head is this machine, so the folder is readable here
+    run = _raytl("submit", str(space), "--address", address, "--output", str(out),
+                 token=token, home=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = run.stdout.split("submitted job ", 1)[1].split()[0]
+    assert f"job {job_id}: SUCCEEDED" in run.stdout
+    assert "search finished" in run.stdout  # the job's own log lines were followed
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 2 and set(results["status"]) == {"completed"}
+    assert (out / "best" / "metrics.json").is_file() and (out / "report.md").is_file()
+
+    listed = _raytl("jobs", "--address", address, token=token, home=tmp_path, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    logs = _raytl("logs", job_id, "--address", address, token=token, home=tmp_path, timeout=120)
+    assert logs.returncode == 0 and "search finished" in logs.stdout
+
+
+@pytest.mark.slow
+def test_submit_with_a_wrong_or_missing_token_fails_clearly(head, tmp_path):
+    address, _ = head
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(TINY))
+    wrong = _raytl("submit", str(space), "--address", address, token="0" * 64, home=tmp_path,
+                   timeout=120)
+    assert wrong.returncode == 2
+    assert f"the Ray cluster at {address} refused the auth token from RAY_AUTH_TOKEN" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and "submitted job" not in wrong.stdout
+    missing = _raytl("jobs", "--address", address, token=None, home=tmp_path, timeout=120)
+    assert missing.returncode == 2
+    assert "requires an auth token and none was found" in missing.stderr
+    assert "Traceback" not in missing.stderr

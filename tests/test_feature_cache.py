@@ -1,0 +1,141 @@
+"""The frozen-feature cache: exact, keyed on everything that matters, atomic, computed once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raytl.config import Hyperparameters
+from raytl.data.dataset import ImageData
+from raytl.feature_cache import (
+    ensure_features,
+    entry_path,
+    feature_key,
+    pooled_features,
+    read_features,
+    write_features,
+)
+from raytl.models import create_model, preprocessing_for
+from raytl.worker import BatchPreparer, UnitTrainer
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return ImageData(digits.images[:120], digits.labels[:120], digits.class_names, "digits[:120]")
+
+
+def test_cached_features_equal_a_fresh_forward_pass(small, tmp_path):
+    result = ensure_features(str(tmp_path), "efficientnet_lite0", "package", small, 48)
+    assert result.computed and result.features.shape == (120, 1280)
+    model = create_model("efficientnet_lite0", 10, "package")
+    pre = preprocessing_for(model, 48)
+    fresh = pooled_features(model, BatchPreparer(pre, torch.device("cpu")),
+                            small.images[::7], torch.device("cpu")).numpy()
+    np.testing.assert_allclose(result.features[::7], fresh, rtol=1e-4, atol=1e-5)
+    again = ensure_features(str(tmp_path), "efficientnet_lite0", "package", small, 48)
+    assert not again.computed and np.array_equal(again.features, result.features)
+
+
+def test_a_probe_on_cached_features_trains_like_one_without(small, tmp_path):
+    """Same seed, same data: the head sees the same features, so the epochs agree."""
+    features = ensure_features(str(tmp_path), "efficientnet_lite0", "package", small, 48).features
+    hp = Hyperparameters(strategy="linear_probe", backbone="efficientnet_lite0", head_lr=0.01,
+                         batch_size=32, epochs=2)
+    train, val = np.arange(0, 90), np.arange(90, 120)
+    runs = []
+    for shared in (None, features):
+        trainer = UnitTrainer(hp, small, train, val, pretrained="package", image_size=48, seed=3,
+                              features=shared)
+        runs.append([trainer.run_epoch() for _ in range(2)])
+    for a, b in zip(*runs, strict=True):
+        assert a["head_only"] and b["head_only"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+
+
+def test_key_changes_with_everything_that_changes_the_features(small, tmp_path):
+    model = create_model("efficientnet_lite0", 10, "package")
+    pre48, pre64 = preprocessing_for(model, 48), preprocessing_for(model, 64)
+    base = feature_key("efficientnet_lite0", "package", small, pre48)
+    assert base == feature_key("efficientnet_lite0", "package", small, pre48)
+    assert base.digest() != feature_key("efficientnet_lite0", "package", small, pre64).digest()
+    # other weights: the same architecture from a checkpoint file with one tensor changed
+    state = model.state_dict()
+    state["conv_stem.weight"] = state["conv_stem.weight"] * 1.01
+    ckpt = tmp_path / "other.pt"
+    torch.save(state, ckpt)
+    assert base.digest() != feature_key("efficientnet_lite0", str(ckpt), small, pre48).digest()
+    other_data = ImageData(small.images[:-1], small.labels[:-1], small.class_names, "fewer")
+    assert base.digest() != feature_key("efficientnet_lite0", "package", other_data, pre48).digest()
+    # a cache written under one key is never read for another
+    write_features(str(tmp_path), base, np.ones((120, 4), dtype=np.float32))
+    other = feature_key("efficientnet_lite0", "package", small, pre64)
+    assert read_features(str(tmp_path), other) is None
+    assert read_features(str(tmp_path), base).shape == (120, 4)
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from raytl.feature_cache import FeatureKey, write_features
+    key = FeatureKey("b", "w", 48, "d", "p")
+    features = np.random.default_rng(0).random((60000, 256), dtype=np.float32)  # about 60 MB
+    print("ready", flush=True)
+    while True:
+        write_features(sys.argv[1], key, features)
+""")
+
+
+def test_a_killed_writer_leaves_no_readable_partial_cache(tmp_path):
+    from raytl.feature_cache import FeatureKey
+
+    key = FeatureKey("b", "w", 48, "d", "p")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(0.05)  # kill it inside its first write, before any rename
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.wait()
+    folder = Path(entry_path(str(tmp_path), key)).parent
+    assert not (folder / "features.parquet").exists()
+    assert read_features(str(tmp_path), key) is None  # the partial .tmp file is never read
+
+
+PRODUCER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from raytl.data.sources import load_data
+    from raytl.feature_cache import ensure_features
+    data = load_data("digits", image_size=8)
+    start = Path(sys.argv[2])
+    while not start.exists():  # both producers start together
+        time.sleep(0.01)
+    result = ensure_features(sys.argv[1], "efficientnet_lite0", "package", data, 64)
+    print(json.dumps({"computed": result.computed, "sum": float(result.features.sum())}))
+""")
+
+
+def test_two_concurrent_producers_compute_the_cache_once(tmp_path):
+    root, start = tmp_path / "cache", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(root), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    time.sleep(8)  # both have imported torch and loaded the data by now
+    start.touch()
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert sorted(r["computed"] for r in results) == [False, True]
+    assert results[0]["sum"] == pytest.approx(results[1]["sum"])
+    assert len(list(root.glob("*/features.parquet"))) == 1
