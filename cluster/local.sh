@@ -16,6 +16,7 @@ set -euo pipefail
 
 STATE=${RAYTL_LOCAL_CLUSTER:-$HOME/.raytl/local-cluster}
 GCS_PORT=${GCS_PORT:-6380}
+NODE_TMP=${TMPDIR:-/tmp}/raytl-local-$(id -u)  # short: Ray's socket paths must stay under 107 bytes
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${RAY:-}" ]; then
@@ -55,9 +56,12 @@ up() {
     sleep 1
   done
   for i in $(seq "$workers"); do
-    # each raylet on this machine needs its own agent ports
+    # Each raylet on this machine needs its own agent ports, and its own temp dir: nodes sharing
+    # one would share the runtime-env cache, and a worker node's clean-up would delete the job's
+    # working directory under the head's running driver.
     start_node "worker$i" --address="127.0.0.1:$GCS_PORT" --num-cpus="$cpus" --num-gpus="$gpus" \
-      --dashboard-agent-listen-port="$(free_port)" --metrics-export-port="$(free_port)"
+      --dashboard-agent-listen-port="$(free_port)" --metrics-export-port="$(free_port)" \
+      --temp-dir="$NODE_TMP/w$i"
   done
   for _ in $(seq 60); do
     local nodes

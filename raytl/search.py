@@ -219,10 +219,22 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
     if address:
+        from raytl.jobs import find_token
+
+        token = find_token()
+        if token is not None and "RAY_AUTH_MODE" not in os.environ:
+            # Ray only sends a token when told to; a token in RAY_AUTH_TOKEN(_PATH) or
+            # ~/.ray/auth_token means the user wants it used (never turns authentication off)
+            os.environ["RAY_AUTH_MODE"] = "token"
+            from ray._raylet import Config  # Ray reads the mode once; make it read it again
+
+            Config.initialize("")
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
-            raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+            hint = ("" if token else "; if the cluster uses token authentication, set "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)")
+            raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}{hint}") from None
         return True
     # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
     # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
