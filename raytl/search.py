@@ -7,7 +7,6 @@ results table, refit the best configuration on train+val, test it once, write ``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from raytl.schemes import assign_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
-from raytl.trial import trial_resources, trial_status
+from raytl.trial import trial_status
 
 EXPERIMENT = "tune"
 
@@ -343,8 +342,12 @@ def run_search(
             storage_path=storage, max_failures=config.search.max_failures,
             feature_refs=feature_refs,
         )
-        trainable = tune.with_resources(trainable, functools.partial(
-            trial_resources, space=config.to_dict(), cached_backbones=tuple(feature_refs)))
+        # The Tune trial reserves no CPU: it only drives its TorchTrainer, whose workers ask for
+        # their own CPUs/GPUs, or (a lean trial) trains a linear head on cached features, which is
+        # light. A CPU held by Tune here would be one Ray Train cannot get: Tune stages placement
+        # groups for upcoming trials, and a 2-worker trial on 2 cores would wait forever. A zero
+        # request must carry some resource (Ray refuses an empty one), hence one byte of memory.
+        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
         s = config.search
         progress = progress_callback(s.num_samples, s.metric, echo, output / CLOCK_FILE)
         experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"

@@ -220,19 +220,6 @@ def is_lean(sampled: dict[str, Any], space: dict[str, Any], cached_backbones: An
     return hp.strategy == "linear_probe" and not hp.augment and hp.backbone in cached_backbones
 
 
-def trial_resources(sampled: dict[str, Any], *, space: dict[str, Any],
-                    cached_backbones: tuple[str, ...]) -> Any:
-    """What the Tune trial itself asks for. A lean trial trains in the trial's process, so it
-    takes one worker's CPUs. Otherwise the trial only drives its TorchTrainer, whose workers ask
-    for their own CPUs/GPUs; a 0.01-CPU share would leave a 2-worker trial unplaceable on a
-    2-core machine, and a zero request must carry some resource, hence one byte of memory."""
-    from ray.tune import PlacementGroupFactory
-
-    if is_lean(sampled, space, cached_backbones):
-        return PlacementGroupFactory([{"CPU": float(space["resources"]["cpus_per_worker"])}])
-    return PlacementGroupFactory([{"CPU": 0, "memory": 1}])
-
-
 def run_lean_trial(cfg: dict[str, Any]) -> None:
     """A head-only trial on cached features, inside the Tune trial's own process: every unit
     in turn, the same report and per-unit checkpoint files as a Ray Train trial."""
