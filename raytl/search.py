@@ -240,8 +240,13 @@ def init_ray(address: str | None) -> bool:
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
     # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
     # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), **kwargs)
+    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=_free_port(), **kwargs)
+    # Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
+    # cluster through /tmp/ray/ray_current_cluster, which only `ray start` and
+    # ray.cluster_utils write. Left pointing at a cluster that is gone, every stopped trial's
+    # placement group leaks and the search deadlocks; point it at this one, as `ray start` would.
+    ray._private.utils.write_ray_address(context.address_info["gcs_address"])
     return True
 
 

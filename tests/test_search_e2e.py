@@ -42,6 +42,11 @@ def search(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
     storage = tmp_path_factory.mktemp("storage") / "experiment"  # a "shared" storage folder
     space = {**SPACE, "search": {**SPACE["search"], "storage": str(storage)}}
+    # a stale pointer to a cluster that is gone (left by an earlier `ray start`): raytl must start
+    # and use its own Ray regardless, or ASHA-stopped trials leak their workers' placement groups
+    import ray._private.utils
+
+    ray._private.utils.write_ray_address("127.0.0.1:9")
     table = run_search(parse_space(space, "e2e.yaml"), out, echo=lambda line: None)
     return out, table
 
