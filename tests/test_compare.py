@@ -120,6 +120,9 @@ def test_compare_end_to_end(space_file, tmp_path):
     """Three schemes, three trials each, on a real local Ray; every figure consistent."""
     path = space_file({
         "name": "tiny-compare",
+        # no feature cache: the probes then train through Ray Train and really compute, so the
+        # schemes' costs differ by the work they do (cached probes cost about nothing under all)
+        "cache": False,
         "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.25},
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
         "scheme": {"kind": "cv", "folds": 2, "segments": 2},
