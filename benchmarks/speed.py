@@ -231,7 +231,6 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     table = run_search(config, out, echo=SILENT)
     budget = time.perf_counter() - started
     best = json.loads((out / "best" / "metrics.json").read_text())
-    raytl_times = (table["launched_at"] - table["launched_at"].min()).tolist()
 
     owns = init_ray(None)
     try:
@@ -266,7 +265,6 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
         "plain_val": float(plain_best["val_accuracy"]) if plain_best is not None else math.nan,
         "plain_test": float(plain_best["test_accuracy"]) if plain_best is not None else math.nan,
         "plain_best": plain_best["config/strategy"] if plain_best is not None else None,
-        "raytl_launch_times": raytl_times,
     }
 
 
@@ -298,10 +296,6 @@ def plots(cache: dict[str, Any], transfer: dict[str, Any]) -> list[str]:
     plt.close(fig)
     names.append("speed_trials.png")
     return names
-
-
-def fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def efficiency_lines(e: dict[str, Any], seconds: float | None) -> list[str]:
@@ -337,7 +331,7 @@ def main() -> None:
     if args.search_only:
         with tempfile.TemporaryDirectory() as folder:
             efficiency = search_efficiency(Path(folder))
-        print(json.dumps({k: v for k, v in efficiency.items() if k != "raytl_launch_times"}, indent=1))
+        print(json.dumps(efficiency, indent=1))
         write_section("\n".join(efficiency_lines(efficiency, time.perf_counter() - started)),
                       "## Speed: raytl's search vs a plain Ray Tune script")
         return
@@ -351,7 +345,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in transfer.items() if k != "curves"}, indent=1))
         efficiency = None if args.quick else search_efficiency(tmp)
         if efficiency:
-            print(json.dumps({k: v for k, v in efficiency.items() if k != "raytl_launch_times"},
+            print(json.dumps(efficiency,
                              indent=1))
     images = plots(cache, transfer)
     lines = [

@@ -354,7 +354,6 @@ def run_search(
         # request must carry some resource (Ray refuses an empty one), hence one byte of memory.
         trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1})
         s = config.search
-        progress = progress_callback(s.num_samples, s.metric, echo, output / CLOCK_FILE)
         experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
         if resume:
             if not tune.Tuner.can_restore(experiment):
@@ -374,7 +373,8 @@ def run_search(
                 ),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage, verbose=0,
-                    callbacks=[progress,
+                    callbacks=[progress_callback(s.num_samples, s.metric, echo,
+                                                 output / CLOCK_FILE),
                                tensorboard_callback(output / "tensorboard", config.space, config.name)],
                     failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 ),
