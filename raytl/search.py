@@ -206,6 +206,39 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def cluster_wants_token(address: str, wait_s: float = 10.0) -> bool | None:
+    """Whether the cluster's GCS at ``address`` checks auth tokens, asked without one.
+
+    A token-mode GCS refuses an unauthenticated call at once. The answer decides the driver's
+    mode: a driver in token mode joining a cluster without it is unreachable to that cluster's
+    raylets (they cannot call back into it, and its trials die before they start), and one
+    without a token cannot join a token cluster. None when there is nothing to ask
+    (``auto``, ``ray://``) or no answer within ``wait_s`` (ray.init then reports the address).
+    """
+    import threading
+
+    if address == "auto" or "://" in address:
+        return None
+    answer: list[bool] = []
+
+    def ask() -> None:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+
+        try:
+            GcsClient(address=address).internal_kv_keys(b"raytl", namespace=None, timeout=5)
+            answer.append(False)
+        except AuthenticationError:
+            answer.append(True)
+        except Exception:  # unreachable or not a GCS: ray.init says so in its own words
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)  # a dead address blocks for ~40 s
+    thread.start()
+    thread.join(wait_s)
+    return answer[0] if answer else None
+
+
 def init_ray(address: str | None) -> bool:
     """Connect to a cluster (``--address``), or start a local Ray bound to 127.0.0.1.
 
@@ -221,9 +254,15 @@ def init_ray(address: str | None) -> bool:
         from raytl.jobs import find_token
 
         token = find_token()
-        if token is not None and "RAY_AUTH_MODE" not in os.environ:
-            # Ray only sends a token when told to; a token in RAY_AUTH_TOKEN(_PATH) or
-            # ~/.ray/auth_token means the user wants it used (never turns authentication off)
+        wants = cluster_wants_token(address) if "RAY_AUTH_MODE" not in os.environ else None
+        if wants is None:  # not asked (mode set by the user, "auto", ray://) or no answer
+            wants = token is not None and "RAY_AUTH_MODE" not in os.environ
+        if wants:
+            if token is None:
+                raise RaytlError(f"the Ray cluster at {address} uses token authentication and no "
+                                 "token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or "
+                                 "put it in ~/.ray/auth_token)")
+            # Ray only sends a token when told to (never turns authentication off)
             os.environ["RAY_AUTH_MODE"] = "token"
             from ray._raylet import Config  # Ray reads the mode once; make it read it again
 

@@ -97,13 +97,18 @@ def test_submit_to_unreachable_address_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path):
+def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkeypatch):
     """A head with no CPUs and two 1-CPU worker nodes: each 2-worker trial must span both."""
     import ray
     from ray.cluster_utils import Cluster
 
     from raytl.config import parse_space
-    from raytl.search import run_search
+    from raytl.search import cluster_wants_token, run_search
+
+    # a token lying around (as ~/.ray/auth_token often does) must not switch the driver to
+    # token mode for a cluster without it: its raylets could not call back, trials would die
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
@@ -112,6 +117,7 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path):
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
+        assert cluster_wants_token(cluster.address) is False
         storage = tmp_path / "shared" / "experiment"
         # fine-tuning the last block: a Ray Train trial (a cached linear probe would run lean,
         # in one process), whose two workers need both 1-CPU nodes
@@ -173,7 +179,7 @@ def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path):
 def head(tmp_path_factory):
     """``ray start --head --block`` with token auth on and the dashboard on 127.0.0.1."""
     token = secrets.token_hex(32)
-    dashboard = _free_port()
+    dashboard, gcs_port = _free_port(), _free_port()
     # the job's `python` is the head's: this environment's, as on a cluster image
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
@@ -182,7 +188,7 @@ def head(tmp_path_factory):
     with logs.open("w") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-             f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             f"--port={gcs_port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--include-dashboard=true"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -199,7 +205,7 @@ def head(tmp_path_factory):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the head did not start: {logs.read_text()[-2000:]}") from None
                 time.sleep(1)
-        yield address, token
+        yield address, token, f"127.0.0.1:{gcs_port}"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -221,7 +227,7 @@ def _raytl(*args: str, token: str | None, home: Path, timeout: int = 900) -> sub
 
 @pytest.mark.slow
 def test_submit_runs_the_search_as_a_job(head, tmp_path):
-    address, token = head
+    address, token, _ = head
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump({**TINY, "resources": {"workers_per_trial": 1,
                                                            "cpus_per_worker": 1}}))
@@ -244,7 +250,7 @@ def test_submit_runs_the_search_as_a_job(head, tmp_path):
 
 @pytest.mark.slow
 def test_submit_with_a_wrong_or_missing_token_fails_clearly(head, tmp_path):
-    address, _ = head
+    address, _, _ = head
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(TINY))
     wrong = _raytl("submit", str(space), "--address", address, token="0" * 64, home=tmp_path,
@@ -256,3 +262,18 @@ def test_submit_with_a_wrong_or_missing_token_fails_clearly(head, tmp_path):
     assert missing.returncode == 2
     assert "requires an auth token and none was found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_search_on_a_token_cluster_without_a_token_fails_clearly(head, tmp_path):
+    from raytl.search import cluster_wants_token
+
+    _, _, gcs = head
+    assert cluster_wants_token(gcs) is True
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(TINY))
+    run = _raytl("search", str(space), "--address", gcs, "--output", str(tmp_path / "out"),
+                 token=None, home=tmp_path, timeout=120)
+    assert run.returncode == 2
+    assert f"the Ray cluster at {gcs} uses token authentication and no token was found" in run.stderr
+    assert "Traceback" not in run.stderr
