@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("inspect", help="classes, counts per class, unreadable files")
     p.add_argument("source", help="an image folder, a folder of Parquet shards, digits, "
                                   "fashion-mnist or synthetic")
+    p.add_argument("--max-pixels", type=int,
+                   help="flag images larger than this as decompression bombs (data.max_pixels; "
+                        "default: the space files' default)")
     p = data.add_parser("convert", help="write an image folder as Parquet shards")
     p.add_argument("imagefolder")
     p.add_argument("out_dir")
@@ -239,9 +242,13 @@ def _source_and_path(source: str) -> tuple[str, str | None]:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from raytl.data import inspect_source
+    from raytl.errors import RaytlError
 
     source, path = _source_and_path(args.source)
-    print(inspect_source(source, path=path).format())
+    limit = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    if args.max_pixels is not None and args.max_pixels <= 0:
+        raise RaytlError(f"--max-pixels: expected > 0, got {args.max_pixels}")
+    print(inspect_source(source, path=path, **limit).format())
     return 0
 
 

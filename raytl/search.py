@@ -25,7 +25,7 @@ from raytl.data.splits import carve_test
 from raytl.errors import RaytlError
 from raytl.models import count_blocks, save_model, write_json_atomic
 from raytl.report import write_report
-from raytl.schemes import assign_units, unit_count
+from raytl.schemes import assign_units, make_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
@@ -159,7 +159,9 @@ def progress_callback(total: int, metric: str, echo: Callable[[str], None],
 
         def _tick(self, trial_id: str, event: str) -> None:
             self.clock = {**read_clock(clock_path), **self.clock}  # a restored copy starts stale
-            self.clock.setdefault(trial_id, {})[event] = time.time()
+            times = self.clock.setdefault(trial_id, {})
+            if event != "launched_at" or event not in times:  # a retried trial keeps its 1st launch
+                times[event] = time.time()
             if clock_path is not None:
                 tmp = clock_path.with_name(f".{clock_path.name}.tmp")
                 tmp.write_text(json.dumps(self.clock))
@@ -367,6 +369,11 @@ def run_search(
         data = load_dataset(config)
     check_same_data(output, data, resume)
     write_skipped(output, data)
+    # the scheme's folds/segments must fit every class: one line now, not an error in every trial
+    pool, _test = carve_test(data.labels, config.data.test_fraction, config.data.seed,
+                             data.class_names)
+    make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
+               seed=config.data.seed, class_names=data.class_names)
     echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
          f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
          f"({unit_count(config.scheme)} unit(s)); {config.search.num_samples} trials, "
@@ -421,6 +428,12 @@ def run_search(
         grid = tuner.fit()
         table = results_table(grid, config, clock=read_clock(output / CLOCK_FILE))
         write_results(output, table, history_table(grid))
+        if len(table) and (table["status"] == "error").all():
+            first = table["error"].dropna()
+            raise RaytlError(
+                f"every trial failed ({len(table)} of {len(table)}); the first error: "
+                f"{first.iloc[0] if len(first) else 'unknown'} (results.parquet in {output}; each "
+                f"trial's error.txt under {storage})")
         echo("")
         echo(format_top(table, config.search.metric))
         best = best_row(table, config.search.metric)
@@ -551,6 +564,8 @@ def results_table(grid: Any, config: SpaceConfig,
         row["wall_seconds"] = m.get("time_total_s", math.nan)
         row["worker_seconds"] = m.get("worker_seconds", math.nan)
         row["startup_seconds"] = m.get("startup_seconds", math.nan)
+        row["restarts"] = m.get("restarts", 0)
+        row["restart_startup_seconds"] = m.get("restart_startup_seconds", math.nan)
         row["nodes"] = m.get("nodes")
         row["head_only"] = m.get("head_only")
         times = (clock or {}).get(str(row["trial_id"]), {})

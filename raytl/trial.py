@@ -10,6 +10,9 @@ metrics each epoch, and reports their mean and std with a checkpoint holding eve
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import statistics
 import tempfile
 import time
@@ -117,17 +120,55 @@ def _unit_trainer(config: Any, data: Any, hp: Any, unit: Any, index: int, device
                        compile=config.model.compile)
 
 
-def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> float:
-    """Restore every unit from a checkpoint folder; the worker-seconds spent before it."""
+TRIAL_CLOCK = "trial_clock.json"
+
+
+@dataclasses.dataclass
+class AttemptClock:
+    """A trial's costs across restarts, carried in every checkpoint (``trial_clock.json``).
+
+    The first attempt's start-up and first step (``ready_at``) stay the trial's; a restarted
+    attempt (a worker or node died, Train resumed from the checkpoint) adds to ``restarts`` and
+    reports its own set-up (data, model, checkpoint load) as ``restart_startup_seconds``.
+    """
+
+    worker_seconds: float = 0.0  # spent by every attempt before this checkpoint
+    startup_seconds: float = math.nan
+    ready_at: float = math.nan
+    restarts: int = 0
+
+    def resumed(self, entered: float, ready: float) -> tuple[AttemptClock, float]:
+        """This clock for an attempt that entered at ``entered`` and was ready at ``ready``."""
+        return dataclasses.replace(self, restarts=self.restarts + 1), ready - entered
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / TRIAL_CLOCK).write_text(json.dumps(dataclasses.asdict(self)))
+
+
+def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> AttemptClock:
+    """Restore every unit from a checkpoint folder; the trial's clock as of that checkpoint."""
     for unit, trainer in trainers.items():
         trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
                                            map_location=device, weights_only=True))
-    meta = Path(folder) / "worker_seconds.txt"
-    return float(meta.read_text()) if meta.is_file() else 0.0
+    meta = Path(folder) / TRIAL_CLOCK
+    return AttemptClock(**json.loads(meta.read_text())) if meta.is_file() else AttemptClock()
+
+
+def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, entered: float,
+             startup_seconds: float) -> tuple[AttemptClock, float]:
+    """Resume the units from ``checkpoint`` (if any); this attempt's clock and, for a restarted
+    attempt, its own set-up seconds (NaN for the first)."""
+    ready = time.time()
+    if not checkpoint:
+        return AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan
+    with checkpoint.as_directory() as folder:
+        clock = _load_units(folder, trainers, device)
+    return clock.resumed(entered, time.time())
 
 
 def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
-                 worker_seconds: float, startup_seconds: float, ready_at: float) -> dict[str, Any]:
+                 worker_seconds: float, startup_seconds: float, ready_at: float, restarts: int = 0,
+                 restart_startup_seconds: float = math.nan) -> dict[str, Any]:
     """What one epoch reports to Tune: mean/std over units, costs, and every unit's own values."""
     report = {
         **summarize(unit_metrics),
@@ -139,6 +180,8 @@ def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int
         "worker_seconds": worker_seconds,
         "startup_seconds": startup_seconds,
         "ready_at": ready_at,  # wall clock when the last worker was ready to take its first step
+        "restarts": restarts,  # attempts resumed from a checkpoint after a worker or node died
+        "restart_startup_seconds": restart_startup_seconds,  # the latest restart's own set-up
         "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
         "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
         "head_only": all(m.get("head_only") for m in unit_metrics),
@@ -160,8 +203,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    started = time.perf_counter()
-    startup_seconds = time.time() - cfg["trial_started"]  # Tune trial start -> this worker running
+    started, entered = time.perf_counter(), time.time()
+    startup_seconds = entered - cfg["trial_started"]  # Tune trial start -> this worker running
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
@@ -174,14 +217,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                       syncs.get(a.unit), features)
                 for a in plan[rank]}
     owners = {a.unit for a in plan[rank] if a.rank_in_unit == 0}
-    prior_seconds = 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            prior_seconds = _load_units(folder, trainers, device)
+    clock, restart_startup = _attempt(ray.train.get_checkpoint(), trainers, device, entered=entered,
+                                      startup_seconds=startup_seconds)
     total_epochs = next(iter(trainers.values())).total_epochs
     node = ray.get_runtime_context().get_node_id()
-    ready_at = time.time()
     while next(iter(trainers.values())).epoch < total_epochs:
         mine = []
         for unit, trainer in trainers.items():
@@ -190,19 +229,24 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 mine.append({**metrics, "unit": unit, "unit_name": units[unit].name, "node_id": node})
         elapsed = time.perf_counter() - started
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (mine, elapsed, startup_seconds, ready_at))
+        dist.all_gather_object(gathered, (mine, elapsed, clock, restart_startup))
         unit_metrics = sorted((m for ms, *_ in gathered for m in ms), key=lambda m: m["unit"])
-        worker_seconds = prior_seconds + sum(g[1] for g in gathered)
+        # every rank resumed from the same checkpoint, so they hold the same earlier clock
+        trial_clock = dataclasses.replace(
+            clock, worker_seconds=clock.worker_seconds + sum(g[1] for g in gathered),
+            startup_seconds=max(g[2].startup_seconds for g in gathered),
+            ready_at=max(g[2].ready_at for g in gathered))
         report = epoch_report(unit_metrics, units=len(units), workers=world, total_epochs=total_epochs,
-                              worker_seconds=worker_seconds,
-                              startup_seconds=max(g[2] for g in gathered),
-                              ready_at=max(g[3] for g in gathered))
+                              worker_seconds=trial_clock.worker_seconds,
+                              startup_seconds=trial_clock.startup_seconds,
+                              ready_at=trial_clock.ready_at, restarts=clock.restarts,
+                              restart_startup_seconds=max(g[3] for g in gathered))
         epoch = report["epoch"]
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
                 torch.save(trainers[unit].state_dict(), Path(folder) / UNIT_STATE.format(unit))
             if rank == 0:
-                (Path(folder) / "worker_seconds.txt").write_text(repr(worker_seconds))
+                trial_clock.save(Path(folder))
             has_files = bool(owners) or rank == 0
             ray.train.report(
                 report,
@@ -226,33 +270,30 @@ def run_lean_trial(cfg: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    started = time.perf_counter()
+    started, entered = time.perf_counter(), time.time()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
     config, data, hp, units = _setup(cfg)
     device = torch.device("cpu")  # a linear head on cached features: the CPU is plenty
     features = _shared_features(cfg, hp.backbone)
     trainers = {i: _unit_trainer(config, data, hp, unit, i, device, None, features)
                 for i, unit in enumerate(units)}
-    startup_seconds = time.time() - cfg["trial_started"]
-    prior_seconds = 0.0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            prior_seconds = _load_units(folder, trainers, device)
+    clock, restart_startup = _attempt(tune.get_checkpoint(), trainers, device, entered=entered,
+                                      startup_seconds=time.time() - cfg["trial_started"])
     total_epochs = trainers[0].total_epochs
     node = ray.get_runtime_context().get_node_id()
-    ready_at = time.time()
     while trainers[0].epoch < total_epochs:
         unit_metrics = [{**trainer.run_epoch(), "unit": i, "unit_name": units[i].name, "node_id": node}
                         for i, trainer in trainers.items()]
-        worker_seconds = prior_seconds + time.perf_counter() - started
+        trial_clock = dataclasses.replace(
+            clock, worker_seconds=clock.worker_seconds + time.perf_counter() - started)
         report = epoch_report(unit_metrics, units=len(units), workers=0, total_epochs=total_epochs,
-                              worker_seconds=worker_seconds, startup_seconds=startup_seconds,
-                              ready_at=ready_at)
+                              worker_seconds=trial_clock.worker_seconds,
+                              startup_seconds=clock.startup_seconds, ready_at=clock.ready_at,
+                              restarts=clock.restarts, restart_startup_seconds=restart_startup)
         with tempfile.TemporaryDirectory() as folder:
             for i, trainer in trainers.items():
                 torch.save(trainer.state_dict(head_only=True), Path(folder) / UNIT_STATE.format(i))
-            (Path(folder) / "worker_seconds.txt").write_text(repr(worker_seconds))
+            trial_clock.save(Path(folder))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
 
 

@@ -312,14 +312,16 @@ def test_skip_policy_records_every_bad_file_and_warns_once(tmp_path):
         assert str(path) in skip_warnings[0]
 
 
-def test_error_policy_names_the_file(tmp_path):
+def test_error_policy_names_every_bad_file(tmp_path):
     root = tmp_path / "data"
-    make_folder(root)
-    bad = truncated_jpeg(root / "dog" / "broken.jpg")
+    bad = bad_folder(root)
     with pytest.raises(DataError) as info:
         load_data("imagefolder", path=str(root), image_size=8, on_bad_file="error")
-    assert str(bad) in str(info.value)
-    assert "truncated image" in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"cannot read 3 image file(s) in {root} (data.on_bad_file: error")
+    assert f"{bad['truncated']}: truncated image" in message
+    assert f"{bad['empty']}: empty file" in message
+    assert f"{bad['text']}: not an image" in message
 
 
 def test_decompression_bomb_limit_in_folder(tmp_path):

@@ -3,6 +3,7 @@ removed mid-search, a pickle in a checkpoint, and many more trials than slots.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -100,6 +101,29 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
     assert sorted(runs) == sorted(f"trial_{t}" for t in results["trial_id"])
 
 
+def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
+    from raytl.trial import AttemptClock, _attempt
+
+    class Checkpoint:  # the interface of ray.train.Checkpoint that _attempt uses
+        def __init__(self, folder):
+            self.folder = folder
+
+        def as_directory(self):
+            return contextlib.nullcontext(str(self.folder))
+
+    first, restart = _attempt(None, {}, "cpu", entered=100.0, startup_seconds=20.0)
+    assert restart != restart and first.restarts == 0 and first.startup_seconds == 20.0
+    saved = AttemptClock(worker_seconds=12.5, startup_seconds=20.0, ready_at=first.ready_at)
+    saved.save(tmp_path)
+    entered = time.time() - 3.0
+    again, restart = _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
+    assert again == AttemptClock(12.5, 20.0, first.ready_at, restarts=1)
+    assert 3.0 <= restart < 10.0
+    again.save(tmp_path)
+    assert _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered,
+                    startup_seconds=0.0)[0].restarts == 2
+
+
 @pytest.mark.slow
 def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
     """kill -9 the Ray Train worker of a running fine-tuning trial after its first epoch."""
@@ -124,6 +148,11 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
     # the restart resumed from the epoch-1 checkpoint rather than starting over
     epochs = [int(m) for m in re.findall(r"epoch (\d)/3", "".join(lines))]
     assert epochs.count(1) == 1 and epochs[-1] == 3
+    # costs per attempt: the first attempt's start-up stays the trial's, the restart is counted
+    row = results.iloc[0]
+    assert row["restarts"] == 1
+    assert 0 < row["restart_startup_seconds"] < row["trial_seconds"]
+    assert 0 < row["startup_seconds"] <= row["overhead_seconds"] < row["trial_seconds"]
 
 
 @pytest.mark.slow

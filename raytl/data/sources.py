@@ -231,11 +231,6 @@ def decode_tasks(
     try:
         for i, (task, result) in enumerate(zip(tasks, results, strict=False)):
             if isinstance(result, SkippedFile):
-                if on_bad_file == "error":
-                    raise DataError(
-                        f"cannot read image {result.path}: {result.reason} "
-                        "(set data.on_bad_file: skip to skip unreadable files and report them)"
-                    )
                 skipped.append(result)
                 skipped_labels.append(task.label)
             else:
@@ -244,6 +239,13 @@ def decode_tasks(
     finally:
         results.close()
 
+    if skipped and on_bad_file == "error":
+        # every bad file at once, so one pass over the folder fixes them all
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        raise DataError(
+            f"cannot read {len(skipped)} image file(s) in {source} (data.on_bad_file: error; set "
+            f"it to skip to skip unreadable files and report them):\n{listing}"
+        )
     labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
     if not keep.any():
         raise DataError(
