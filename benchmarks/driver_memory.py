@@ -77,7 +77,7 @@ def run(trials: int, tmp: Path) -> dict:
         "name": "driver-memory",
         "data": {"source": "digits", "image_size": 48, "test_fraction": 0.2, "seed": 0},
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
-        "scheme": {"kind": "holdout", "val_fraction": 0.2},
+        "scheme": {"kind": "holdout"},
         "search": {"num_samples": trials, "max_concurrent": 2, "max_epochs": 2, "scheduler": "fifo",
                    "seed": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
@@ -119,10 +119,10 @@ def summarize(result: dict) -> dict:
         rows = s[s[:, 1] == n]
         if len(rows):
             at[n] = (float(np.median(rows[:, 2])), float(np.median(rows[:, 3])))
-    steady = s[s[:, 1] >= 10]
-    slope = np.polyfit(steady[:, 1], steady[:, 2], 1)[0] if len(np.unique(steady[:, 1])) > 1 else float("nan")
-    gcs_slope = (np.polyfit(steady[:, 1], steady[:, 3], 1)[0]
-                 if len(np.unique(steady[:, 1])) > 1 else float("nan"))
+    steady = s[(s[:, 1] >= 10) & np.isfinite(s[:, 2]) & np.isfinite(s[:, 3])]
+    fits = len(np.unique(steady[:, 1])) > 1
+    slope = np.polyfit(steady[:, 1], steady[:, 2], 1)[0] if fits else float("nan")
+    gcs_slope = np.polyfit(steady[:, 1], steady[:, 3], 1)[0] if fits else float("nan")
     return {"at": at, "slope_mb_per_trial": float(slope), "gcs_slope_mb_per_trial": float(gcs_slope),
             "peak_mb": float(s[:, 2].max()), "first_after_10": at.get(10, (np.nan,))[0]}
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from raytl import __version__
@@ -112,11 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    return f"raytl: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from raytl.data import DataError
     from raytl.errors import RaytlError
 
     args = build_parser().parse_args(argv)
+    # warnings about the user's input are for the user: one line, not raytl's source location
+    warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[(args.command, getattr(args, "data_command", None))](args)
     except (RaytlError, DataError) as exc:
