@@ -124,7 +124,7 @@ def summarize(result: dict) -> dict:
     slope = np.polyfit(steady[:, 1], steady[:, 2], 1)[0] if fits else float("nan")
     gcs_slope = np.polyfit(steady[:, 1], steady[:, 3], 1)[0] if fits else float("nan")
     return {"at": at, "slope_mb_per_trial": float(slope), "gcs_slope_mb_per_trial": float(gcs_slope),
-            "peak_mb": float(s[:, 2].max()), "first_after_10": at.get(10, (np.nan,))[0]}
+            "peak_mb": float(s[:, 2].max())}
 
 
 def plot(result: dict) -> None:

@@ -298,9 +298,12 @@ def plots(cache: dict[str, Any], transfer: dict[str, Any]) -> list[str]:
     return names
 
 
+SEARCH_HEADING = "## Speed: raytl's search vs a plain Ray Tune script"
+
+
 def efficiency_lines(e: dict[str, Any], seconds: float | None) -> list[str]:
     return [
-        "## Speed: raytl's search vs a plain Ray Tune script", "",
+        SEARCH_HEADING, "",
         (f"One run, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min. Machine: {machine()}. "
          if seconds else "")
         + "raytl: `search_spaces/quickstart.yaml` as shipped (TPE, ASHA, cv 2 folds, feature cache, "
@@ -339,7 +342,7 @@ def main() -> None:
             efficiency = search_efficiency(Path(folder))
         print(json.dumps(efficiency, indent=1))
         write_section("\n".join(efficiency_lines(efficiency, time.perf_counter() - started)),
-                      "## Speed: raytl's search vs a plain Ray Tune script")
+                      SEARCH_HEADING)
         return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -397,9 +400,8 @@ def main() -> None:
     lines += ["GPU: no GPU machine was available to this run; the worker loop's bf16 autocast, "
               "channels_last and pinned non-blocking copies are exercised only on CPU here.", ""]
     write_section("\n".join(lines), "## Speed")
-    standalone = efficiency_lines(efficiency or {}, None)[0] if efficiency else None
-    if standalone and standalone in DOC.read_text():  # an older --search-only run: superseded
-        write_section("", standalone)
+    if efficiency and SEARCH_HEADING in DOC.read_text():  # an older --search-only run: superseded
+        write_section("", SEARCH_HEADING)
     print(f"wrote {DOC}")
 
 
