@@ -180,7 +180,7 @@ def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int
         "worker_seconds": worker_seconds,
         "startup_seconds": startup_seconds,
         "ready_at": ready_at,  # wall clock when the last worker was ready to take its first step
-        "restarts": restarts,  # attempts resumed from a checkpoint after a worker or node died
+        "restarts": restarts,  # attempts resumed from a checkpoint (a worker, node or driver died)
         "restart_startup_seconds": restart_startup_seconds,  # the latest restart's own set-up
         "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
         "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
