@@ -252,10 +252,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from raytl.data import inspect_source
     from raytl.errors import RaytlError
 
-    source, path = _source_and_path(args.source)
-    limit = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     if args.max_pixels is not None and args.max_pixels <= 0:
         raise RaytlError(f"--max-pixels: expected > 0, got {args.max_pixels}")
+    source, path = _source_and_path(args.source)
+    limit = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     print(inspect_source(source, path=path, **limit).format())
     return 0
 

@@ -25,11 +25,11 @@ from raytl.data.splits import carve_test
 from raytl.errors import RaytlError
 from raytl.models import count_blocks, save_model, write_json_atomic
 from raytl.report import write_report
-from raytl.schemes import assign_units, make_units, unit_count
+from raytl.schemes import assign_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
-from raytl.trial import trial_status
+from raytl.trial import scheme_units, trial_status
 
 EXPERIMENT = "tune"
 
@@ -369,11 +369,7 @@ def run_search(
         data = load_dataset(config)
     check_same_data(output, data, resume)
     write_skipped(output, data)
-    # the scheme's folds/segments must fit every class: one line now, not an error in every trial
-    pool, _test = carve_test(data.labels, config.data.test_fraction, config.data.seed,
-                             data.class_names)
-    make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
-               seed=config.data.seed, class_names=data.class_names)
+    scheme_units(config, data)  # folds/segments must fit every class: one line now, not per trial
     echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
          f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
          f"({unit_count(config.scheme)} unit(s)); {config.search.num_samples} trials, "

@@ -97,11 +97,16 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list[Any]]:
     config = parse_space(cfg["space"], cfg["source"])
     data = ray.get(cfg["data_ref"][0])
     hp = config.hyperparameters(cfg["sampled"])
+    return config, data, hp, scheme_units(config, data)
+
+
+def scheme_units(config: Any, data: Any) -> list[Any]:
+    """The scheme's units on the training pool (the test split carved off first). Raises a
+    DataError naming the class when one is too small for the folds or segments."""
     seed = config.data.seed
     pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
-    units = make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
-                       seed=seed, class_names=data.class_names)
-    return config, data, hp, units
+    return make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
+                      seed=seed, class_names=data.class_names)
 
 
 def _shared_features(cfg: dict[str, Any], backbone: str) -> Any:
