@@ -172,8 +172,7 @@ def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, 
 
 
 def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
-                 worker_seconds: float, startup_seconds: float, ready_at: float, restarts: int = 0,
-                 restart_startup_seconds: float = math.nan) -> dict[str, Any]:
+                 clock: AttemptClock, restart_startup_seconds: float) -> dict[str, Any]:
     """What one epoch reports to Tune: mean/std over units, costs, and every unit's own values."""
     report = {
         **summarize(unit_metrics),
@@ -182,10 +181,10 @@ def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int
         "phase": unit_metrics[0]["phase"],
         "units": units,
         "workers": workers,
-        "worker_seconds": worker_seconds,
-        "startup_seconds": startup_seconds,
-        "ready_at": ready_at,  # wall clock when the last worker was ready to take its first step
-        "restarts": restarts,  # attempts resumed from a checkpoint (a worker, node or driver died)
+        "worker_seconds": clock.worker_seconds,
+        "startup_seconds": clock.startup_seconds,
+        "ready_at": clock.ready_at,  # wall clock when the last worker was ready for its first step
+        "restarts": clock.restarts,  # attempts resumed from a checkpoint (worker/node/driver died)
         "restart_startup_seconds": restart_startup_seconds,  # the latest restart's own set-up
         "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
         "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
@@ -242,10 +241,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             startup_seconds=max(g[2].startup_seconds for g in gathered),
             ready_at=max(g[2].ready_at for g in gathered))
         report = epoch_report(unit_metrics, units=len(units), workers=world, total_epochs=total_epochs,
-                              worker_seconds=trial_clock.worker_seconds,
-                              startup_seconds=trial_clock.startup_seconds,
-                              ready_at=trial_clock.ready_at, restarts=clock.restarts,
-                              restart_startup_seconds=max(g[3] for g in gathered))
+                              clock=trial_clock, restart_startup_seconds=max(g[3] for g in gathered))
         epoch = report["epoch"]
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
@@ -292,9 +288,7 @@ def run_lean_trial(cfg: dict[str, Any]) -> None:
         trial_clock = dataclasses.replace(
             clock, worker_seconds=clock.worker_seconds + time.perf_counter() - started)
         report = epoch_report(unit_metrics, units=len(units), workers=0, total_epochs=total_epochs,
-                              worker_seconds=trial_clock.worker_seconds,
-                              startup_seconds=clock.startup_seconds, ready_at=clock.ready_at,
-                              restarts=clock.restarts, restart_startup_seconds=restart_startup)
+                              clock=trial_clock, restart_startup_seconds=restart_startup)
         with tempfile.TemporaryDirectory() as folder:
             for i, trainer in trainers.items():
                 torch.save(trainer.state_dict(head_only=True), Path(folder) / UNIT_STATE.format(i))
