@@ -29,7 +29,7 @@ from raytl.schemes import assign_units, unit_count
 from raytl.tensorboard import callback as tensorboard_callback
 from raytl.tensorboard import write_refit_images
 from raytl.train import load_dataset, write_skipped, write_space
-from raytl.trial import scheme_units, trial_status
+from raytl.trial import HISTORY_COLUMNS, RESUMED_HISTORY, scheme_units, trial_status
 
 EXPERIMENT = "tune"
 
@@ -584,15 +584,19 @@ def history_table(grid: Any) -> pd.DataFrame:
     """One row per trial and epoch (mean over units), for learning curves.
 
     After a restore Tune repeats the epochs since the last checkpoint (ray#4187): the last row of
-    each (trial_id, epoch) wins.
+    each (trial_id, epoch) wins. It also forgets the results it had not saved before the driver
+    died; a resumed trial's first report brings those epochs back (``resumed_history``).
     """
     frames = []
     for result in grid:
         frame = result.metrics_dataframe
         if frame is None or not len(frame) or "epoch" not in frame:
             continue
+        recovered = [pd.DataFrame(json.loads(v)) for v in frame.get(RESUMED_HISTORY, [])
+                     if isinstance(v, str) and v]
         keep = [c for c in frame.columns if c in HISTORY_COLUMNS]
-        frame = frame[keep].copy()
+        frame = pd.concat([*recovered, frame[keep]], ignore_index=True)
+        frame = frame[[c for c in frame.columns if c in HISTORY_COLUMNS]].copy()
         frame["trial_id"] = (result.metrics or {}).get("trial_id") or Path(result.path).name
         frames.append(frame)
     if not frames:
@@ -601,11 +605,6 @@ def history_table(grid: Any) -> pd.DataFrame:
     history["epoch"] = history["epoch"].astype(int)
     history = history.drop_duplicates(["trial_id", "epoch"], keep="last")
     return history.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
-
-
-HISTORY_COLUMNS = ("epoch", "phase", "val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std",
-                   "train_loss", "train_accuracy", "epoch_seconds", "images_per_second",
-                   "worker_seconds", "timestamp")
 
 
 def write_results(output: Path, table: pd.DataFrame, history: pd.DataFrame | None = None) -> None:

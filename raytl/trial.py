@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,14 @@ from raytl.schemes import Assignment, assign_units, make_units
 from raytl.worker import UnitTrainer
 
 UNIT_STATE = "unit_{}.pt"
+REPORTS = "reports.json"  # the trial's epoch reports up to a checkpoint (its last one in full)
+# a resumed attempt's first report carries, as JSON, the epochs before its checkpoint: Tune rewrites
+# a restored trial's progress files from what its saved state knew, which lags behind checkpoints
+RESUMED_HISTORY = "resumed_history"
+# the per-epoch values kept for learning curves (history.parquet)
+HISTORY_COLUMNS = ("epoch", "phase", "val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std",
+                   "train_loss", "train_accuracy", "epoch_seconds", "images_per_second",
+                   "worker_seconds", "timestamp")
 
 
 class GroupSync:
@@ -150,6 +158,39 @@ class AttemptClock:
         (Path(folder) / TRIAL_CLOCK).write_text(json.dumps(dataclasses.asdict(self)))
 
 
+class Attempt(NamedTuple):
+    """Where one attempt of a trial starts: its clock, its own set-up seconds when it is a restart
+    (NaN for the first), and the reports saved with the checkpoint it resumed from."""
+
+    clock: AttemptClock
+    restart_startup_seconds: float
+    history: list[dict[str, Any]] = []  # one history_entry per epoch up to the checkpoint
+    last_report: dict[str, Any] | None = None  # the checkpoint's own epoch report, in full
+
+    def resumed_history(self) -> dict[str, str]:
+        """What this attempt's first report adds so the epochs before the restart are not lost."""
+        return {RESUMED_HISTORY: json.dumps(self.history)} if self.history else {}
+
+    def report_again(self) -> dict[str, Any]:
+        """The resumed checkpoint's report, for a trial that had already trained every epoch: the
+        driver died after the final checkpoint but before Tune saw the trial end, and Tune needs
+        the final metrics once more to close it."""
+        return {**(self.last_report or {}), "restarts": self.clock.restarts,
+                "restart_startup_seconds": self.restart_startup_seconds, **self.resumed_history()}
+
+
+def history_entry(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of an epoch report that history.parquet keeps."""
+    return {**{k: report[k] for k in HISTORY_COLUMNS if k in report}, "timestamp": time.time()}
+
+
+def save_checkpoint_meta(folder: Path, clock: AttemptClock, history: list[dict[str, Any]],
+                         report: dict[str, Any]) -> None:
+    """What a checkpoint carries besides the units' states (written by one rank)."""
+    clock.save(folder)
+    (Path(folder) / REPORTS).write_text(json.dumps({"history": history, "last": report}))
+
+
 def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> AttemptClock:
     """Restore every unit from a checkpoint folder; the trial's clock as of that checkpoint."""
     for unit, trainer in trainers.items():
@@ -160,15 +201,16 @@ def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> A
 
 
 def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, entered: float,
-             startup_seconds: float) -> tuple[AttemptClock, float]:
-    """Resume the units from ``checkpoint`` (if any); this attempt's clock and, for a restarted
-    attempt, its own set-up seconds (NaN for the first)."""
+             startup_seconds: float) -> Attempt:
+    """Resume the units from ``checkpoint`` (if any)."""
     ready = time.time()
     if not checkpoint:
-        return AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan
+        return Attempt(AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan)
     with checkpoint.as_directory() as folder:
         clock = _load_units(folder, trainers, device)
-    return clock.resumed(entered, time.time())
+        path = Path(folder) / REPORTS
+        reports = json.loads(path.read_text()) if path.is_file() else {"history": [], "last": None}
+    return Attempt(*clock.resumed(entered, time.time()), reports["history"], reports["last"])
 
 
 def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
@@ -221,10 +263,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                       syncs.get(a.unit), features)
                 for a in plan[rank]}
     owners = {a.unit for a in plan[rank] if a.rank_in_unit == 0}
-    clock, restart_startup = _attempt(ray.train.get_checkpoint(), trainers, device, entered=entered,
-                                      startup_seconds=startup_seconds)
+    attempt = _attempt(ray.train.get_checkpoint(), trainers, device, entered=entered,
+                       startup_seconds=startup_seconds)
+    clock, restart_startup = attempt.clock, attempt.restart_startup_seconds
     total_epochs = next(iter(trainers.values())).total_epochs
     node = ray.get_runtime_context().get_node_id()
+    if next(iter(trainers.values())).epoch >= total_epochs and attempt.last_report is not None:
+        ray.train.report(attempt.report_again())  # every rank: report is collective
+        return
+    history, resumed_history = list(attempt.history), attempt.resumed_history()
     while next(iter(trainers.values())).epoch < total_epochs:
         mine = []
         for unit, trainer in trainers.items():
@@ -243,17 +290,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         report = epoch_report(unit_metrics, units=len(units), workers=world, total_epochs=total_epochs,
                               clock=trial_clock, restart_startup_seconds=max(g[3] for g in gathered))
         epoch = report["epoch"]
+        history.append(history_entry(report))
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
                 torch.save(trainers[unit].state_dict(), Path(folder) / UNIT_STATE.format(unit))
             if rank == 0:
-                trial_clock.save(Path(folder))
+                save_checkpoint_meta(Path(folder), trial_clock, history, report)
             has_files = bool(owners) or rank == 0
             ray.train.report(
-                report,
+                {**report, **resumed_history},
                 checkpoint=ray.train.Checkpoint.from_directory(folder) if has_files else None,
                 checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
             )
+        resumed_history = {}
 
 
 def is_lean(sampled: dict[str, Any], space: dict[str, Any], cached_backbones: Any) -> bool:
@@ -278,10 +327,15 @@ def run_lean_trial(cfg: dict[str, Any]) -> None:
     features = _shared_features(cfg, hp.backbone)
     trainers = {i: _unit_trainer(config, data, hp, unit, i, device, None, features)
                 for i, unit in enumerate(units)}
-    clock, restart_startup = _attempt(tune.get_checkpoint(), trainers, device, entered=entered,
-                                      startup_seconds=time.time() - cfg["trial_started"])
+    attempt = _attempt(tune.get_checkpoint(), trainers, device, entered=entered,
+                       startup_seconds=time.time() - cfg["trial_started"])
+    clock, restart_startup = attempt.clock, attempt.restart_startup_seconds
     total_epochs = trainers[0].total_epochs
     node = ray.get_runtime_context().get_node_id()
+    if trainers[0].epoch >= total_epochs and attempt.last_report is not None:
+        tune.report(attempt.report_again())
+        return
+    history, resumed_history = list(attempt.history), attempt.resumed_history()
     while trainers[0].epoch < total_epochs:
         unit_metrics = [{**trainer.run_epoch(), "unit": i, "unit_name": units[i].name, "node_id": node}
                         for i, trainer in trainers.items()]
@@ -289,11 +343,14 @@ def run_lean_trial(cfg: dict[str, Any]) -> None:
             clock, worker_seconds=clock.worker_seconds + time.perf_counter() - started)
         report = epoch_report(unit_metrics, units=len(units), workers=0, total_epochs=total_epochs,
                               clock=trial_clock, restart_startup_seconds=restart_startup)
+        history.append(history_entry(report))
         with tempfile.TemporaryDirectory() as folder:
             for i, trainer in trainers.items():
                 torch.save(trainer.state_dict(head_only=True), Path(folder) / UNIT_STATE.format(i))
-            trial_clock.save(Path(folder))
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+            save_checkpoint_meta(Path(folder), trial_clock, history, report)
+            tune.report({**report, **resumed_history},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        resumed_history = {}
 
 
 def run_trial(sampled: dict[str, Any], *, space: dict[str, Any], source: str, data_ref: list[Any],

@@ -4,6 +4,7 @@ removed mid-search, a pickle in a checkpoint, and many more trials than slots.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -70,7 +71,10 @@ def _drain(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
 def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_path):
     space, out = _write(tmp_path, SPACE), tmp_path / "out"
     driver = _raytl("search", str(space), "--output", str(out))
-    _read_until(driver, r"\| 3/6 done", timeout=600)  # three trials finished, one may be running
+    # kill it the moment the fourth trial reports its last epoch: three trials are finished, the
+    # fourth has written its final checkpoint but Tune has not yet saved it as finished, so the
+    # resume must close that trial from its checkpoint without training it again
+    _read_until(driver, r"epoch 2/2 .*\| 3/6 done", timeout=600)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     assert not (out / "results.parquet").exists()  # it died before writing them
@@ -96,13 +100,17 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
     assert len(told) == 6
     assert sorted(round(t.params["head_lr"], 12) for t in told) == \
         sorted(round(v, 12) for v in results["head_lr"])
+    # the learning curves keep every epoch, those Tune had not saved before the kill included
+    history = pd.read_parquet(out / "history.parquet")
+    assert history.groupby("trial_id")["epoch"].apply(list).to_dict() == \
+        {t: [1, 2] for t in results["trial_id"]}
     # TensorBoard has one run per trial after the resume, too
     runs = [p.name for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")]
     assert sorted(runs) == sorted(f"trial_{t}" for t in results["trial_id"])
 
 
 def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
-    from raytl.trial import AttemptClock, _attempt
+    from raytl.trial import AttemptClock, _attempt, save_checkpoint_meta
 
     class Checkpoint:  # the interface of ray.train.Checkpoint that _attempt uses
         def __init__(self, folder):
@@ -111,17 +119,26 @@ def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
         def as_directory(self):
             return contextlib.nullcontext(str(self.folder))
 
-    first, restart = _attempt(None, {}, "cpu", entered=100.0, startup_seconds=20.0)
-    assert restart != restart and first.restarts == 0 and first.startup_seconds == 20.0
-    saved = AttemptClock(worker_seconds=12.5, startup_seconds=20.0, ready_at=first.ready_at)
-    saved.save(tmp_path)
+    first = _attempt(None, {}, "cpu", entered=100.0, startup_seconds=20.0)
+    assert first.restart_startup_seconds != first.restart_startup_seconds  # NaN: not a restart
+    assert first.clock.restarts == 0 and first.clock.startup_seconds == 20.0
+    assert first.last_report is None
+    saved = AttemptClock(worker_seconds=12.5, startup_seconds=20.0, ready_at=first.clock.ready_at)
+    report = {"epoch": 2, "total_epochs": 2, "val_accuracy": 0.75, "val_loss": float("nan"),
+              "restarts": 0}
+    save_checkpoint_meta(tmp_path, saved, [{"epoch": 1, "val_accuracy": 0.5}], report)
     entered = time.time() - 3.0
-    again, restart = _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
-    assert again == AttemptClock(12.5, 20.0, first.ready_at, restarts=1)
-    assert 3.0 <= restart < 10.0
-    again.save(tmp_path)
+    again = _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
+    assert again.clock == AttemptClock(12.5, 20.0, first.clock.ready_at, restarts=1)
+    assert 3.0 <= again.restart_startup_seconds < 10.0
+    # a trial resumed from its final checkpoint (the driver died before Tune saw it end) reports
+    # that checkpoint's metrics once more, with this attempt's restart count
+    resent = again.report_again()
+    assert resent["val_accuracy"] == 0.75 and resent["epoch"] == 2 and resent["restarts"] == 1
+    assert json.loads(resent["resumed_history"]) == [{"epoch": 1, "val_accuracy": 0.5}]
+    again.clock.save(tmp_path)
     assert _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered,
-                    startup_seconds=0.0)[0].restarts == 2
+                    startup_seconds=0.0).clock.restarts == 2
 
 
 @pytest.mark.slow
