@@ -64,6 +64,11 @@ def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>",
             source, "model.pretrained",
             f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}",
         )
+    if check_path and pretrained not in PRETRAINED_KEYWORDS:  # a file made for another network
+        try:  # fails here, once, instead of in every trial
+            load_checkpoint_weights(timm.create_model(backbone, pretrained=False), Path(pretrained))
+        except RaytlError as exc:
+            raise ConfigError(source, "model.pretrained", f"{exc} (backbone {backbone})") from None
 
 
 def create_model(backbone: str, num_classes: int, pretrained: str = "package") -> nn.Module:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import timm
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from raytl.errors import ConfigError, RaytlError
 from raytl.models import (
@@ -109,6 +113,24 @@ def test_checkpoint_of_another_architecture_fails_clearly(tmp_path):
     torch.save(create_model("resnet18", 5, "none").state_dict(), path)
     with pytest.raises(RaytlError, match="does not fit"):
         create_model("efficientnet_lite0", 5, str(path))
+
+
+def test_a_search_with_weights_of_another_architecture_stops_before_ray(tmp_path):
+    """The check runs once when the space is read, not inside every trial."""
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(create_model("resnet18", 5, "none").state_dict(), str(weights))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "w", "data": {"source": "digits", "limit": 200},
+        "model": {"backbone": "efficientnet_lite0", "pretrained": str(weights)},
+        "space": {"strategy": "fine_tune"}}))
+    done = subprocess.run([sys.executable, "-m", "raytl", "search", str(space), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    assert line.startswith(f"raytl: error: {space}: model.pretrained: {weights}: does not fit"), line
+    assert "backbone efficientnet_lite0" in line and "\n" not in line
+    assert not (tmp_path / "out" / "ray").exists()  # Ray never started
 
 
 def test_preprocessing_follows_pretrained_config():

@@ -254,3 +254,32 @@ def test_fifty_trials_on_two_slots_all_accounted_for(tmp_path):
     assert set(results["status"]) == {"completed"} and results["head_only"].all()
     runs = [p for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")]
     assert len(runs) == 50
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_keeps_its_results_and_says_so(tmp_path):
+    """No retries (max_failures 0) and the only trial's Train worker killed: the search still writes
+    results.parquet with the trial's error, then exits 2 with one line, no traceback."""
+    raw = {**SPACE, "search": {**SPACE["search"], "num_samples": 1, "max_epochs": 3,
+                               "max_failures": 0},
+           "space": {"strategy": "fine_tune", "freeze_depth": 6, "head_lr": 0.01,
+                     "backbone_lr": 0.001, "batch_size": 32}}
+    space, out = _write(tmp_path, raw), tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "raytl", "search", str(space), "--output",
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    lines = _read_until(driver, r"epoch 1/3", timeout=600)
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
+                             text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 2, "".join(lines) + stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("raytl: error: every trial failed (1 of 1)"), last
+    assert "results.parquet" in last
+    results = pd.read_parquet(out / "results.parquet")
+    assert list(results["status"]) == ["error"] and results["error"].notna().all()
+    assert int(results["epochs"].iloc[0]) == 1  # what it had trained is kept
