@@ -276,9 +276,9 @@ def test_a_search_whose_every_trial_fails_keeps_its_results_and_says_so(tmp_path
         os.kill(int(pid), signal.SIGKILL)
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 2, "".join(lines) + stdout[-2000:] + stderr[-3000:]
-    assert "Traceback" not in stderr
+    # Ray Tune logs the trial's own traceback as it fails; raytl's exit is one line after it
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("raytl: error: every trial failed (1 of 1)"), last
+    assert last.startswith("raytl: error: every trial failed (1 of 1)"), stderr[-3000:]
     assert "results.parquet" in last
     results = pd.read_parquet(out / "results.parquet")
     assert list(results["status"]) == ["error"] and results["error"].notna().all()
