@@ -43,9 +43,9 @@ def _write(tmp_path: Path, space: dict) -> Path:
     return path
 
 
-def _raytl(*args: str) -> subprocess.Popen:
+def _raytl(*args: str, stderr: int = subprocess.STDOUT) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "raytl", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=stderr, text=True, start_new_session=True)
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
@@ -59,6 +59,17 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> list[st
         if time.monotonic() > deadline:
             break
     raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines[-30:])}")
+
+
+def _kill_train_workers_after(driver: subprocess.Popen, pattern: str) -> list[str]:
+    """kill -9 every Ray Train worker once the driver prints a line matching ``pattern``."""
+    lines = _read_until(driver, pattern, timeout=600)
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
+                             text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    return lines
 
 
 def _drain(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
@@ -149,12 +160,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
                      "backbone_lr": 0.001, "batch_size": 32}}
     space, out = _write(tmp_path, raw), tmp_path / "out"
     driver = _raytl("search", str(space), "--output", str(out))
-    lines = _read_until(driver, r"epoch 1/3", timeout=600)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                             text=True).stdout.split()
-    assert workers, "no Ray Train worker process found"
-    for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
+    lines = _kill_train_workers_after(driver, r"epoch 1/3")
     thread = _drain(driver, lines)
     assert driver.wait(timeout=900) == 0, "".join(lines[-40:])
     thread.join(timeout=10)
@@ -265,15 +271,8 @@ def test_a_search_whose_every_trial_fails_keeps_its_results_and_says_so(tmp_path
            "space": {"strategy": "fine_tune", "freeze_depth": 6, "head_lr": 0.01,
                      "backbone_lr": 0.001, "batch_size": 32}}
     space, out = _write(tmp_path, raw), tmp_path / "out"
-    driver = subprocess.Popen([sys.executable, "-m", "raytl", "search", str(space), "--output",
-                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    lines = _read_until(driver, r"epoch 1/3", timeout=600)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                             text=True).stdout.split()
-    assert workers, "no Ray Train worker process found"
-    for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
+    driver = _raytl("search", str(space), "--output", str(out), stderr=subprocess.PIPE)
+    lines = _kill_train_workers_after(driver, r"epoch 1/3")
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 2, "".join(lines) + stdout[-2000:] + stderr[-3000:]
     # Ray Tune logs the trial's own traceback as it fails; raytl's exit is one line after it
