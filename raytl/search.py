@@ -594,8 +594,7 @@ def history_table(grid: Any) -> pd.DataFrame:
             continue
         recovered = [pd.DataFrame(json.loads(v)) for v in frame.get(RESUMED_HISTORY, [])
                      if isinstance(v, str) and v]
-        keep = [c for c in frame.columns if c in HISTORY_COLUMNS]
-        frame = pd.concat([*recovered, frame[keep]], ignore_index=True)
+        frame = pd.concat([*recovered, frame], ignore_index=True)
         frame = frame[[c for c in frame.columns if c in HISTORY_COLUMNS]].copy()
         frame["trial_id"] = (result.metrics or {}).get("trial_id") or Path(result.path).name
         frames.append(frame)
@@ -706,7 +705,7 @@ def _refit(space: dict[str, Any], source: str, sampled: dict[str, Any],
 
     started = time.perf_counter()
     data = ray.get(data_ref[0])  # the search's copy in the object store, not a second one
-    config = parse_space(space, source)
+    config = parse_space(space, source, local_paths=False)  # validated by the driver
     hp = config.hyperparameters(sampled)
     pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
     ref = (feature_refs or {}).get(hp.backbone)

@@ -102,7 +102,8 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list[Any]]:
     """The space, the data (from the object store), the trial's hyperparameters and its units."""
     import ray
 
-    config = parse_space(cfg["space"], cfg["source"])
+    # the driver validated the space, paths and weights included: here it is only read back
+    config = parse_space(cfg["space"], cfg["source"], local_paths=False)
     data = ray.get(cfg["data_ref"][0])
     hp = config.hyperparameters(cfg["sampled"])
     return config, data, hp, scheme_units(config, data)
@@ -310,7 +311,7 @@ def is_lean(sampled: dict[str, Any], space: dict[str, Any], cached_backbones: An
     worker group (whose start-up costs far more than the training itself)."""
     if not cached_backbones:
         return False
-    hp = parse_space(space).hyperparameters(sampled)
+    hp = parse_space(space, local_paths=False).hyperparameters(sampled)
     return hp.strategy == "linear_probe" and not hp.augment and hp.backbone in cached_backbones
 
 
