@@ -192,13 +192,19 @@ def save_checkpoint_meta(folder: Path, clock: AttemptClock, history: list[dict[s
     (Path(folder) / REPORTS).write_text(json.dumps({"history": history, "last": report}))
 
 
-def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> AttemptClock:
-    """Restore every unit from a checkpoint folder; the trial's clock as of that checkpoint."""
+def load_checkpoint_meta(folder: Path) -> tuple[AttemptClock, list[dict[str, Any]], dict[str, Any] | None]:
+    """What :func:`save_checkpoint_meta` wrote: the clock, the epoch history, the last report."""
+    clock, reports = Path(folder) / TRIAL_CLOCK, Path(folder) / REPORTS
+    saved = json.loads(reports.read_text()) if reports.is_file() else {"history": [], "last": None}
+    return (AttemptClock(**json.loads(clock.read_text())) if clock.is_file() else AttemptClock(),
+            saved["history"], saved["last"])
+
+
+def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> None:
+    """Restore every unit from a checkpoint folder."""
     for unit, trainer in trainers.items():
         trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
                                            map_location=device, weights_only=True))
-    meta = Path(folder) / TRIAL_CLOCK
-    return AttemptClock(**json.loads(meta.read_text())) if meta.is_file() else AttemptClock()
 
 
 def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, entered: float,
@@ -208,10 +214,9 @@ def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, 
     if not checkpoint:
         return Attempt(AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan)
     with checkpoint.as_directory() as folder:
-        clock = _load_units(folder, trainers, device)
-        path = Path(folder) / REPORTS
-        reports = json.loads(path.read_text()) if path.is_file() else {"history": [], "last": None}
-    return Attempt(*clock.resumed(entered, time.time()), reports["history"], reports["last"])
+        _load_units(folder, trainers, device)
+        clock, history, last = load_checkpoint_meta(Path(folder))
+    return Attempt(*clock.resumed(entered, time.time()), history, last)
 
 
 def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
