@@ -24,6 +24,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check raytl tests benchmarks
 	$(BIN)/ruff format --check raytl tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache

@@ -31,11 +31,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from strategies import DOC, machine, write_section  # noqa: E402
 
+from raytl.cluster import init_ray, ray_session  # noqa: E402
 from raytl.config import parse_space  # noqa: E402
 from raytl.data.splits import carve_test, stratified_split  # noqa: E402
-from raytl.models import create_model, preprocessing_for  # noqa: E402
-from raytl.train import load_dataset  # noqa: E402
-from raytl.worker import BatchPreparer, UnitTrainer  # noqa: E402
+from raytl.models import create_model  # noqa: E402
+from raytl.preprocess import BatchPreparer, preprocessing_for  # noqa: E402
+from raytl.search import run_search, share_inputs, storage_for, tune_search  # noqa: E402
+from raytl.unit import UnitTrainer  # noqa: E402
 
 QUICKSTART_DATA = {"source": "digits", "image_size": 48, "test_fraction": 0.2, "seed": 0}
 SILENT = lambda line: None  # noqa: E731
@@ -57,10 +59,14 @@ def space(**overrides: Any) -> dict[str, Any]:
 
 
 def search(raw: dict[str, Any], out: Path, refit: bool = False) -> pd.DataFrame:
-    from raytl.search import run_search
-
+    """A search's trials (its Tuner only, unless ``refit``: then the whole ``raytl search``)."""
     out.mkdir(parents=True, exist_ok=True)
-    return run_search(parse_space(raw, "benchmarks/speed.py"), out, echo=SILENT, refit=refit)
+    config = parse_space(raw, "benchmarks/speed.py")
+    if refit:
+        return run_search(config, out, echo=SILENT)
+    with ray_session(None):
+        inputs = share_inputs(config, config.data.load(), storage_for(config, out), SILENT)
+        return tune_search(inputs, out, resume=False, echo=SILENT)
 
 
 # --------------------------------------------------------------------------- 1 + 2: cache, overhead
@@ -117,7 +123,7 @@ def plain_epoch(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, 
 
 def throughput() -> dict[str, Any]:
     config = parse_space(space(), "benchmarks/speed.py")
-    data = load_dataset(config)
+    data = config.data.load()
     pool, _ = carve_test(data.labels, 0.2, 0, data.class_names)
     train, val = stratified_split(data.labels, pool, 0.2, 0, data.class_names, "benchmark")
     hp = config.hyperparameters({"strategy": "fine_tune", "freeze_depth": 0, "head_lr": 0.003,
@@ -140,7 +146,7 @@ def throughput() -> dict[str, Any]:
 
 def transfer_vs_scratch(limit: int, epochs: int) -> dict[str, Any]:
     config = parse_space(space(data={"source": "fashion-mnist", "limit": limit}), "benchmarks/speed.py")
-    data = load_dataset(config)
+    data = config.data.load()
     pool, _ = carve_test(data.labels, 0.2, 0, data.class_names)
     train, val = stratified_split(data.labels, pool, 0.2, 0, data.class_names, "benchmark")
     curves = {}
@@ -222,7 +228,6 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     from ray import tune
 
     from raytl.config import load_space
-    from raytl.search import init_ray, run_search
 
     config = load_space(REPO / "search_spaces" / "quickstart.yaml")
     started = time.perf_counter()
@@ -234,7 +239,7 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
 
     owns = init_ray(None)
     try:
-        data_ref = [ray.put(load_dataset(config))]
+        data_ref = [ray.put(config.data.load())]
         started = time.perf_counter()
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(plain_trainable, data_ref=data_ref), {"CPU": 1}),

@@ -119,15 +119,12 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raytl.data import DataError
-    from raytl.errors import RaytlError
-
     args = build_parser().parse_args(argv)
     # warnings about the user's input are for the user: one line, not raytl's source location
     warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[(args.command, getattr(args, "data_command", None))](args)
-    except (RaytlError, DataError) as exc:
+    except RaytlError as exc:  # DataError and ConfigError are RaytlErrors
         print(f"raytl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -137,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from raytl.config import load_space
-    from raytl.search import clear_search_outputs, run_search
-    from raytl.train import prepare_output
+    from raytl.rundir import clear_search_outputs, prepare_output
+    from raytl.search import run_search
 
     overrides = list(args.overrides)
     if args.num_samples is not None:
@@ -167,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from raytl.compare import parse_schemes, run_compare
     from raytl.config import load_space
-    from raytl.train import prepare_output
+    from raytl.rundir import prepare_output
 
     schemes = parse_schemes(args.schemes)
     config = load_space(args.space, list(args.overrides))
@@ -219,7 +216,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raytl.config import load_space
-    from raytl.train import prepare_output, train_single
+    from raytl.rundir import prepare_output
+    from raytl.train import train_single
 
     config = load_space(args.space, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -250,7 +248,6 @@ def _source_and_path(source: str) -> tuple[str, str | None]:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from raytl.data import inspect_source
-    from raytl.errors import RaytlError
 
     if args.max_pixels is not None and args.max_pixels <= 0:
         raise RaytlError(f"--max-pixels: expected > 0, got {args.max_pixels}")

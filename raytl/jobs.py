@@ -13,43 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raytl.cluster import Token, find_token
+from raytl.config import load_space
 from raytl.errors import RaytlError
+from raytl.storage import is_uri
 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
-
-
-@dataclass(frozen=True)
-class Token:
-    value: str
-    source: str  # where it came from, for error messages
-
-
-def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
-    """The Ray auth token, in Ray's own order of precedence; None when there is none."""
-    env = os.environ if environ is None else environ
-    if env.get("RAY_AUTH_TOKEN", "").strip():
-        return Token(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
-    if env.get("RAY_AUTH_TOKEN_PATH"):
-        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
-                             f"({exc.strerror or exc})") from None
-        if not value:
-            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
-        return Token(value, f"RAY_AUTH_TOKEN_PATH ({path})")
-    default = (home or Path.home()) / ".ray" / "auth_token"
-    if default.is_file() and default.read_text().strip():
-        return Token(default.read_text().strip(), str(default))
-    return None
 
 
 def client(address: str | None) -> Any:
@@ -122,22 +99,18 @@ class _Checked:
 
 def stage(space: Path, package: bool) -> Path:
     """A temporary working directory for the job: the space file (and the raytl package)."""
-    import raytl
-
     staging = Path(tempfile.mkdtemp(prefix="raytl-job-"))
     shutil.copy2(space, staging / "space.yaml")
     if package:
-        shutil.copytree(Path(raytl.__file__).parent, staging / "raytl",
+        shutil.copytree(Path(__file__).resolve().parent, staging / "raytl",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return staging
 
 
 def entrypoint(output: str, overrides: list[str], num_samples: int | None) -> str:
     """The job's command line, quoted for the shell the job runs in."""
-    import shlex
-
     args = ["python", "-m", "raytl", "search", "space.yaml", "--address", "auto", "--overwrite"]
-    if "://" in output:  # results go to the URI (search.storage); the head keeps a scratch copy
+    if is_uri(output):  # results go to the URI (search.storage); the head keeps a scratch copy
         args += ["--output", "raytl-output", "--set", f"search.storage={output}"]
     else:
         args += ["--output", output]
@@ -152,8 +125,6 @@ def submit(space: Path, *, address: str | None, output: str, overrides: list[str
            num_samples: int | None = None, wait: bool = True, package: bool = True,
            echo: Callable[[str], None] = print) -> int:
     """Submit the search; with ``wait`` follow its logs and return the job's exit status."""
-    from raytl.config import load_space
-
     space = Path(space)
     # a wrong space fails here, not minutes later on the cluster (its paths are the cluster's)
     load_space(space, overrides, local_paths=False)
@@ -195,8 +166,6 @@ def follow(jobs: _Checked, job_id: str, echo: Callable[[str], None] = print) -> 
 
 
 def _wait_terminal(jobs: _Checked, job_id: str, timeout: float = 120.0) -> str:
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         status = str(jobs.get_job_status(job_id)).split(".")[-1]

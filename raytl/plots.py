@@ -10,10 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-STRATEGY_COLOURS = {"linear_probe": "tab:blue", "fine_tune": "tab:orange", "lp_ft": "tab:green",
-                    "scratch": "tab:red"}
+from raytl.strategies import STRATEGIES  # noqa: E402
+
+# one colour per registered strategy, in registry order (matplotlib's tab10 cycle)
+STRATEGY_COLOURS = dict(zip(STRATEGIES, [f"tab:{c}" for c in (
+    "blue", "orange", "green", "red", "purple", "brown", "pink", "olive", "cyan")], strict=False))
 
 
 def _colour(strategy: str) -> str:
@@ -88,20 +93,14 @@ def learning_curves(history: pd.DataFrame, results: pd.DataFrame, metric: str, m
 
 
 def confusion_figure(labels: list[int], predictions: list[int], class_names: list[str]) -> Figure:
+    """The test confusion matrix (scikit-learn's ``ConfusionMatrixDisplay``), accuracy in the title."""
     n = len(class_names)
-    matrix = np.zeros((n, n), dtype=int)
-    for y, p in zip(labels, predictions, strict=True):
-        matrix[y, p] += 1
     size = max(4.0, min(12.0, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if matrix[i, j] > threshold else "black")
+    display = ConfusionMatrixDisplay.from_predictions(
+        labels, predictions, labels=list(range(n)), display_labels=class_names, ax=ax,
+        cmap="Blues", colorbar=False, xticks_rotation=45)
+    matrix = display.confusion_matrix
     accuracy = np.trace(matrix) / max(1, matrix.sum())
     ax.set(xlabel="predicted", ylabel="true", title=f"test confusion matrix (accuracy {accuracy:.3f})")
     fig.tight_layout()
@@ -109,8 +108,6 @@ def confusion_figure(labels: list[int], predictions: list[int], class_names: lis
 
 
 def _strategy_legend(ax: plt.Axes, extra: bool = False) -> None:
-    from matplotlib.lines import Line2D
-
     handles = [Line2D([], [], marker="o", linestyle="", color=c, label=s)
                for s, c in STRATEGY_COLOURS.items()]
     if extra:

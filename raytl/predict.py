@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raytl.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image
+from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImage, decode_image
 from raytl.errors import RaytlError
 from raytl.models import load_saved_model
-from raytl.worker import BatchPreparer, default_device
+from raytl.preprocess import BatchPreparer, default_device
 
 
 @dataclass
@@ -47,7 +47,7 @@ def predict_paths(model_dir: Path, paths: list[Path], *, top: int = 3) -> list[P
     results: list[Prediction] = []
     for path in _expand(paths):
         try:
-            image = decode_image(path.read_bytes(), size=pre.image_size, max_pixels=178_956_970)
+            image = decode_image(path.read_bytes(), size=pre.image_size, max_pixels=DEFAULT_MAX_PIXELS)
         except (UnreadableImage, OSError) as exc:
             results.append(Prediction(str(path), [], str(exc)))
             continue

@@ -9,10 +9,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
+from raytl import plots
+from raytl.config import metric_mode
 from raytl.errors import RaytlError
+from raytl.storage import atomic_write
 
 PLOTS = {
     "metric_per_trial.png": "Each trial's score, in start order, with the running best",
@@ -23,16 +28,13 @@ PLOTS = {
 }
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+def save_figure(fig: Figure, path: Path) -> None:
+    """A plot as PNG, written then renamed; the figure is closed."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return ""
@@ -47,8 +49,6 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def write_report(out: Path) -> Path:
     """Write ``out/report.md`` and its plots from the files a search left in ``out``."""
-    from raytl import plots
-
     out = Path(out)
     results_path = out / "results.parquet"
     if not results_path.is_file():
@@ -56,28 +56,33 @@ def write_report(out: Path) -> Path:
     results = pd.read_parquet(results_path)
     space = yaml.safe_load((out / "space.yaml").read_text()) if (out / "space.yaml").is_file() else {}
     metric = (space.get("search") or {}).get("metric", "val_accuracy")
-    maximise = not metric.endswith("loss")
+    best_metrics = out / "best" / "metrics.json"
+    best = json.loads(best_metrics.read_text()) if best_metrics.is_file() else None
+    write_plots(out, results, metric, best)
+    lines = [*_summary_lines(out, results, space, metric, best),
+             *_trial_lines(out, results, metric), *_closing_lines(out, space)]
+    return atomic_write(out / "report.md", "\n".join(lines))
+
+
+def write_plots(out: Path, results: pd.DataFrame, metric: str, best: dict[str, Any] | None) -> None:
+    """The report's PNGs beside it (the confusion matrix only when there is a refit model)."""
+    maximise = metric_mode(metric) == "max"
     history_path = out / "history.parquet"
     history = pd.read_parquet(history_path) if history_path.is_file() else pd.DataFrame(
         columns=["trial_id", "epoch", metric])
-    best_metrics = out / "best" / "metrics.json"
-    best = json.loads(best_metrics.read_text()) if best_metrics.is_file() else None
-
     ordered = results.sort_values("started_at") if "started_at" in results else results
-    _save(plots.metric_per_trial(ordered, metric, maximise), out / "metric_per_trial.png")
-    _save(plots.metric_by_strategy(results, metric), out / "metric_by_strategy.png")
-    _save(plots.metric_vs_freeze_depth(results, metric), out / "metric_vs_freeze_depth.png")
-    _save(plots.learning_curves(history, results, metric, maximise), out / "learning_curves.png")
+    save_figure(plots.metric_per_trial(ordered, metric, maximise), out / "metric_per_trial.png")
+    save_figure(plots.metric_by_strategy(results, metric), out / "metric_by_strategy.png")
+    save_figure(plots.metric_vs_freeze_depth(results, metric), out / "metric_vs_freeze_depth.png")
+    save_figure(plots.learning_curves(history, results, metric, maximise), out / "learning_curves.png")
     if best and best.get("test_labels"):
         class_names = json.loads((out / "best" / "class_names.json").read_text())
-        _save(plots.confusion_figure(best["test_labels"], best["test_predictions"], class_names),
-              out / "confusion_matrix.png")
+        save_figure(plots.confusion_figure(best["test_labels"], best["test_predictions"], class_names),
+                    out / "confusion_matrix.png")
 
-    ranked = results.sort_values(f"{metric}_mean", ascending=not maximise, na_position="last")
-    columns = [c for c in ("trial_id", "status", "strategy", "freeze_depth", "head_lr", "backbone_lr",
-                           "layer_decay", "weight_decay", "augment", f"{metric}_mean", f"{metric}_std",
-                           "epochs", "wall_seconds", "worker_seconds") if c in ranked]
-    shown = ranked[[c for c in columns if c in ranked and ranked[c].notna().any()]]
+
+def _summary_lines(out: Path, results: pd.DataFrame, space: dict[str, Any], metric: str,
+                   best: dict[str, Any] | None) -> list[str]:
     counts = results["status"].value_counts().to_dict()
     lines = [
         f"# Search report: {space.get('name', out.name)}",
@@ -89,25 +94,38 @@ def write_report(out: Path) -> Path:
         "## Best configuration",
         "",
     ]
-    if best:
-        hp = {k: v for k, v in best["hyperparameters"].items() if v is not None}
-        lines += [
-            f"Trial `{best['trial_id']}`: {metric} {best['search_value']:.4f} in the search; refit on "
-            f"train+val ({best['train_images']} images) and tested once on {best['test_images']} "
-            f"untouched images: **test accuracy {best['test_accuracy']:.4f}**.",
-            "",
-            "```yaml",
-            yaml.safe_dump(hp, sort_keys=False).strip(),
-            "```",
-            "",
-        ]
-    else:
-        lines += ["No refit model (no trial finished).", ""]
-    lines += ["## Trials", "", _markdown_table(shown), "", "## Plots", ""]
+    if not best:
+        return [*lines, "No refit model (no trial finished).", ""]
+    hp = {k: v for k, v in best["hyperparameters"].items() if v is not None}
+    return [
+        *lines,
+        f"Trial `{best['trial_id']}`: {metric} {best['search_value']:.4f} in the search; refit on "
+        f"train+val ({best['train_images']} images) and tested once on {best['test_images']} "
+        f"untouched images: **test accuracy {best['test_accuracy']:.4f}**.",
+        "",
+        "```yaml",
+        yaml.safe_dump(hp, sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+
+
+def _trial_lines(out: Path, results: pd.DataFrame, metric: str) -> list[str]:
+    ranked = results.sort_values(f"{metric}_mean", ascending=metric_mode(metric) == "min",
+                                 na_position="last")
+    columns = [c for c in ("trial_id", "status", "strategy", "freeze_depth", "head_lr", "backbone_lr",
+                           "layer_decay", "weight_decay", "augment", f"{metric}_mean", f"{metric}_std",
+                           "epochs", "wall_seconds", "worker_seconds") if c in ranked]
+    shown = ranked[[c for c in columns if c in ranked and ranked[c].notna().any()]]
+    lines = ["## Trials", "", markdown_table(shown), "", "## Plots", ""]
     for name, caption in PLOTS.items():
         if (out / name).is_file():
             lines += [f"![{caption}]({name})", "", f"*{caption}.*", ""]
-    lines += [
+    return lines
+
+
+def _closing_lines(out: Path, space: dict[str, Any]) -> list[str]:
+    return [
         "## Review in TensorBoard",
         "",
         "```bash",
@@ -124,8 +142,3 @@ def write_report(out: Path) -> Path:
         "```",
         "",
     ]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path

@@ -13,12 +13,12 @@ A trial's W Ray Train workers share the U units (see :func:`assign_units`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from raytl.config import SchemeConfig
 from raytl.data.splits import check_class_sizes, stratified_split
 from raytl.errors import RaytlError
 
@@ -32,41 +32,70 @@ class Unit:
     val: np.ndarray
 
 
-def unit_count(scheme: SchemeConfig) -> int:
-    return {"holdout": 1, "cv": scheme.folds, "segments": scheme.segments}[scheme.kind]
+@dataclass(frozen=True)
+class SplitSpec:
+    """What every scheme's cutter receives besides its size (folds, segments)."""
+
+    labels: np.ndarray
+    pool: np.ndarray
+    val_fraction: float
+    seed: int
+    class_names: tuple[str, ...]
 
 
-def make_units(
-    scheme: SchemeConfig, labels: np.ndarray, pool: np.ndarray, *, val_fraction: float, seed: int,
-    class_names: tuple[str, ...],
-) -> list[Unit]:
-    """The scheme's units over ``pool``; deterministic for a given seed."""
-    pool = np.asarray(pool)
-    if scheme.kind == "holdout":
-        train, val = stratified_split(labels, pool, val_fraction, seed, class_names, "the holdout split")
-        return [Unit("holdout", train, val)]
-    if scheme.kind == "cv":
-        k = scheme.folds
-        check_class_sizes(labels, pool, k, class_names, f"cross-validation with {k} folds")
-        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        return [
-            Unit(f"fold_{i}", np.sort(pool[train]), np.sort(pool[val]))
-            for i, (train, val) in enumerate(folds.split(pool, labels[pool]))
-        ]
-    s = scheme.segments
+def _holdout(size: int, s: SplitSpec) -> list[Unit]:
+    train, val = stratified_split(s.labels, s.pool, s.val_fraction, s.seed, s.class_names,
+                                  "the holdout split")
+    return [Unit("holdout", train, val)]
+
+
+def _cv(k: int, s: SplitSpec) -> list[Unit]:
+    check_class_sizes(s.labels, s.pool, k, s.class_names, f"cross-validation with {k} folds")
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=s.seed)
+    return [
+        Unit(f"fold_{i}", np.sort(s.pool[train]), np.sort(s.pool[val]))
+        for i, (train, val) in enumerate(folds.split(s.pool, s.labels[s.pool]))
+    ]
+
+
+def _segments(count: int, s: SplitSpec) -> list[Unit]:
     # each segment needs two images per class of its own to split into train and val
-    check_class_sizes(labels, pool, 2 * s, class_names, f"{s} segments")
-    if s == 1:
-        parts = [pool]
+    check_class_sizes(s.labels, s.pool, 2 * count, s.class_names, f"{count} segments")
+    if count == 1:
+        parts = [s.pool]
     else:
-        cutter = StratifiedKFold(n_splits=s, shuffle=True, random_state=seed)
-        parts = [pool[part] for _, part in cutter.split(pool, labels[pool])]
+        cutter = StratifiedKFold(n_splits=count, shuffle=True, random_state=s.seed)
+        parts = [s.pool[part] for _, part in cutter.split(s.pool, s.labels[s.pool])]
     units = []
     for i, part in enumerate(parts):
-        train, val = stratified_split(labels, part, val_fraction, seed + i, class_names,
+        train, val = stratified_split(s.labels, part, s.val_fraction, s.seed + i, s.class_names,
                                       f"segment {i}'s validation split")
         units.append(Unit(f"segment_{i}", train, val))
     return units
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named way to cut the pool into units; ``size_key`` names the config key giving how many
+    (None: always one unit)."""
+
+    name: str
+    cut: Callable[[int, SplitSpec], list[Unit]]
+    size_key: str | None
+
+
+SCHEMES: dict[str, Scheme] = {
+    "holdout": Scheme("holdout", _holdout, None),
+    "cv": Scheme("cv", _cv, "folds"),
+    "segments": Scheme("segments", _segments, "segments"),
+}
+
+
+def make_units(kind: str, size: int, labels: np.ndarray, pool: np.ndarray, *, val_fraction: float,
+               seed: int, class_names: tuple[str, ...]) -> list[Unit]:
+    """The scheme's ``size`` units over ``pool``; deterministic for a given seed."""
+    spec = SplitSpec(labels, np.asarray(pool), val_fraction, seed, class_names)
+    return SCHEMES[kind].cut(size, spec)
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,38 @@
 
 A strategy turns a trial's hyperparameters into one or more :class:`Phase` objects. The trainer
 applies a phase by freezing the first ``freeze_depth`` blocks (their BatchNorm statistics too) and
-building AdamW parameter groups for what still trains. Adding a strategy means adding one function
-to :data:`STRATEGIES`.
+building AdamW parameter groups for what still trains. Adding a strategy means adding one phase
+function and one :data:`STRATEGIES` entry: the space file's strategy names come from this registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raytl.config import Hyperparameters
+
+class StrategySettings(Protocol):
+    """What a strategy reads of a trial's hyperparameters (:class:`raytl.space.Hyperparameters`,
+    with ``epochs`` resolved). A protocol, so this registry sits below the space that names it."""
+
+    @property
+    def epochs(self) -> int | None: ...
+    @property
+    def lp_epochs(self) -> int | None: ...
+    @property
+    def freeze_depth(self) -> int: ...
+    @property
+    def head_lr(self) -> float: ...
+    @property
+    def backbone_lr(self) -> float: ...
+    @property
+    def layer_decay(self) -> float: ...
+    @property
+    def augment(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -36,43 +55,48 @@ class Strategy:
 
     name: str
     pretrained: bool
-    phases: Callable[[Hyperparameters, int], list[Phase]]
-    uses: tuple[str, ...]  # the hyperparameters it reads (the others are inactive in the search)
+    phases: Callable[[StrategySettings, int], list[Phase]]
+    probes_first: bool = False  # its first phase trains only the head on frozen features
+    only_probes: bool = False  # every phase does (such a trial needs no Ray Train worker group)
 
 
-def _linear_probe(hp: Hyperparameters, n_blocks: int) -> list[Phase]:
+def _epochs(hp: StrategySettings) -> int:
+    if hp.epochs is None:
+        raise ValueError("a strategy needs the trial's epochs resolved (space.hyperparameters)")
+    return hp.epochs
+
+
+def _linear_probe(hp: StrategySettings, n_blocks: int) -> list[Phase]:
     # augmentation off: a frozen backbone sees fixed features, which the trainer computes once
-    return [Phase("probe", hp.epochs, n_blocks, hp.head_lr, 0.0, 1.0, False)]
+    return [Phase("probe", _epochs(hp), n_blocks, hp.head_lr, 0.0, 1.0, False)]
 
 
-def _fine_tune(hp: Hyperparameters, n_blocks: int) -> list[Phase]:
-    return [Phase("fine_tune", hp.epochs, min(hp.freeze_depth, n_blocks), hp.head_lr,
+def _fine_tune(hp: StrategySettings, n_blocks: int) -> list[Phase]:
+    return [Phase("fine_tune", _epochs(hp), min(hp.freeze_depth, n_blocks), hp.head_lr,
                   hp.backbone_lr, hp.layer_decay, hp.augment)]
 
 
-def _lp_ft(hp: Hyperparameters, n_blocks: int) -> list[Phase]:
+def _lp_ft(hp: StrategySettings, n_blocks: int) -> list[Phase]:
     # Kumar et al. 2022: probe first so fine-tuning starts from a good head and distorts features less
-    probe_epochs = hp.lp_epochs if hp.lp_epochs is not None else max(1, hp.epochs // 3)
-    probe_epochs = min(probe_epochs, hp.epochs)
+    epochs = _epochs(hp)
+    probe_epochs = hp.lp_epochs if hp.lp_epochs is not None else max(1, epochs // 3)
+    probe_epochs = min(probe_epochs, epochs)
     phases = [Phase("probe", probe_epochs, n_blocks, hp.head_lr, 0.0, 1.0, False)]
-    if hp.epochs > probe_epochs:
-        phases.append(Phase("fine_tune", hp.epochs - probe_epochs, min(hp.freeze_depth, n_blocks),
+    if epochs > probe_epochs:
+        phases.append(Phase("fine_tune", epochs - probe_epochs, min(hp.freeze_depth, n_blocks),
                             hp.head_lr, hp.backbone_lr, hp.layer_decay, hp.augment))
     return phases
 
 
-def _scratch(hp: Hyperparameters, n_blocks: int) -> list[Phase]:
-    return [Phase("scratch", hp.epochs, 0, hp.head_lr, hp.backbone_lr, 1.0, hp.augment)]
+def _scratch(hp: StrategySettings, n_blocks: int) -> list[Phase]:
+    return [Phase("scratch", _epochs(hp), 0, hp.head_lr, hp.backbone_lr, 1.0, hp.augment)]
 
 
-_COMMON = ("head_lr", "weight_decay", "label_smoothing", "batch_size", "epochs", "backbone")
 STRATEGIES: dict[str, Strategy] = {
-    "linear_probe": Strategy("linear_probe", True, _linear_probe, _COMMON),
-    "fine_tune": Strategy("fine_tune", True, _fine_tune,
-                          (*_COMMON, "freeze_depth", "backbone_lr", "layer_decay", "augment")),
-    "lp_ft": Strategy("lp_ft", True, _lp_ft,
-                      (*_COMMON, "freeze_depth", "backbone_lr", "layer_decay", "augment", "lp_epochs")),
-    "scratch": Strategy("scratch", False, _scratch, (*_COMMON, "backbone_lr", "augment")),
+    "linear_probe": Strategy("linear_probe", True, _linear_probe, probes_first=True, only_probes=True),
+    "fine_tune": Strategy("fine_tune", True, _fine_tune),
+    "lp_ft": Strategy("lp_ft", True, _lp_ft, probes_first=True),
+    "scratch": Strategy("scratch", False, _scratch),
 }
 
 
@@ -100,17 +124,21 @@ def set_train_mode(model: nn.Module) -> None:
 
 def param_groups(
     model: nn.Module, blocks: list[list[str]], head: list[str], phase: Phase, weight_decay: float,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """AdamW parameter groups for the trainable parameters.
 
     The head gets ``head_lr``; block ``i`` of ``n`` gets ``backbone_lr * layer_decay ** (n - 1 - i)``,
-    so the top block trains at ``backbone_lr`` and earlier blocks slower (layer-wise decay, as
-    timm's ``param_groups_layer_decay`` does over the same grouping). Biases and norm weights (1-D
-    tensors) get no weight decay, as in timm and most fine-tuning recipes.
+    so the top block trains at ``backbone_lr`` and earlier blocks slower. Biases and norm weights
+    (1-D tensors) get no weight decay, as in timm and most fine-tuning recipes.
+
+    Hand-written rather than timm's ``param_groups_layer_decay`` on purpose: that one decays over
+    timm's *fine* groups and gives the head the top block's rate, while raytl needs one rule for
+    freeze depth and decay (the *coarse* blocks that ``freeze_depth`` counts), a separate
+    ``head_lr``, and frozen parameters left out.
     """
     params = dict(model.named_parameters())
     n = len(blocks)
-    groups: dict[tuple[str, bool], dict] = {}
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
 
     def add(name: str, label: str, lr: float) -> None:
         param = params[name]

@@ -11,7 +11,7 @@ Layout under ``DIR/tensorboard/``::
     trial_<id>/<unit>/     each unit's curves: train/val loss, val accuracy, learning rate per group
     best/                  the refit model: confusion matrix and misclassified test images
 
-HParams entries are written as TensorBoard's own protocol buffers (``tensorboard.plugins.hparams``),
+HParams entries are written with TensorBoard's own API (``tensorboard.plugins.hparams.summary_v2``),
 with discrete domains for choices and integer ranges and real intervals for continuous values, so
 the parallel-coordinates and scatter views have their axes before the first trial ends.
 """
@@ -23,13 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import struct_pb2
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+import numpy as np
+from ray.tune import Callback
+from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams
 from torch.utils.tensorboard import SummaryWriter
 
-from raytl.config import ParamSpec
-from raytl.trial import trial_status
+from raytl.plots import confusion_figure
+from raytl.results import trial_status
+from raytl.space import ParamSpec
 
 TRIAL_SCALARS = ("val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std", "train_loss",
                  "train_accuracy", "epoch_seconds", "images_per_second", "worker_seconds")
@@ -44,73 +47,56 @@ def run_name(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    data.version = metadata.PLUGIN_DATA_VERSION
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
-        plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()))
-    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
-
-
-def _value(v: Any) -> struct_pb2.Value:
-    if isinstance(v, bool):
-        return struct_pb2.Value(bool_value=v)
-    if isinstance(v, int | float):
-        return struct_pb2.Value(number_value=float(v))
-    return struct_pb2.Value(string_value=str(v))
-
-
-def _data_type(v: Any) -> int:
-    if isinstance(v, bool):
-        return api_pb2.DATA_TYPE_BOOL
-    if isinstance(v, int | float):
-        return api_pb2.DATA_TYPE_FLOAT64
-    return api_pb2.DATA_TYPE_STRING
-
-
-def hparam_info(spec: ParamSpec) -> api_pb2.HParamInfo:
+def hparam(spec: ParamSpec) -> hparams.HParam:
     """A hyperparameter's HParams entry: choices and integer ranges discrete, the rest intervals."""
-    info = api_pb2.HParamInfo(name=spec.name, display_name=spec.name)
+    domain: hparams.Domain
     if spec.kind in ("const", "choice"):
-        info.type = _data_type(spec.values[0])
-        info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[_value(v) for v in spec.values]))
+        values = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                  for v in spec.values]
+        domain = hparams.Discrete(values)
     elif spec.kind == "int":
-        info.type = api_pb2.DATA_TYPE_FLOAT64
-        values = range(int(spec.low), int(spec.high) + 1, spec.step)
-        info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[_value(v) for v in values]))
+        domain = hparams.Discrete([float(v) for v in range(int(spec.low), int(spec.high) + 1, spec.step)])
     else:
-        info.type = api_pb2.DATA_TYPE_FLOAT64
-        info.domain_interval.min_value = spec.low
-        info.domain_interval.max_value = spec.high
-    return info
+        domain = hparams.RealInterval(float(spec.low), float(spec.high))
+    return hparams.HParam(spec.name, domain, display_name=spec.name)
 
 
 def experiment_summary(space: dict[str, ParamSpec], description: str) -> Summary:
-    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag.split("/")[1],
-                                  dataset_type=api_pb2.DATASET_VALIDATION)
+    metrics = [hparams.Metric(tag, display_name=tag.split("/")[1],
+                              dataset_type=hparams.Metric.VALIDATION)
                for tag in FINAL_METRICS]
-    experiment = api_pb2.Experiment(
-        description=description, time_created_secs=time.time(),
-        hparam_infos=[hparam_info(spec) for spec in space.values()], metric_infos=metrics,
-    )
-    return _plugin_summary(metadata.EXPERIMENT_TAG,
-                           plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    summary = hparams.hparams_config_pb([hparam(spec) for spec in space.values()], metrics,
+                                        time_created_secs=time.time())
+    summary.value[0].metadata.plugin_data.content = _with_description(
+        summary.value[0].metadata.plugin_data.content, description)
+    return summary
 
 
-def session_start_summary(hparams: dict[str, Any], group: str) -> Summary:
-    start = plugin_data_pb2.SessionStartInfo(group_name=group, start_time_secs=time.time())
-    for name, value in hparams.items():
-        if value is None:
-            continue
-        start.hparams[name].CopyFrom(_value(value))
-    return _plugin_summary(metadata.SESSION_START_INFO_TAG,
-                           plugin_data_pb2.HParamsPluginData(session_start_info=start))
+def _with_description(content: bytes, description: str) -> bytes:
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    data.experiment.description = description
+    return data.SerializeToString()
+
+
+def session_start_summary(values: dict[str, Any], group: str) -> Summary:
+    """A trial's HParams session: its sampled values (ints as numbers, like their domains)."""
+    shown = {name: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+             for name, v in values.items() if v is not None}
+    return hparams.hparams_pb(shown, trial_id=group, start_time_secs=time.time())
 
 
 def session_end_summary(status: str) -> Summary:
+    """The session's end (TensorBoard's v2 API has no writer for it: built from its protos)."""
     code = api_pb2.STATUS_FAILURE if status == "error" else api_pb2.STATUS_SUCCESS
     end = plugin_data_pb2.SessionEndInfo(status=code, end_time_secs=time.time())
-    return _plugin_summary(metadata.SESSION_END_INFO_TAG,
-                           plugin_data_pb2.HParamsPluginData(session_end_info=end))
+    meta = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end))
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
+
+
+def add_summary(writer: SummaryWriter, summary: Summary) -> None:
+    file_writer = writer.file_writer
+    assert file_writer is not None  # SummaryWriter opens it in __init__
+    file_writer.add_summary(summary)
 
 
 class SearchBoard:
@@ -122,7 +108,7 @@ class SearchBoard:
         self._writers: dict[str, SummaryWriter] = {}
         self._last: dict[str, dict[str, Any]] = {}
         root = self._writer(".")
-        root.file_writer.add_summary(experiment_summary(space, description))
+        add_summary(root, experiment_summary(space, description))
         root.flush()
 
     def _writer(self, run: str) -> SummaryWriter:
@@ -135,7 +121,7 @@ class SearchBoard:
         run = run_name(trial_id)
         writer = self._writer(run)
         if trial_id not in self._last:
-            writer.file_writer.add_summary(session_start_summary(hparams, group=run))
+            add_summary(writer, session_start_summary(hparams, group=run))
         self._last[trial_id] = result
         step = int(result.get("epoch") or result.get("training_iteration") or 0)
         for key in TRIAL_SCALARS:
@@ -169,7 +155,7 @@ class SearchBoard:
         }
         for tag, value in finals.items():
             writer.add_scalar(tag, value, step)
-        writer.file_writer.add_summary(session_end_summary(status))
+        add_summary(writer, session_end_summary(status))
         writer.flush()
         for name in [r for r in self._writers if r == run or r.startswith(run + "/")]:
             self._writers.pop(name).close()
@@ -180,51 +166,49 @@ class SearchBoard:
         self._writers.clear()
 
 
-def callback(logdir: Path, space: dict[str, ParamSpec], description: str) -> Any:
+class TensorBoardCallback(Callback):
     """A Ray Tune callback that writes the search's TensorBoard runs from the driver.
 
     Tune pickles its callbacks with the experiment state, so the writers (which hold locks and
     open files) are created on first use and never pickled.
     """
-    from ray.tune import Callback
 
-    class TensorBoardCallback(Callback):
-        def __init__(self) -> None:
-            self._board: SearchBoard | None = None
+    def __init__(self, logdir: Path, space: dict[str, ParamSpec], description: str) -> None:
+        self.logdir, self.space, self.description = logdir, space, description
+        self._board: SearchBoard | None = None
 
-        def __getstate__(self) -> dict[str, Any]:
-            return {**self.__dict__, "_board": None}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_board": None}
 
-        @property
-        def board(self) -> SearchBoard:
-            if self._board is None:
-                self._board = SearchBoard(logdir, space, description)
-            return self._board
+    @property
+    def board(self) -> SearchBoard:
+        if self._board is None:
+            self._board = SearchBoard(self.logdir, self.space, self.description)
+        return self._board
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-            if "epoch" in result:
-                self.board.result(trial.trial_id, dict(trial.config), result)
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        if "epoch" in result:
+            self.board.result(trial.trial_id, dict(trial.config), result)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            self.board.end(trial.trial_id, trial_status(trial.last_result or {}))
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.board.end(trial.trial_id, trial_status(trial.last_result or {}))
 
-        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            self.board.end(trial.trial_id, "error")
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.board.end(trial.trial_id, "error")
 
-        def on_experiment_end(self, trials, **info):  # noqa: ANN001
-            if self._board is not None:
-                self._board.close()
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._board is not None:
+            self._board.close()
 
-    return TensorBoardCallback()
+
+def tensorboard_callback(logdir: Path, space: dict[str, ParamSpec], description: str) -> Callback:
+    return TensorBoardCallback(logdir, space, description)
 
 
 def write_refit_images(logdir: Path, class_names: list[str], labels: list[int],
                        predictions: list[int], images: Any, max_images: int = 16) -> None:
     """The refit model's confusion matrix and a few misclassified test images, under ``best/``."""
-    import numpy as np
-
-    from raytl.plots import confusion_figure
-
     writer = SummaryWriter(str(Path(logdir) / "best"))
     try:
         writer.add_figure("test/confusion_matrix", confusion_figure(labels, predictions, class_names), 0)

@@ -1,6 +1,6 @@
 """``raytl train``: one configuration, one holdout unit, no Ray: train, test once, save.
 
-The same :class:`~raytl.worker.UnitTrainer` runs inside every Ray Train worker during a search;
+The same :class:`~raytl.unit.UnitTrainer` runs inside every Ray Train worker during a search;
 this module is its plain single-process driver (and the quickest way to try a configuration).
 """
 
@@ -13,60 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tqdm import tqdm
 
 from raytl.config import SpaceConfig
-from raytl.data import ImageData, load_data
 from raytl.data.splits import carve_test, stratified_split
-from raytl.errors import RaytlError
-from raytl.models import save_model, write_json_atomic
-from raytl.worker import UnitTrainer
-
-
-def load_dataset(config: SpaceConfig) -> ImageData:
-    """Load the space file's data source with its options."""
-    d = config.data
-    return load_data(
-        d.source, path=d.path, image_size=d.image_size, limit=d.limit, seed=d.seed,
-        on_bad_file=d.on_bad_file, max_pixels=d.max_pixels, download=d.download,
-        synthetic_classes=d.synthetic_classes, synthetic_per_class=d.synthetic_per_class,
-    )
-
-
-def prepare_output(output: Path, *, overwrite: bool = False) -> Path:
-    """Create the output folder; refuse a non-empty one unless ``overwrite`` (nothing is lost)."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise RaytlError(f"{output}: exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        hint = (f"`raytl resume {output}` continues its search, " if (output / "space.yaml").is_file()
-                else "")
-        raise RaytlError(f"{output}: already exists and is not empty; {hint}pass --overwrite to "
-                         "replace it, or another --output")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise RaytlError(f"{output}: cannot write there ({exc.strerror or exc})") from None
-    return output
-
-
-def write_skipped(output: Path, data: ImageData) -> None:
-    """List every unreadable file that was skipped, with its reason, in ``skipped.txt``."""
-    if data.skipped:
-        lines = [f"{s.path}\t{s.reason}" for s in data.skipped]
-        tmp = output / ".skipped.txt.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(output / "skipped.txt")
+from raytl.models import save_model, to_json
+from raytl.rundir import write_skipped, write_space
+from raytl.storage import atomic_write
+from raytl.unit import UnitTrainer
 
 
 def _progress_bar(enabled: bool, desc: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
     if not enabled:
         return None, lambda: None
-    from tqdm import tqdm
-
     bar = tqdm(desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def update(step: int, total: int) -> None:
@@ -82,7 +41,7 @@ def train_single(
 ) -> dict[str, Any]:
     """Train the file's fixed configuration on a holdout split, test once, save to ``output``."""
     started = time.perf_counter()
-    data = load_dataset(config)
+    data = config.data.load()
     seed = config.data.seed
     pool, test_idx = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
     train_idx, val_idx = stratified_split(
@@ -126,16 +85,9 @@ def train_single(
         "history": history,
     }
     save_model(
-        output, trainer.model, backbone=hp.backbone, class_names=list(data.class_names),
+        output, trainer.model, backbone=hp.backbone_name, class_names=list(data.class_names),
         preprocessing=trainer.pre, extra={"hyperparameters": dataclasses.asdict(hp)},
     )
-    write_json_atomic(output / "metrics.json", summary)
+    atomic_write(output / "metrics.json", to_json(summary))
     write_space(output, config)
     return summary
-
-
-def write_space(output: Path, config: SpaceConfig) -> None:
-    """The resolved configuration that ran, as ``space.yaml`` (loadable by ``load_space``)."""
-    tmp = output / ".space.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(output / "space.yaml")

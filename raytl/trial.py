@@ -1,41 +1,103 @@
-"""One trial: a thin Tune driver that runs a Ray Train ``TorchTrainer`` whose workers train the units.
+"""One trial: a typed :class:`TrialContext` built once, and ONE loop that trains its units.
 
-Tune samples a configuration and calls :func:`run_trial`; it builds a ``TorchTrainer`` (Train V2)
-whose ``TuneReportCallback`` forwards rank 0's per-epoch report to Tune, where ASHA decides whether
-the trial goes on. Each worker runs :func:`train_loop_per_worker`: it builds the scheme's units,
-trains the ones :func:`~raytl.schemes.assign_units` gives it, gathers every unit's validation
-metrics each epoch, and reports their mean and std with a checkpoint holding every unit's state
-(each unit's owner writes its own file; Ray Train merges them into one checkpoint directory).
+Tune samples a configuration and calls :func:`run_trial` with the search's :class:`SearchInputs`.
+It builds the trial's context (the validated space, the resolved hyperparameters, object-store
+references to the data and the cached features) and hands it to :func:`train_units`, which runs
+in one of two places, told apart only by how a report leaves (the :class:`TrialSession`):
+
+- in the workers of a Ray Train ``TorchTrainer`` (:class:`RayTrainSession`): each rank trains the
+  units :func:`~raytl.schemes.assign_units` gives it; every epoch the ranks gather their units'
+  metrics and report mean and std with a checkpoint holding every unit (each unit's owner writes
+  its own file; Ray Train merges them), and ``TuneReportCallback`` forwards rank 0's report to Tune;
+- in the Tune trial's own process (:class:`TuneSession`) for a linear probe on cached features,
+  which needs no worker group (whose start-up costs far more than training a head).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import statistics
 import tempfile
 import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from raytl.config import parse_space
+from raytl.attempts import (
+    Attempt,
+    AttemptClock,
+    WorkerShare,
+    combine,
+    history_entry,
+    load_checkpoint_meta,
+    save_checkpoint_meta,
+)
+from raytl.config import SpaceConfig
+from raytl.data.dataset import ImageData
 from raytl.data.splits import carve_test
-from raytl.schemes import Assignment, assign_units, make_units
-from raytl.worker import UnitTrainer
+from raytl.schemes import Assignment, Unit, assign_units, make_units
+from raytl.space import Hyperparameters
+from raytl.strategies import STRATEGIES
+from raytl.unit import GradientSync, UnitTrainer
 
 UNIT_STATE = "unit_{}.pt"
-REPORTS = "reports.json"  # the trial's epoch reports up to a checkpoint (its last one in full)
-# a resumed attempt's first report carries, as JSON, the epochs before its checkpoint: Tune rewrites
-# a restored trial's progress files from what its saved state knew, which lags behind checkpoints
-RESUMED_HISTORY = "resumed_history"
-# the per-epoch values kept for learning curves (history.parquet)
-HISTORY_COLUMNS = ("epoch", "phase", "val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std",
-                   "train_loss", "train_accuracy", "epoch_seconds", "images_per_second",
-                   "worker_seconds", "timestamp")
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """What every trial of one search reads; built once by the driver, pickled with the trainable."""
+
+    config: SpaceConfig
+    data: Any  # ray.ObjectRef of the ImageData: one copy in the object store
+    storage: str  # where Tune's experiment and Train's checkpoints go (path or URI)
+    features: dict[str, Any] = field(default_factory=dict)  # backbone -> ObjectRef of its features
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """One trial's configuration, resolved once in the Tune trial and sent to every worker."""
+
+    config: SpaceConfig
+    hp: Hyperparameters
+    data: Any  # ray.ObjectRef of the ImageData
+    features: Any | None  # ray.ObjectRef of this backbone's cached features, if any
+    storage: str
+    started: float  # wall clock when Tune started the trial
+
+    @classmethod
+    def create(cls, inputs: SearchInputs, sampled: dict[str, Any]) -> TrialContext:
+        hp = inputs.config.hyperparameters(sampled)
+        return cls(inputs.config, hp, inputs.data, inputs.features.get(hp.backbone_name), inputs.storage,
+                   time.time())
+
+    @property
+    def lean(self) -> bool:
+        return is_lean(self.hp, [self.hp.backbone_name] if self.features is not None else [])
+
+
+def is_lean(hp: Hyperparameters, cached_backbones: Collection[str]) -> bool:
+    """Whether a trial only ever trains a head on cached features, so it needs no Ray Train
+    worker group (whose start-up costs far more than the training itself)."""
+    return STRATEGIES[hp.strategy].only_probes and not hp.augment and hp.backbone_name in cached_backbones
+
+
+def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
+    """The scheme's units on the training pool (the test split carved off first). Raises a
+    DataError naming the class when one is too small for the folds or segments."""
+    seed = config.data.seed
+    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    return make_units(config.scheme.kind, config.scheme.size, data.labels, pool,
+                      val_fraction=config.data.val_fraction, seed=seed, class_names=data.class_names)
 
 
 class GroupSync:
@@ -66,337 +128,179 @@ class GroupSync:
             dist.broadcast(tensor, self.ranks[0], group=self.group)
 
 
-def _syncs(plan: list[list[Assignment]], rank: int) -> dict[int, GroupSync]:
-    """Subgroups for data-parallel units; every rank creates every group, in the same order."""
-    syncs: dict[int, GroupSync] = {}
-    per = plan[0][0].ranks_per_unit
-    if per == 1:
+class TrialSession(Protocol):
+    """Where :func:`train_units` runs: its rank among the trial's processes, and how a report
+    (with its checkpoint folder) leaves. Contract: :meth:`gather` and :meth:`report` are called by
+    every rank, the same number of times."""
+
+    rank: int
+    world: int
+    workers: int  # Ray Train workers, reported per trial (0: the Tune trial trains itself)
+    device: torch.device
+    saves_heads_only: bool  # checkpoints hold only the heads (the backbone is the pretrained one)
+
+    def checkpoint(self) -> Any: ...
+    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]: ...
+    def gather(self, share: WorkerShare) -> list[WorkerShare]: ...
+    def report(self, metrics: dict[str, Any], folder: str | None, epoch: int) -> None: ...
+
+
+class RayTrainSession:
+    """A Ray Train worker: reports go through ``ray.train.report`` (rank 0's reach Tune)."""
+
+    saves_heads_only = False
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.workers = self.world
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]:
+        """Subgroups for data-parallel units; every rank creates every group, in the same order."""
+        syncs: dict[int, GradientSync] = {}
+        per = plan[0][0].ranks_per_unit
+        for unit in range(len(plan) // per if per > 1 else 0):
+            ranks = list(range(unit * per, (unit + 1) * per))
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                syncs[unit] = GroupSync(group, ranks)
         return syncs
-    for unit in range(len(plan) // per):
-        ranks = list(range(unit * per, (unit + 1) * per))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            syncs[unit] = GroupSync(group, ranks)
-    return syncs
+
+    def gather(self, share: WorkerShare) -> list[WorkerShare]:
+        shares: list[Any] = [None] * self.world
+        dist.all_gather_object(shares, share)
+        return shares
+
+    def report(self, metrics: dict[str, Any], folder: str | None, epoch: int) -> None:
+        if folder is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
 
 
-def trial_status(last: dict[str, Any], failed: bool = False) -> str:
-    """What a finished trial's last report says: completed, stopped (by ASHA) or error."""
-    if failed:
-        return "error"
-    total = int(last.get("total_epochs") or 0)
-    return "completed" if total and int(last.get("epoch") or 0) >= total else "stopped"
+class TuneSession:
+    """The Tune trial's own process, one rank holding every unit: reports go to ``tune.report``."""
+
+    rank, world, workers = 0, 1, 0
+    device = torch.device("cpu")  # a linear head on cached features: the CPU is plenty
+    saves_heads_only = True
+
+    def checkpoint(self) -> Any:
+        return tune.get_checkpoint()
+
+    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]:
+        return {}
+
+    def gather(self, share: WorkerShare) -> list[WorkerShare]:
+        return [share]
+
+    def report(self, metrics: dict[str, Any], folder: str | None, epoch: int) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
-def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over units of each unit's epoch metrics (what Tune and ASHA see)."""
-    out: dict[str, Any] = {}
-    for key in ("val_accuracy", "val_loss", "train_loss", "train_accuracy"):
-        values = [m[key] for m in unit_metrics]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return out
-
-
-def _setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any, list[Any]]:
-    """The space, the data (from the object store), the trial's hyperparameters and its units."""
-    import ray
-
-    # the driver validated the space, paths and weights included: here it is only read back
-    config = parse_space(cfg["space"], cfg["source"], local_paths=False)
-    data = ray.get(cfg["data_ref"][0])
-    hp = config.hyperparameters(cfg["sampled"])
-    return config, data, hp, scheme_units(config, data)
-
-
-def scheme_units(config: Any, data: Any) -> list[Any]:
-    """The scheme's units on the training pool (the test split carved off first). Raises a
-    DataError naming the class when one is too small for the folds or segments."""
-    seed = config.data.seed
-    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
-    return make_units(config.scheme, data.labels, pool, val_fraction=config.data.val_fraction,
-                      seed=seed, class_names=data.class_names)
-
-
-def _shared_features(cfg: dict[str, Any], backbone: str) -> Any:
-    """The cached frozen features for this backbone (zero-copy from the object store), if any."""
-    import ray
-
-    ref = (cfg.get("feature_refs") or {}).get(backbone)
-    return ray.get(ref) if ref is not None else None
-
-
-def _unit_trainer(config: Any, data: Any, hp: Any, unit: Any, index: int, device: Any,
-                  sync: Any = None, features: Any = None) -> UnitTrainer:
-    return UnitTrainer(hp, data, unit.train, unit.val, pretrained=config.model.pretrained,
-                       image_size=config.data.image_size, device=device,
-                       seed=config.search.seed + index, sync=sync, features=features,
-                       compile=config.model.compile)
-
-
-TRIAL_CLOCK = "trial_clock.json"
-
-
-@dataclasses.dataclass
-class AttemptClock:
-    """A trial's costs across restarts, carried in every checkpoint (``trial_clock.json``).
-
-    The first attempt's start-up and first step (``ready_at``) stay the trial's; a restarted
-    attempt (a worker or node died, Train resumed from the checkpoint) adds to ``restarts`` and
-    reports its own set-up (data, model, checkpoint load) as ``restart_startup_seconds``.
-    """
-
-    worker_seconds: float = 0.0  # spent by every attempt before this checkpoint
-    startup_seconds: float = math.nan
-    ready_at: float = math.nan
-    restarts: int = 0
-
-    def resumed(self, entered: float, ready: float) -> tuple[AttemptClock, float]:
-        """This clock for an attempt that entered at ``entered`` and was ready at ``ready``."""
-        return dataclasses.replace(self, restarts=self.restarts + 1), ready - entered
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / TRIAL_CLOCK).write_text(json.dumps(dataclasses.asdict(self)))
-
-
-class Attempt(NamedTuple):
-    """Where one attempt of a trial starts: its clock, its own set-up seconds when it is a restart
-    (NaN for the first), and the reports saved with the checkpoint it resumed from."""
-
-    clock: AttemptClock
-    restart_startup_seconds: float
-    history: list[dict[str, Any]] = []  # one history_entry per epoch up to the checkpoint
-    last_report: dict[str, Any] | None = None  # the checkpoint's own epoch report, in full
-
-    def resumed_history(self) -> dict[str, str]:
-        """What this attempt's first report adds so the epochs before the restart are not lost."""
-        return {RESUMED_HISTORY: json.dumps(self.history)} if self.history else {}
-
-    def report_again(self) -> dict[str, Any]:
-        """The resumed checkpoint's report, for a trial that had already trained every epoch: the
-        driver died after the final checkpoint but before Tune saw the trial end, and Tune needs
-        the final metrics once more to close it."""
-        return {**(self.last_report or {}), "restarts": self.clock.restarts,
-                "restart_startup_seconds": self.restart_startup_seconds, **self.resumed_history()}
-
-
-def history_entry(report: dict[str, Any]) -> dict[str, Any]:
-    """The part of an epoch report that history.parquet keeps."""
-    return {**{k: report[k] for k in HISTORY_COLUMNS if k in report}, "timestamp": time.time()}
-
-
-def save_checkpoint_meta(folder: Path, clock: AttemptClock, history: list[dict[str, Any]],
-                         report: dict[str, Any]) -> None:
-    """What a checkpoint carries besides the units' states (written by one rank)."""
-    clock.save(folder)
-    (Path(folder) / REPORTS).write_text(json.dumps({"history": history, "last": report}))
-
-
-def load_checkpoint_meta(folder: Path) -> tuple[AttemptClock, list[dict[str, Any]], dict[str, Any] | None]:
-    """What :func:`save_checkpoint_meta` wrote: the clock, the epoch history, the last report."""
-    clock, reports = Path(folder) / TRIAL_CLOCK, Path(folder) / REPORTS
-    saved = json.loads(reports.read_text()) if reports.is_file() else {"history": [], "last": None}
-    return (AttemptClock(**json.loads(clock.read_text())) if clock.is_file() else AttemptClock(),
-            saved["history"], saved["last"])
-
-
-def _load_units(folder: str, trainers: dict[int, UnitTrainer], device: Any) -> None:
-    """Restore every unit from a checkpoint folder."""
-    for unit, trainer in trainers.items():
-        trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
-                                           map_location=device, weights_only=True))
-
-
-def _attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: Any, *, entered: float,
-             startup_seconds: float) -> Attempt:
-    """Resume the units from ``checkpoint`` (if any)."""
+def resume_attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: torch.device, *,
+                   entered: float, startup_seconds: float) -> Attempt:
+    """Restore every unit from ``checkpoint`` (if any); where this attempt starts."""
     ready = time.time()
     if not checkpoint:
         return Attempt(AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan)
     with checkpoint.as_directory() as folder:
-        _load_units(folder, trainers, device)
+        for unit, trainer in trainers.items():
+            trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
+                                               map_location=device, weights_only=True))
         clock, history, last = load_checkpoint_meta(Path(folder))
     return Attempt(*clock.resumed(entered, time.time()), history, last)
 
 
-def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
-                 clock: AttemptClock, restart_startup_seconds: float) -> dict[str, Any]:
-    """What one epoch reports to Tune: mean/std over units, costs, and every unit's own values."""
-    report = {
-        **summarize(unit_metrics),
-        "epoch": unit_metrics[0]["epoch"],
-        "total_epochs": total_epochs,
-        "phase": unit_metrics[0]["phase"],
-        "units": units,
-        "workers": workers,
-        "worker_seconds": clock.worker_seconds,
-        "startup_seconds": clock.startup_seconds,
-        "ready_at": clock.ready_at,  # wall clock when the last worker was ready for its first step
-        "restarts": clock.restarts,  # attempts resumed from a checkpoint (worker/node/driver died)
-        "restart_startup_seconds": restart_startup_seconds,  # the latest restart's own set-up
-        "epoch_seconds": max(m["epoch_seconds"] for m in unit_metrics),
-        "images_per_second": sum(m["images_per_second"] for m in unit_metrics),
-        "head_only": all(m.get("head_only") for m in unit_metrics),
-        "nodes": ",".join(sorted({m["node_id"] for m in unit_metrics})),
+def unit_trainers(ctx: TrialContext, session: TrialSession) -> tuple[dict[int, UnitTrainer], set[int], list[str]]:
+    """This rank's trainers by unit, the units whose state it saves, and every unit's name."""
+    data: ImageData = ray.get(ctx.data)
+    units = scheme_units(ctx.config, data)
+    plan = assign_units(len(units), session.world)
+    syncs = session.unit_syncs(plan)
+    features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
+    c = ctx.config
+    trainers = {
+        a.unit: UnitTrainer(ctx.hp, data, units[a.unit].train, units[a.unit].val,
+                            pretrained=c.model.pretrained, image_size=c.data.image_size,
+                            device=session.device, seed=c.search.seed + a.unit,
+                            sync=syncs.get(a.unit), features=features, compile=c.model.compile)
+        for a in plan[session.rank]
     }
-    for m in unit_metrics:
-        for key in ("val_accuracy", "val_loss", "train_loss", "images_per_second"):
-            report[f"unit/{m['unit_name']}/{key}"] = m[key]
-        report[f"unit/{m['unit_name']}/node_id"] = m["node_id"]
-        for key, value in m.items():
-            if key.startswith("lr/"):
-                report[f"unit/{m['unit_name']}/{key}"] = value
-    return report
+    owners = {a.unit for a in plan[session.rank] if a.rank_in_unit == 0}
+    return trainers, owners, [u.name for u in units]
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """The Ray Train worker: train this rank's units, report every epoch."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
+def train_units(ctx: TrialContext, session: TrialSession) -> None:
+    """The trial's loop: train this rank's units epoch by epoch, report and checkpoint each epoch,
+    resuming from the latest checkpoint when this is a restarted attempt."""
     started, entered = time.perf_counter(), time.time()
-    startup_seconds = entered - cfg["trial_started"]  # Tune trial start -> this worker running
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    config, data, hp, units = _setup(cfg)
-    plan = assign_units(len(units), world)
-    syncs = _syncs(plan, rank)
-    device = ray.train.torch.get_device()
-    features = _shared_features(cfg, hp.backbone)
-    trainers = {a.unit: _unit_trainer(config, data, hp, units[a.unit], a.unit, device,
-                                      syncs.get(a.unit), features)
-                for a in plan[rank]}
-    owners = {a.unit for a in plan[rank] if a.rank_in_unit == 0}
-    attempt = _attempt(ray.train.get_checkpoint(), trainers, device, entered=entered,
-                       startup_seconds=startup_seconds)
-    clock, restart_startup = attempt.clock, attempt.restart_startup_seconds
-    total_epochs = next(iter(trainers.values())).total_epochs
-    node = ray.get_runtime_context().get_node_id()
-    if next(iter(trainers.values())).epoch >= total_epochs and attempt.last_report is not None:
-        ray.train.report(attempt.report_again())  # every rank: report is collective
+    torch.set_num_threads(max(1, int(ctx.config.resources.cpus_per_worker)))
+    trainers, owners, names = unit_trainers(ctx, session)
+    attempt = resume_attempt(session.checkpoint(), trainers, session.device, entered=entered,
+                             startup_seconds=entered - ctx.started)
+    first = next(iter(trainers.values()))
+    if first.epoch >= first.total_epochs and attempt.last_report is not None:
+        session.report(attempt.report_again(), None, first.epoch)  # see Attempt.report_again
         return
-    history, resumed_history = list(attempt.history), attempt.resumed_history()
-    while next(iter(trainers.values())).epoch < total_epochs:
-        mine = []
-        for unit, trainer in trainers.items():
-            metrics = trainer.run_epoch()
-            if unit in owners:
-                mine.append({**metrics, "unit": unit, "unit_name": units[unit].name, "node_id": node})
-        elapsed = time.perf_counter() - started
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (mine, elapsed, clock, restart_startup))
-        unit_metrics = sorted((m for ms, *_ in gathered for m in ms), key=lambda m: m["unit"])
-        # every rank resumed from the same checkpoint, so they hold the same earlier clock
-        trial_clock = dataclasses.replace(
-            clock, worker_seconds=clock.worker_seconds + sum(g[1] for g in gathered),
-            startup_seconds=max(g[2].startup_seconds for g in gathered),
-            ready_at=max(g[2].ready_at for g in gathered))
-        report = epoch_report(unit_metrics, units=len(units), workers=world, total_epochs=total_epochs,
-                              clock=trial_clock, restart_startup_seconds=max(g[3] for g in gathered))
-        epoch = report["epoch"]
+    history, resumed = list(attempt.history), attempt.resumed_history()
+    node = ray.get_runtime_context().get_node_id()
+    while first.epoch < first.total_epochs:
+        metrics = [{**trainer.run_epoch(), "unit": u, "unit_name": names[u], "node_id": node}
+                   for u, trainer in trainers.items()]
+        share = WorkerShare([m for m in metrics if m["unit"] in owners],
+                            time.perf_counter() - started, attempt.clock,
+                            attempt.restart_startup_seconds)
+        report, clock = combine(session.gather(share), units=len(names), workers=session.workers,
+                                total_epochs=first.total_epochs)
         history.append(history_entry(report))
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
-                torch.save(trainers[unit].state_dict(), Path(folder) / UNIT_STATE.format(unit))
-            if rank == 0:
-                save_checkpoint_meta(Path(folder), trial_clock, history, report)
-            has_files = bool(owners) or rank == 0
-            ray.train.report(
-                {**report, **resumed_history},
-                checkpoint=ray.train.Checkpoint.from_directory(folder) if has_files else None,
-                checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
-            )
-        resumed_history = {}
+                torch.save(trainers[unit].state_dict(head_only=session.saves_heads_only),
+                           Path(folder) / UNIT_STATE.format(unit))
+            if session.rank == 0:
+                save_checkpoint_meta(Path(folder), clock, history, report)
+            has_files = bool(owners) or session.rank == 0
+            session.report({**report, **resumed}, folder if has_files else None, report["epoch"])
+        resumed = {}
 
 
-def is_lean(sampled: dict[str, Any], space: dict[str, Any], cached_backbones: Any) -> bool:
-    """Whether a trial only ever trains a head on cached features, so it needs no Ray Train
-    worker group (whose start-up costs far more than the training itself)."""
-    if not cached_backbones:
-        return False
-    hp = parse_space(space, local_paths=False).hyperparameters(sampled)
-    return hp.strategy == "linear_probe" and not hp.augment and hp.backbone in cached_backbones
+def train_loop_per_worker(loop_config: dict[str, TrialContext]) -> None:
+    """The Ray Train worker's entry point (Ray Train hands over its config as a dict)."""
+    train_units(loop_config["trial"], RayTrainSession())
 
 
-def run_lean_trial(cfg: dict[str, Any]) -> None:
-    """A head-only trial on cached features, inside the Tune trial's own process: every unit
-    in turn, the same report and per-unit checkpoint files as a Ray Train trial."""
-    import ray
-    from ray import tune
-
-    started, entered = time.perf_counter(), time.time()
-    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    config, data, hp, units = _setup(cfg)
-    device = torch.device("cpu")  # a linear head on cached features: the CPU is plenty
-    features = _shared_features(cfg, hp.backbone)
-    trainers = {i: _unit_trainer(config, data, hp, unit, i, device, None, features)
-                for i, unit in enumerate(units)}
-    attempt = _attempt(tune.get_checkpoint(), trainers, device, entered=entered,
-                       startup_seconds=time.time() - cfg["trial_started"])
-    clock, restart_startup = attempt.clock, attempt.restart_startup_seconds
-    total_epochs = trainers[0].total_epochs
-    node = ray.get_runtime_context().get_node_id()
-    if trainers[0].epoch >= total_epochs and attempt.last_report is not None:
-        tune.report(attempt.report_again())
-        return
-    history, resumed_history = list(attempt.history), attempt.resumed_history()
-    while trainers[0].epoch < total_epochs:
-        unit_metrics = [{**trainer.run_epoch(), "unit": i, "unit_name": units[i].name, "node_id": node}
-                        for i, trainer in trainers.items()]
-        trial_clock = dataclasses.replace(
-            clock, worker_seconds=clock.worker_seconds + time.perf_counter() - started)
-        report = epoch_report(unit_metrics, units=len(units), workers=0, total_epochs=total_epochs,
-                              clock=trial_clock, restart_startup_seconds=restart_startup)
-        history.append(history_entry(report))
-        with tempfile.TemporaryDirectory() as folder:
-            for i, trainer in trainers.items():
-                torch.save(trainer.state_dict(head_only=True), Path(folder) / UNIT_STATE.format(i))
-            save_checkpoint_meta(Path(folder), trial_clock, history, report)
-            tune.report({**report, **resumed_history},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
-        resumed_history = {}
-
-
-def run_trial(sampled: dict[str, Any], *, space: dict[str, Any], source: str, data_ref: list[Any],
-              storage_path: str, max_failures: int,
-              feature_refs: dict[str, Any] | None = None) -> None:
+def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:
     """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback), or,
-    for a head-only trial on cached features, the training itself (:func:`run_lean_trial`)."""
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    resources = space["resources"]
-    loop_config = {
-        "space": space, "source": source, "sampled": dict(sampled), "data_ref": data_ref,
-        "feature_refs": feature_refs or {}, "cpus_per_worker": resources["cpus_per_worker"],
-        "trial_started": time.time(),
-    }
-    if is_lean(sampled, space, feature_refs or {}):
-        run_lean_trial(loop_config)
+    for a head-only trial on cached features, the training itself."""
+    ctx = TrialContext.create(inputs, sampled)
+    if ctx.lean:
+        train_units(ctx, TuneSession())
         return
-    gpus = float(resources["gpus_per_worker"])
-    per_worker = {"CPU": float(resources["cpus_per_worker"])}
-    if gpus:
-        per_worker["GPU"] = gpus
+    r = ctx.config.resources
+    per_worker = {"CPU": float(r.cpus_per_worker)}
+    if r.gpus_per_worker:
+        per_worker["GPU"] = float(r.gpus_per_worker)
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"trial": ctx},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(resources["workers_per_trial"]), use_gpu=gpus > 0,
+            num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker=per_worker,
         ),
         run_config=ray.train.RunConfig(
             name=f"train_{trial_id}",
-            storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            storage_path=ctx.storage,
+            # Train V2 takes Tune's report callback; ray's annotation still names V1's Callback
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            failure_config=ray.train.FailureConfig(max_failures=ctx.config.search.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
     trainer.fit()
-

@@ -72,7 +72,7 @@ def test_missing_data_folder_is_one_clear_line(tmp_path, space_file):
 
 
 def test_overwrite_clears_only_what_a_search_wrote(tmp_path):
-    from raytl.search import clear_search_outputs
+    from raytl.rundir import clear_search_outputs
 
     (tmp_path / "tensorboard" / "trial_x").mkdir(parents=True)
     (tmp_path / "results.parquet").write_bytes(b"old")
@@ -82,7 +82,7 @@ def test_overwrite_clears_only_what_a_search_wrote(tmp_path):
 
 
 def test_publish_copies_results_and_runs_to_storage(tmp_path):
-    from raytl.search import publish_to_storage
+    from raytl.rundir import publish
 
     out = tmp_path / "out"
     (out / "tensorboard" / "trial_1" / "fold_0").mkdir(parents=True)
@@ -90,7 +90,7 @@ def test_publish_copies_results_and_runs_to_storage(tmp_path):
     (out / "best").mkdir()
     (out / "best" / "metrics.json").write_text("{}")
     (out / "results.csv").write_text("trial_id\n")
-    publish_to_storage(out, f"file://{tmp_path}/shared/exp")
+    publish(out, f"file://{tmp_path}/shared/exp")
     copied = sorted(p.relative_to(tmp_path / "shared" / "exp").as_posix()
                     for p in (tmp_path / "shared" / "exp").rglob("*") if p.is_file())
     assert copied == ["best/metrics.json", "results.csv", "tensorboard/trial_1/fold_0/events.out"]

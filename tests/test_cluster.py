@@ -102,8 +102,9 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkey
     import ray
     from ray.cluster_utils import Cluster
 
+    from raytl.cluster import cluster_wants_token
     from raytl.config import parse_space
-    from raytl.search import cluster_wants_token, run_search
+    from raytl.search import run_search
 
     # a token lying around (as ~/.ray/auth_token often does) must not switch the driver to
     # token mode for a cluster without it: its raylets could not call back, trials would die
@@ -266,7 +267,7 @@ def test_submit_with_a_wrong_or_missing_token_fails_clearly(head, tmp_path):
 
 @pytest.mark.slow
 def test_search_on_a_token_cluster_without_a_token_fails_clearly(head, tmp_path):
-    from raytl.search import cluster_wants_token
+    from raytl.cluster import cluster_wants_token
 
     _, _, gcs = head
     assert cluster_wants_token(gcs) is True

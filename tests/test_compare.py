@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from raytl.cli import main
-from raytl.compare import (
+from raytl.compare import config_key, parse_schemes
+from raytl.compare_figures import (
     aggregate,
-    config_key,
-    parse_schemes,
     rank_correlations,
     selection_regret,
     summarize,

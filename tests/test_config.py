@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from raytl.config import condition_order, load_space, parse_space
+from raytl.config import load_space, parse_space
 from raytl.errors import ConfigError
+from raytl.space import condition_order
 from tests.conftest import REPO
 
 

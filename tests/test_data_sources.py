@@ -27,13 +27,13 @@ from raytl.data import (
     load_data,
 )
 from raytl.data.images import UnreadableImage, decode_image
-from raytl.data.sources import (
+from raytl.data.sources.fashion_mnist import (
     DEFAULT_FASHION_MNIST_PATH,
     FASHION_MNIST_CLASSES,
-    MANIFEST_NAME,
     load_fashion_mnist,
     read_idx,
 )
+from raytl.data.sources.parquet import MANIFEST_NAME
 
 BIG = 10**9
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from raytl.errors import ConfigError, RaytlError
+from raytl.errors import RaytlError
 from raytl.models import (
     backbone_blocks,
     count_blocks,
@@ -21,10 +21,9 @@ from raytl.models import (
     head_parameter_names,
     load_saved_model,
     package_weights_path,
-    preprocessing_for,
     save_model,
 )
-from raytl.worker import BatchPreparer
+from raytl.preprocess import BatchPreparer, preprocessing_for
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_block_counts_follow_timm_grouping():
     assert count_blocks("efficientnet_lite0") == 8  # stem + 7 stages (conv_head joins the last)
     assert count_blocks("resnet18") == 5  # stem + 4 stages
     assert count_blocks("vit_small_patch16_224") == 13
-    with pytest.raises(ConfigError, match="not a timm model"):
+    with pytest.raises(RaytlError, match="not a timm model"):
         count_blocks("no_such_net")
 
 

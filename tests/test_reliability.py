@@ -121,16 +121,17 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
 
 
 def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
-    from raytl.trial import AttemptClock, _attempt, save_checkpoint_meta
+    from raytl.attempts import AttemptClock, save_checkpoint_meta
+    from raytl.trial import resume_attempt
 
-    class Checkpoint:  # the interface of ray.train.Checkpoint that _attempt uses
+    class Checkpoint:  # the interface of ray.train.Checkpoint that resume_attempt uses
         def __init__(self, folder):
             self.folder = folder
 
         def as_directory(self):
             return contextlib.nullcontext(str(self.folder))
 
-    first = _attempt(None, {}, "cpu", entered=100.0, startup_seconds=20.0)
+    first = resume_attempt(None, {}, "cpu", entered=100.0, startup_seconds=20.0)
     assert first.restart_startup_seconds != first.restart_startup_seconds  # NaN: not a restart
     assert first.clock.restarts == 0 and first.clock.startup_seconds == 20.0
     assert first.last_report is None
@@ -139,7 +140,7 @@ def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
               "restarts": 0}
     save_checkpoint_meta(tmp_path, saved, [{"epoch": 1, "val_accuracy": 0.5}], report)
     entered = time.time() - 3.0
-    again = _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
+    again = resume_attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
     assert again.clock == AttemptClock(12.5, 20.0, first.clock.ready_at, restarts=1)
     assert 3.0 <= again.restart_startup_seconds < 10.0
     # a trial resumed from its final checkpoint (the driver died before Tune saw it end) reports
@@ -148,8 +149,8 @@ def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
     assert resent["val_accuracy"] == 0.75 and resent["epoch"] == 2 and resent["restarts"] == 1
     assert json.loads(resent["resumed_history"]) == [{"epoch": 1, "val_accuracy": 0.5}]
     again.clock.save(tmp_path)
-    assert _attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered,
-                    startup_seconds=0.0).clock.restarts == 2
+    assert resume_attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered,
+                          startup_seconds=0.0).clock.restarts == 2
 
 
 @pytest.mark.slow
@@ -183,12 +184,13 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
+    from raytl.cluster import free_port
     from raytl.config import parse_space
-    from raytl.search import _free_port, run_search
+    from raytl.search import run_search
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port()})
+        "dashboard_port": free_port()})
     try:
         doomed = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)

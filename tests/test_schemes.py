@@ -19,7 +19,8 @@ def pool_of(digits):
 
 
 def units(digits, pool, **scheme):
-    return make_units(SchemeConfig(**scheme), digits.labels, pool, val_fraction=0.2, seed=0,
+    config = SchemeConfig(**scheme)
+    return make_units(config.kind, config.size, digits.labels, pool, val_fraction=0.2, seed=0,
                       class_names=digits.class_names)
 
 
@@ -63,7 +64,7 @@ def test_units_are_deterministic(digits, pool_of):
 def test_class_too_small_for_folds_says_how_many(digits):
     labels = np.array([0] * 30 + [1] * 30 + [2] * 2)
     with pytest.raises(DataError, match="class 'c' has 2 image.*needs at least 3"):
-        make_units(SchemeConfig(kind="cv", folds=3), labels, np.arange(len(labels)),
+        make_units("cv", SchemeConfig(kind="cv", folds=3).size, labels, np.arange(len(labels)),
                    val_fraction=0.2, seed=0, class_names=("a", "b", "c"))
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 
 from raytl.config import parse_space
-from raytl.search import DefineByRun, make_searcher
+from raytl.space import DefineByRun
+from raytl.tune import make_searcher
 
 
 def sample_many(space_raw: dict, n: int = 40, **sections) -> list[dict]:
@@ -59,7 +60,7 @@ def test_tpe_is_multivariate_and_grouped():
 
 
 def test_feature_cache_applies_only_where_a_head_trains_alone():
-    from raytl.search import cacheable_backbones
+    from raytl.features import cacheable_backbones
 
     base = {"name": "c", "data": {"source": "digits"}}
     probe = {"strategy": {"choice": ["linear_probe", "fine_tune"]}}
@@ -76,9 +77,9 @@ def test_feature_cache_applies_only_where_a_head_trains_alone():
 def test_only_cached_linear_probes_run_lean():
     from raytl.trial import is_lean
 
-    space = parse_space({"name": "c", "data": {"source": "digits"}}).to_dict()
+    hp = parse_space({"name": "c", "data": {"source": "digits"}}).hyperparameters
     cached = ("efficientnet_lite0",)
-    assert is_lean({"strategy": "linear_probe"}, space, cached)
-    assert not is_lean({"strategy": "linear_probe", "augment": True}, space, cached)
-    assert not is_lean({"strategy": "lp_ft"}, space, cached)  # its fine-tuning phase needs Ray Train
-    assert not is_lean({"strategy": "linear_probe"}, space, ())
+    assert is_lean(hp({"strategy": "linear_probe"}), cached)
+    assert not is_lean(hp({"strategy": "linear_probe", "augment": True}), cached)
+    assert not is_lean(hp({"strategy": "lp_ft"}), cached)  # its fine-tuning phase needs Ray Train
+    assert not is_lean(hp({"strategy": "linear_probe"}), ())

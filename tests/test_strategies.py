@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raytl.config import Hyperparameters
 from raytl.models import backbone_blocks, create_model, head_parameter_names
+from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, apply_freeze, param_groups, set_train_mode
 
 

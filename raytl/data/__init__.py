@@ -7,9 +7,10 @@ reported (``ImageData.skipped``, ``inspect_source``), never silently dropped.
 
 from __future__ import annotations
 
+from raytl.data.convert import convert_imagefolder
 from raytl.data.dataset import DataError, ImageData, SkippedFile
 from raytl.data.images import IMAGE_EXTENSIONS
-from raytl.data.inspect import InspectReport, convert_imagefolder, inspect_source
+from raytl.data.inspect import InspectReport, inspect_source
 from raytl.data.sources import SOURCES, load_data
 
 __all__ = [

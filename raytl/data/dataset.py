@@ -89,7 +89,7 @@ class ImageData:
         """Content hash (shape, pixels, labels, class names), so identical data is provable."""
         digest = hashlib.sha256()
         digest.update(repr(tuple(int(d) for d in self.images.shape)).encode())
-        digest.update(memoryview(self.images).cast("B"))
+        digest.update(self.images.data.cast("B"))
         digest.update(self.labels.astype("<i8", copy=False).tobytes())
         digest.update(json.dumps(list(self.class_names)).encode())
         return digest.hexdigest()[:16]
@@ -97,7 +97,8 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(H, W, 3)`` of every image."""
-        return tuple(int(d) for d in self.images.shape[1:])  # type: ignore[return-value]
+        height, width, channels = self.images.shape[1:]
+        return int(height), int(width), int(channels)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -80,7 +80,7 @@ def _open_checked(data: bytes, *, max_pixels: int, draft_size: int | None) -> Im
     if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise UnreadableImage("not an image (cannot identify image file)") from exc
     except Image.DecompressionBombError as exc:

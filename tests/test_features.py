@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from raytl.config import Hyperparameters
 from raytl.data.dataset import ImageData
-from raytl.feature_cache import (
+from raytl.features import (
     ensure_features,
     entry_path,
     feature_key,
-    pooled_features,
     read_features,
     write_features,
 )
-from raytl.models import create_model, preprocessing_for
-from raytl.worker import BatchPreparer, UnitTrainer
+from raytl.models import create_model, pooled_features
+from raytl.preprocess import BatchPreparer, preprocessing_for
+from raytl.space import Hyperparameters
+from raytl.unit import UnitTrainer
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_key_changes_with_everything_that_changes_the_features(small, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from raytl.feature_cache import FeatureKey, write_features
+    from raytl.features import FeatureKey, write_features
     key = FeatureKey("b", "w", 48, "d", "p")
     features = np.random.default_rng(0).random((60000, 256), dtype=np.float32)  # about 60 MB
     print("ready", flush=True)
@@ -96,7 +96,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_a_killed_writer_leaves_no_readable_partial_cache(tmp_path):
-    from raytl.feature_cache import FeatureKey
+    from raytl.features import FeatureKey
 
     key = FeatureKey("b", "w", 48, "d", "p")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE,
@@ -116,7 +116,7 @@ PRODUCER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from raytl.data.sources import load_data
-    from raytl.feature_cache import ensure_features
+    from raytl.features import ensure_features
     data = load_data("digits", image_size=8)
     start = Path(sys.argv[2])
     while not start.exists():  # both producers start together

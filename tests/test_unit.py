@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from raytl.config import Hyperparameters
 from raytl.data.splits import carve_test, stratified_split
-from raytl.models import preprocessing_for
-from raytl.worker import BatchPreparer, UnitTrainer
+from raytl.preprocess import BatchPreparer, preprocessing_for
+from raytl.space import Hyperparameters
+from raytl.unit import UnitTrainer
 
 
 @pytest.fixture(scope="module")

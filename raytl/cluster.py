@@ -1,0 +1,176 @@
+"""Ray itself: start a local Ray or join a cluster (with its token authentication), and check that
+a search's trials can be placed on it before any starts.
+
+Ray's token: read from where Ray reads it (``RAY_AUTH_TOKEN``, then the file named by
+``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``); ``raytl submit`` sends it as a bearer header
+and ``raytl search --address`` turns token mode on when the cluster asks for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray._raylet import Config, GcsClient  # type: ignore[attr-defined]  # compiled, no stubs
+from ray.exceptions import AuthenticationError
+
+from raytl.config import SpaceConfig
+from raytl.errors import RaytlError
+from raytl.schemes import assign_units
+from raytl.storage import is_uri
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    source: str  # where it came from, for error messages
+
+
+def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
+    """The Ray auth token, in Ray's own order of precedence; None when there is none."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
+                             f"({exc.strerror or exc})") from None
+        if not value:
+            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return Token(value, f"RAY_AUTH_TOKEN_PATH ({path})")
+    default = (home or Path.home()) / ".ray" / "auth_token"
+    if default.is_file() and default.read_text().strip():
+        return Token(default.read_text().strip(), str(default))
+    return None
+
+
+def cluster_wants_token(address: str, wait_s: float = 10.0) -> bool | None:
+    """Whether the cluster's GCS at ``address`` checks auth tokens, asked without one.
+
+    A token-mode GCS refuses an unauthenticated call at once. The answer decides the driver's
+    mode: a driver in token mode joining a cluster without it is unreachable to that cluster's
+    raylets (they cannot call back into it, and its trials die before they start), and one
+    without a token cannot join a token cluster. None when there is nothing to ask
+    (``auto``, ``ray://``) or no answer within ``wait_s`` (ray.init then reports the address).
+    """
+    if address == "auto" or is_uri(address):
+        return None
+    answer: list[bool] = []
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address).internal_kv_keys(b"raytl", namespace=None, timeout=5)
+            answer.append(False)
+        except AuthenticationError:
+            answer.append(True)
+        except Exception:  # unreachable or not a GCS: ray.init says so in its own words
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)  # a dead address blocks for ~40 s
+    thread.start()
+    thread.join(wait_s)
+    return answer[0] if answer else None
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to a cluster (``--address``), or start a local Ray bound to 127.0.0.1.
+
+    Returns whether this call started Ray (and so should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        token = find_token()
+        wants = cluster_wants_token(address) if "RAY_AUTH_MODE" not in os.environ else None
+        if wants is None:  # not asked (mode set by the user, "auto", ray://) or no answer
+            wants = token is not None and "RAY_AUTH_MODE" not in os.environ
+        if wants:
+            if token is None:
+                raise RaytlError(f"the Ray cluster at {address} uses token authentication and no "
+                                 "token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or "
+                                 "put it in ~/.ray/auth_token)")
+            # Ray only sends a token when told to (never turns authentication off)
+            os.environ["RAY_AUTH_MODE"] = "token"
+            Config.initialize("")  # Ray reads the mode once; make it read it again
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            hint = ("" if token else "; if the cluster uses token authentication, set "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)")
+            raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}{hint}") from None
+        return True
+    # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
+    # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
+    # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
+    # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
+    # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
+    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), **kwargs)
+    # Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
+    # cluster through /tmp/ray/ray_current_cluster, which only `ray start` and
+    # ray.cluster_utils write. Left pointing at a cluster that is gone, every stopped trial's
+    # placement group leaks and the search deadlocks; point it at this one, as `ray start` would.
+    address_info: dict[str, Any] = context.address_info  # type: ignore[attr-defined]  # a RayContext
+    ray._private.utils.write_ray_address(address_info["gcs_address"])
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for the duration of a command: a cluster joined or a local Ray started (and then shut
+    down: only what this started)."""
+    owns_ray = init_ray(address)
+    try:
+        yield
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1, so a second local search does not collide on the dashboard's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_resources(config: SpaceConfig) -> None:
+    """Fail before starting if a trial can never be placed or units cannot be shared out."""
+    r = config.resources
+    assign_units(config.scheme.size, r.workers_per_trial)  # raises if W does not fit U
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= r.cpus_per_worker
+            and n["Resources"].get("GPU", 0) >= r.gpus_per_worker]
+    if not fits:
+        biggest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes)
+        raise RaytlError(
+            f"{config.source}: resources: a worker asks for {r.cpus_per_worker} CPU and "
+            f"{r.gpus_per_worker} GPU, but the largest node has {biggest[0]:g} CPU and {biggest[1]:g} GPU"
+        )
+    slots = sum(worker_slots(n["Resources"], r.cpus_per_worker, r.gpus_per_worker) for n in fits)
+    if slots < r.workers_per_trial:
+        raise RaytlError(
+            f"{config.source}: resources: a trial needs {r.workers_per_trial} workers of "
+            f"{r.cpus_per_worker} CPU and {r.gpus_per_worker} GPU, but the whole cluster fits only "
+            f"{slots} at once"
+        )
+
+
+def worker_slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of this size one node holds (trials queue for free slots, never fail)."""
+    count = int(resources.get("CPU", 0) // cpus)
+    if gpus > 0:
+        count = min(count, int(resources.get("GPU", 0) // gpus))
+    return count

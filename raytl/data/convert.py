@@ -1,0 +1,200 @@
+"""Turn an image folder into Parquet shards of the original encoded bytes.
+
+Shards are each written atomically (temporary file, fsync, rename), and a manifest is
+written last, so that a crashed conversion is detected instead of silently loading part of
+the data: the ``parquet`` source refuses converted shards without their manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raytl.data.dataset import DataError, SkippedFile
+from raytl.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image
+from raytl.data.sources.decode import DecodeTask, ordered_map, warn_skipped
+from raytl.data.sources.imagefolder import FolderScan, folder_tasks, scan_imagefolder, warn_ignored
+from raytl.data.sources.parquet import CONVERTED_MARKER, MANIFEST_NAME
+from raytl.storage import atomic_write
+
+_VALIDATE_SIZE = 32
+"""Decode size used to validate files during conversion (JPEG draft mode makes it cheap)."""
+
+
+def convert_imagefolder(
+    src: str,
+    out_dir: str,
+    *,
+    shard_size: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[str]:
+    """Write an image folder as Parquet shards of the original encoded bytes.
+
+    Every file is decoded once to validate it; unreadable ones are skipped with the same
+    warning as loading. Shards are ``part-00000.parquet``, ... (columns ``image`` binary,
+    ``label`` int64, ``path`` relative string; metadata ``class_names``), each written to a
+    hidden temporary file and renamed, and ``_raytl_manifest.json`` is written last. On any
+    failure the shards written so far are removed, so ``out_dir`` is never left half-done.
+
+    Returns:
+        The paths of the written shards.
+
+    Raises:
+        DataError: Bad image folder, ``out_dir`` already holding shards, no readable images,
+            or a class left without readable images.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise DataError(f"shard_size must be a positive integer, got {shard_size!r}")
+    scan = scan_imagefolder(src)
+    warn_ignored(scan)
+    out = _empty_output_folder(out_dir)
+    writer = _ShardWriter(out, _shard_schema(scan.class_names), shard_size)
+    tasks = folder_tasks(scan)
+    skipped: list[SkippedFile] = []
+    skipped_labels: list[int] = []
+    kept_per_class = np.zeros(len(scan.class_names), dtype=np.int64)
+    results = ordered_map(partial(_validate, max_pixels=max_pixels), tasks)
+    try:
+        for task, file, result in zip(tasks, scan.files, results, strict=True):
+            if isinstance(result, SkippedFile):
+                skipped.append(result)
+                skipped_labels.append(task.label)
+                continue
+            writer.add(result, task.label, file.relative_to(scan.root).as_posix())
+            kept_per_class[task.label] += 1
+        writer.flush()
+        if not writer.written:
+            raise DataError(
+                f"no readable images in {scan.root}: all {len(tasks)} files failed to decode"
+            )
+        empty = [n for n, k in zip(scan.class_names, kept_per_class, strict=True) if k == 0]
+        if empty:
+            raise DataError(
+                f"{scan.root}: class(es) {', '.join(map(repr, empty))} have no readable images"
+            )
+        _write_manifest(out, scan, writer, skipped)
+    except BaseException:
+        writer.remove_all()
+        raise
+    if skipped:
+        warn_skipped(skipped, skipped_labels, scan.class_names, str(scan.root))
+    return [str(p) for p in writer.written]
+
+
+def _empty_output_folder(out_dir: str) -> Path:
+    """Create ``out_dir`` if needed; refuse one that already holds shards or a manifest.
+
+    Raises:
+        DataError: ``out_dir`` is a file, or already holds shards, so they would be mixed.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in out.glob("*.parquet")) + (
+        [MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else []
+    )
+    if existing:
+        raise DataError(
+            f"output folder {out} already holds {', '.join(existing[:5])}; "
+            "convert into an empty folder (or delete those files) so shards are never mixed"
+        )
+    return out
+
+
+def _shard_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The shards' columns, with the class names and the converted marker as metadata."""
+    metadata = {"class_names": json.dumps(list(class_names)), CONVERTED_MARKER: "1"}
+    return pa.schema(
+        [
+            pa.field("image", pa.binary()),
+            pa.field("label", pa.int64()),
+            pa.field("path", pa.string()),
+        ],
+        metadata=metadata,
+    )
+
+
+def _validate(task: DecodeTask, *, max_pixels: int) -> bytes | SkippedFile:
+    """The file's bytes if they decode (at a small size, cheaply), else why they do not."""
+    try:
+        data = task.read()
+    except OSError as exc:
+        return SkippedFile(task.name, f"cannot read file ({type(exc).__name__}: {exc})")
+    try:
+        decode_image(data, size=_VALIDATE_SIZE, max_pixels=max_pixels)
+    except UnreadableImage as exc:
+        return SkippedFile(task.name, exc.reason)
+    return data
+
+
+class _ShardWriter:
+    """Buffers rows and writes every ``shard_size`` of them as the next numbered shard."""
+
+    def __init__(self, out: Path, schema: pa.Schema, shard_size: int) -> None:
+        self.out = out
+        self.schema = schema
+        self.shard_size = shard_size
+        self.written: list[Path] = []
+        self.rows: list[int] = []
+        self._images: list[bytes] = []
+        self._labels: list[int] = []
+        self._paths: list[str] = []
+
+    def add(self, image: bytes, label: int, path: str) -> None:
+        """Buffer one row, writing a shard when the buffer is full."""
+        self._images.append(image)
+        self._labels.append(label)
+        self._paths.append(path)
+        if len(self._images) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows (if any) as ``part-NNNNN.parquet``, atomically."""
+        if not self._images:
+            return
+        table = pa.Table.from_arrays(
+            [
+                pa.array(self._images, pa.binary()),
+                pa.array(self._labels, pa.int64()),
+                pa.array(self._paths),
+            ],
+            schema=self.schema,
+        )
+        target = self.out / f"part-{len(self.written):05d}.parquet"
+        atomic_write(target, lambda tmp: pq.write_table(table, tmp))
+        self.written.append(target)
+        self.rows.append(len(self._images))
+        for column in (self._images, self._labels, self._paths):
+            column.clear()
+
+    def remove_all(self) -> None:
+        """Delete every shard written so far (after a failure)."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
+def _write_manifest(
+    out: Path, scan: FolderScan, writer: _ShardWriter, skipped: Sequence[SkippedFile]
+) -> None:
+    """Write the manifest last: it lists every shard, so its presence proves completion."""
+    manifest = {
+        "format": "raytl-imagefolder-shards",
+        "version": 1,
+        "source": str(scan.root),
+        "class_names": list(scan.class_names),
+        "rows": int(sum(writer.rows)),
+        "shards": [
+            {"file": p.name, "rows": rows}
+            for p, rows in zip(writer.written, writer.rows, strict=True)
+        ],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+    }
+    text = json.dumps(manifest, indent=2)
+    atomic_write(out / MANIFEST_NAME, text)

@@ -1,0 +1,178 @@
+"""Parallel decoding shared by the file-based sources (image folders, Parquet shards).
+
+A source turns its input into :class:`DecodeTask` objects (a name, a label and a way to read
+the encoded bytes); :func:`decode_tasks` decodes them on a thread pool and applies the
+bad-file policy in one place, so every source skips, reports and refuses the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from raytl.data.dataset import DataError, ImageData, SkippedFile
+from raytl.data.images import UnreadableImage, decode_image
+
+WARN_NAMES = 5
+"""How many files a warning or error names before it says "and N more"."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Generator[_R, None, None]:
+    """``map`` on a thread pool, results in input order, with a bounded number in flight.
+
+    Pillow releases the GIL while decoding, so threads give real parallelism; the window
+    keeps memory bounded when one slow image holds up the in-order results behind it.
+    """
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    window = workers * 4
+    pending: deque[Future[_R]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raytl-decode") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    """One encoded image to decode: where it came from, its label, and how to get its bytes."""
+
+    name: str
+    label: int
+    read: Callable[[], bytes]
+
+
+def decode_task(task: DecodeTask, *, size: int | None, max_pixels: int) -> np.ndarray | SkippedFile:
+    """Decode one task, turning every failure into a SkippedFile (never raising for bad data)."""
+    try:
+        data = task.read()
+    except OSError as exc:
+        return SkippedFile(task.name, f"cannot read file ({type(exc).__name__}: {exc})")
+    try:
+        return decode_image(data, size=size, max_pixels=max_pixels)
+    except UnreadableImage as exc:
+        return SkippedFile(task.name, exc.reason)
+
+
+@dataclass
+class _Decoded:
+    """The outcome of decoding every task: pixels, which rows are good, and what failed."""
+
+    images: np.ndarray
+    keep: np.ndarray
+    skipped: list[SkippedFile]
+    skipped_labels: list[int]
+
+
+def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int) -> _Decoded:
+    """Decode every task in parallel into one preallocated array, recording the failures."""
+    decoded = _Decoded(
+        images=np.empty((len(tasks), image_size, image_size, 3), dtype=np.uint8),
+        keep=np.zeros(len(tasks), dtype=bool),
+        skipped=[],
+        skipped_labels=[],
+    )
+
+    def work(task: DecodeTask) -> np.ndarray | SkippedFile:
+        return decode_task(task, size=image_size, max_pixels=max_pixels)
+
+    results = ordered_map(work, tasks)
+    try:
+        for i, (task, result) in enumerate(zip(tasks, results, strict=False)):
+            if isinstance(result, SkippedFile):
+                decoded.skipped.append(result)
+                decoded.skipped_labels.append(task.label)
+            else:
+                decoded.images[i] = result
+                decoded.keep[i] = True
+    finally:
+        results.close()
+    return decoded
+
+
+def decode_tasks(
+    tasks: Sequence[DecodeTask],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    image_size: int,
+    on_bad_file: str,
+    max_pixels: int,
+) -> ImageData:
+    """Decode all tasks in parallel into one ImageData, applying the bad-file policy."""
+    decoded = _decode_all(tasks, image_size=image_size, max_pixels=max_pixels)
+    images, keep, skipped = decoded.images, decoded.keep, decoded.skipped
+    if skipped and on_bad_file == "error":
+        # every bad file at once, so one pass over the folder fixes them all
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        raise DataError(
+            f"cannot read {len(skipped)} image file(s) in {source} (data.on_bad_file: error; set "
+            f"it to skip to skip unreadable files and report them):\n{listing}"
+        )
+    labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
+    if not keep.any():
+        raise DataError(
+            f"no readable images in {source}: all {len(tasks)} files failed to decode; "
+            f"first problems: {_name_some(skipped)}"
+        )
+    if skipped:
+        warn_skipped(skipped, decoded.skipped_labels, class_names, source)
+    kept_labels = labels[keep]
+    # A class whose every file failed would silently vanish from training: refuse that.
+    # (A class with no rows at all, e.g. in one Parquet shard of many, is the caller's choice.)
+    present = np.bincount(labels, minlength=len(class_names))
+    kept = np.bincount(kept_labels, minlength=len(class_names))
+    empty = [name for c, name in enumerate(class_names) if present[c] and not kept[c]]
+    if empty:
+        raise DataError(
+            f"{source}: class(es) {', '.join(map(repr, empty))} have no readable images "
+            f"(every file was skipped); fix or remove them. First problems: {_name_some(skipped)}"
+        )
+    if not keep.all():
+        images = images[keep]
+    return ImageData(
+        images=images,
+        labels=kept_labels,
+        class_names=tuple(class_names),
+        source=source,
+        skipped=tuple(skipped),
+    )
+
+
+def warn_skipped(
+    skipped: Sequence[SkippedFile],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    source: str,
+) -> None:
+    """One warning that counts the skipped files per class and names the first few."""
+    per_class = Counter(class_names[label] for label in labels)
+    counts = ", ".join(f"{name}: {per_class[name]}" for name in class_names if per_class[name])
+    warnings.warn(
+        f"skipped {len(skipped)} unreadable image file(s) in {source} ({counts}): "
+        f"{_name_some(skipped)}. ImageData.skipped and inspect_source list them all.",
+        stacklevel=3,
+    )
+
+
+def _name_some(skipped: Sequence[SkippedFile]) -> str:
+    """The first :data:`WARN_NAMES` skipped files with their reasons, and how many more."""
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:WARN_NAMES])
+    more = len(skipped) - WARN_NAMES
+    return shown + (f"; and {more} more" if more > 0 else "")

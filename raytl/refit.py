@@ -1,0 +1,112 @@
+"""Refit a configuration on the whole training pool and test it once on the untouched test split.
+
+The search's best trial is refit into ``best/`` (the model a user keeps); ``raytl compare`` refits
+many configurations the same way, for its test figures only. A refit runs as a worker-sized Ray
+task that reads the data (and the cached features) from the search's copy in the object store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from raytl.config import SpaceConfig
+from raytl.data.dataset import ImageData
+from raytl.data.splits import carve_test
+from raytl.models import create_model, save_model, to_json
+from raytl.preprocess import Preprocessing
+from raytl.results import sampled_values
+from raytl.space import Hyperparameters
+from raytl.storage import atomic_write
+from raytl.tensorboard import write_refit_images
+from raytl.trial import SearchInputs
+from raytl.unit import UnitTrainer
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    """What a refit measured (and, when asked for, the trained weights)."""
+
+    test_accuracy: float
+    test_loss: float
+    test_images: int
+    train_images: int
+    train_loss: list[float]
+    seconds: float
+    device: str
+    torch_threads: int
+    test_predictions: list[int]
+    test_labels: list[int]
+    preprocessing: Preprocessing
+    state: dict[str, torch.Tensor] | None = None
+
+    def figures(self) -> dict[str, Any]:
+        """Everything but the weights and the preprocessing, for ``best/metrics.json``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("state", "preprocessing")}
+
+
+def refit(config: SpaceConfig, hp: Hyperparameters, data: ImageData,
+          features: np.ndarray | None = None, keep_state: bool = True) -> RefitResult:
+    """Train ``hp`` on the whole pool (train+val), evaluate on the test split.
+
+    ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
+    """
+    started = time.perf_counter()
+    pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    trainer = UnitTrainer(hp, data, pool, np.array([], dtype=np.int64),
+                          pretrained=config.model.pretrained, image_size=config.data.image_size,
+                          seed=config.search.seed, features=features, compile=config.model.compile)
+    history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
+    result = trainer.evaluate(test)
+    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()} if keep_state else None
+    return RefitResult(
+        test_accuracy=result.accuracy, test_loss=result.loss, test_images=len(test),
+        train_images=len(pool), train_loss=[h["train_loss"] for h in history],
+        seconds=time.perf_counter() - started, device=str(trainer.device),
+        torch_threads=torch.get_num_threads(), test_predictions=result.predictions.tolist(),
+        test_labels=data.labels[test].tolist(), preprocessing=trainer.pre, state=state,
+    )
+
+
+def remote_refit(config: SpaceConfig) -> Any:
+    """:func:`refit` as a Ray task sized like one of the search's workers."""
+    r = config.resources
+    return ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(refit)
+
+
+def refit_best(inputs: SearchInputs, data: ImageData, best: pd.Series, output: Path,
+               echo: Callable[[str], None]) -> dict[str, Any]:
+    """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
+    config = inputs.config
+    hp = config.hyperparameters(sampled_values(best))
+    echo(f"refitting the best trial {best['trial_id']} on train+val: "
+         + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in dataclasses.asdict(hp).items()))
+    result: RefitResult = ray.get(remote_refit(config).remote(
+        config, hp, inputs.data, inputs.features.get(hp.backbone_name), True))
+    model = create_model(hp.backbone_name, len(data.class_names), "none")
+    model.load_state_dict(result.state or {})
+    best_dir = output / "best"
+    summary = {"trial_id": best["trial_id"], "hyperparameters": dataclasses.asdict(hp),
+               "search_metric": config.search.metric,
+               "search_value": float(best[f"{config.search.metric}_mean"]), **result.figures()}
+    save_model(best_dir, model, backbone=hp.backbone_name, class_names=list(data.class_names),
+               preprocessing=result.preprocessing,
+               extra={"hyperparameters": dataclasses.asdict(hp)})
+    atomic_write(best_dir / "metrics.json", to_json(summary))
+    _, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    write_refit_images(output / "tensorboard", list(data.class_names), result.test_labels,
+                       result.test_predictions, data.images[test])
+    echo(f"best configuration: test accuracy {result.test_accuracy:.4f} on "
+         f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {best_dir}")
+    return summary

@@ -1,0 +1,139 @@
+"""The Ray Tune side of a search: the Optuna searcher, the ASHA scheduler, the live progress line,
+and the Tuner (new, or restored from its experiment folder to resume).
+
+The Tune trial reserves no CPU: it only drives its TorchTrainer, whose workers ask for their own
+CPUs/GPUs, or (a lean trial) trains a linear head on cached features, which is light. A CPU held
+by Tune would be one Ray Train cannot get: Tune stages placement groups for upcoming trials, and a
+2-worker trial on 2 cores would wait forever. Ray refuses an empty request, hence one byte of memory.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from raytl.config import SpaceConfig
+from raytl.errors import RaytlError
+from raytl.rundir import read_trial_clock, tick_trial_clock
+from raytl.space import DefineByRun
+from raytl.tensorboard import tensorboard_callback
+from raytl.trial import SearchInputs, run_trial
+
+EXPERIMENT = "tune"
+TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 1}  # see the module docstring
+
+
+def echo_line(line: str) -> None:
+    """The default ``echo``: a module function, so Tune can pickle the callbacks that hold it (Ray
+    swaps ``builtins.print`` during a run, after which the old ``print`` no longer pickles)."""
+    print(line, flush=True)
+
+
+def make_searcher(config: SpaceConfig) -> OptunaSearch:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    s = config.search
+    sampler: optuna.samplers.BaseSampler
+    if s.sampler == "tpe":
+        # multivariate TPE models parameters jointly; group=True keeps that working when some
+        # parameters exist only for some strategies (otherwise it silently samples independently)
+        sampler = optuna.samplers.TPESampler(
+            seed=s.seed, multivariate=True, group=True, n_startup_trials=min(4, s.num_samples)
+        )
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    return OptunaSearch(space=DefineByRun(config.space), metric=s.metric, mode=s.mode,
+                        sampler=sampler)
+
+
+def make_scheduler(config: SpaceConfig) -> TrialScheduler:
+    s = config.search
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class ProgressLine(tune.Callback):
+    """One line per trial result: the live view of the search. It also keeps the driver's clock
+    per trial in the output folder (launched, finished), which ``raytl resume`` reads back."""
+
+    def __init__(self, total: int, metric: str, mode: str, output: Path,
+                 echo: Callable[[str], None]) -> None:
+        self.total, self.metric, self.mode, self.output, self.echo = total, metric, mode, output, echo
+        self.best: float | None = None
+        self.started = time.perf_counter()
+        self.finished = 0
+
+    def setup(self, stop: Any = None, num_samples: int | None = None,
+              total_num_samples: int | None = None, **info: Any) -> None:
+        """At the start, and again on resume: the trials that finished before count as done."""
+        self.finished = sum("finished_at" in t for t in read_trial_clock(self.output).values())
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        tick_trial_clock(self.output, trial.trial_id, "launched_at")
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        value = result.get(self.metric)
+        if value is None:
+            return
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = value
+        config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        self.echo(f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
+                  f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
+                  f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} done, "
+                  f"best {self.best:.4f} | {config}")
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.finished += 1
+        tick_trial_clock(self.output, trial.trial_id, "finished_at")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.finished += 1
+        tick_trial_clock(self.output, trial.trial_id, "finished_at")
+        self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
+
+
+def make_tuner(inputs: SearchInputs, output: Path, *, resume: bool,
+               echo: Callable[[str], None]) -> tune.Tuner:
+    """A new Tuner for the search, or (``resume``) the one restored from its experiment folder:
+    finished trials kept, unfinished ones resumed from their checkpoints, the Optuna study with it."""
+    config = inputs.config
+    trainable = tune.with_resources(tune.with_parameters(run_trial, inputs=inputs), TRIAL_RESOURCES)
+    experiment = f"{inputs.storage.rstrip('/')}/{EXPERIMENT}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise RaytlError(f"{output}: no interrupted search to resume (no Tune experiment "
+                             f"at {experiment})")
+        echo(f"resuming the search in {experiment}")
+        # the run config (callbacks included) and the searcher's state come from the experiment
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    s = config.search
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(config), scheduler=make_scheduler(config), metric=s.metric,
+            mode=s.mode, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=inputs.storage, verbose=0,
+            callbacks=[ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
+                       tensorboard_callback(output / "tensorboard", config.space, config.name)],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        ),
+    )
