@@ -78,18 +78,29 @@ def run(trials: int, tmp: Path) -> dict:
         "data": {"source": "digits", "image_size": 48, "test_fraction": 0.2, "seed": 0},
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
         "scheme": {"kind": "holdout"},
-        "search": {"num_samples": trials, "max_concurrent": 2, "max_epochs": 2, "scheduler": "fifo",
-                   "seed": 0},
+        "search": {
+            "num_samples": trials,
+            "max_concurrent": 2,
+            "max_epochs": 2,
+            "scheduler": "fifo",
+            "seed": 0,
+        },
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [1.0e-3, 3.0e-2]},
-                  "batch_size": {"choice": [32, 64]}},
+        "space": {
+            "strategy": "linear_probe",
+            "head_lr": {"loguniform": [1.0e-3, 3.0e-2]},
+            "batch_size": {"choice": [32, 64]},
+        },
     }
     path, out = tmp / "space.yaml", tmp / "out"
     path.write_text(yaml.safe_dump(space))
     started = time.perf_counter()
-    driver = subprocess.Popen([sys.executable, "-m", "raytl", "search", str(path), "--output",
-                               str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raytl", "search", str(path), "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(driver.stdout), daemon=True)
     reader.start()
@@ -97,17 +108,28 @@ def run(trials: int, tmp: Path) -> dict:
     gcs_pid = None
     while driver.poll() is None:
         if gcs_pid is None or rss_mb(gcs_pid) is None:
-            gcs_pid = next((p for p, n in descendants(driver.pid).items() if n == "gcs_server"), None)
+            gcs_pid = next(
+                (p for p, n in descendants(driver.pid).items() if n == "gcs_server"), None
+            )
         mine = rss_mb(driver.pid)
         if mine is not None:
-            samples.append((time.perf_counter() - started, finished_trials(out / ".trial_clock.json"),
-                            mine, rss_mb(gcs_pid) if gcs_pid else float("nan")))
+            samples.append(
+                (
+                    time.perf_counter() - started,
+                    finished_trials(out / ".trial_clock.json"),
+                    mine,
+                    rss_mb(gcs_pid) if gcs_pid else float("nan"),
+                )
+            )
         time.sleep(0.5)
     reader.join(timeout=5)
     if driver.returncode != 0:
         sys.exit("the search failed:\n" + "".join(log[-40:]))
-    return {"trials": trials, "seconds": time.perf_counter() - started,
-            "samples": np.array(samples, dtype=float)}
+    return {
+        "trials": trials,
+        "seconds": time.perf_counter() - started,
+        "samples": np.array(samples, dtype=float),
+    }
 
 
 def summarize(result: dict) -> dict:
@@ -123,8 +145,12 @@ def summarize(result: dict) -> dict:
     fits = len(np.unique(steady[:, 1])) > 1
     slope = np.polyfit(steady[:, 1], steady[:, 2], 1)[0] if fits else float("nan")
     gcs_slope = np.polyfit(steady[:, 1], steady[:, 3], 1)[0] if fits else float("nan")
-    return {"at": at, "slope_mb_per_trial": float(slope), "gcs_slope_mb_per_trial": float(gcs_slope),
-            "peak_mb": float(s[:, 2].max())}
+    return {
+        "at": at,
+        "slope_mb_per_trial": float(slope),
+        "gcs_slope_mb_per_trial": float(gcs_slope),
+        "peak_mb": float(s[:, 2].max()),
+    }
 
 
 def plot(result: dict) -> None:
@@ -149,13 +175,16 @@ def plot(result: dict) -> None:
 
 def section(result: dict, summary: dict) -> str:
     lines = [
-        HEADING, "",
+        HEADING,
+        "",
         f"`benchmarks/driver_memory.py --trials {result['trials']}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d')}: a real `raytl search` of {result['trials']} cached "
         f"linear-probe trials (digits, 48 px, holdout, 2 epochs, 2 trials at a time, then the refit of the best), "
         f"{result['seconds']:.0f} s in all. Resident memory (VmRSS) sampled twice a second; each "
-        "figure is the median of the samples taken while that many trials were finished.", "",
-        "| finished trials | driver MiB | GCS MiB |", "| ---: | ---: | ---: |",
+        "figure is the median of the samples taken while that many trials were finished.",
+        "",
+        "| finished trials | driver MiB | GCS MiB |",
+        "| ---: | ---: | ---: |",
     ]
     for n, (mine, gcs) in summary["at"].items():
         lines.append(f"| {n} | {mine:.0f} | {gcs:.0f} |")
@@ -164,8 +193,10 @@ def section(result: dict, summary: dict) -> str:
         f"Growth fitted over trials 10 to {result['trials']}: driver "
         f"{summary['slope_mb_per_trial'] * 1024:+.0f} KiB per trial, GCS "
         f"{summary['gcs_slope_mb_per_trial'] * 1024:+.0f} KiB per trial; driver peak "
-        f"{summary['peak_mb']:.0f} MiB.", "",
-        f"![memory over the search]({PLOT.name})", "",
+        f"{summary['peak_mb']:.0f} MiB.",
+        "",
+        f"![memory over the search]({PLOT.name})",
+        "",
     ]
     return "\n".join(lines)
 
@@ -179,9 +210,11 @@ def main() -> None:
     summary = summarize(result)
     for n, (mine, gcs) in summary["at"].items():
         print(f"after {n:4d} trials: driver {mine:7.1f} MiB   GCS {gcs:7.1f} MiB")
-    print(f"growth over trials >= 10: driver {summary['slope_mb_per_trial'] * 1024:+.1f} KiB/trial, "
-          f"GCS {summary['gcs_slope_mb_per_trial'] * 1024:+.1f} KiB/trial; "
-          f"{result['seconds']:.0f} s in all")
+    print(
+        f"growth over trials >= 10: driver {summary['slope_mb_per_trial'] * 1024:+.1f} KiB/trial, "
+        f"GCS {summary['gcs_slope_mb_per_trial'] * 1024:+.1f} KiB/trial; "
+        f"{result['seconds']:.0f} s in all"
+    )
     plot(result)
     write_section(section(result, summary), HEADING)
 

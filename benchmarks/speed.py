@@ -49,8 +49,13 @@ def space(**overrides: Any) -> dict[str, Any]:
         "data": QUICKSTART_DATA,
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
         "scheme": {"kind": "cv", "folds": 2},
-        "search": {"num_samples": 1, "max_concurrent": 1, "max_epochs": 3, "scheduler": "fifo",
-                   "seed": 0},
+        "search": {
+            "num_samples": 1,
+            "max_concurrent": 1,
+            "max_epochs": 3,
+            "scheduler": "fifo",
+            "seed": 0,
+        },
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     }
     for key, value in overrides.items():
@@ -78,30 +83,41 @@ def cache_and_overhead(tmp: Path) -> dict[str, Any]:
     off = search(space(space=probe, search={"num_samples": 2}, cache=False), tmp / "lp_cache_off")
     strategies = {"linear_probe (cached)": on, "linear_probe (cache off)": off}
     for name, params in {
-        "fine_tune": {"strategy": "fine_tune", "freeze_depth": 3, "head_lr": 0.01, "backbone_lr": 0.002},
+        "fine_tune": {
+            "strategy": "fine_tune",
+            "freeze_depth": 3,
+            "head_lr": 0.01,
+            "backbone_lr": 0.002,
+        },
         "lp_ft": {"strategy": "lp_ft", "freeze_depth": 3, "head_lr": 0.01, "backbone_lr": 0.002},
         "scratch": {"strategy": "scratch", "head_lr": 0.01, "backbone_lr": 0.003},
     }.items():
-        strategies[name] = search(space(space={**params, "batch_size": 64},
-                                        search={"max_epochs": 1}), tmp / name)
+        strategies[name] = search(
+            space(space={**params, "batch_size": 64}, search={"max_epochs": 1}), tmp / name
+        )
     rows = []
     for name, table in strategies.items():
-        rows.append({
-            "trials": name, "n": len(table), "epochs": int(table["epochs"].max()),
-            "trial_seconds": float(table["trial_seconds"].mean()),
-            "overhead_seconds": float(table["overhead_seconds"].mean()),
-            "worker_seconds": float(table["worker_seconds"].mean()),
-            "head_only": bool(table["head_only"].all()),
-            "val_accuracy": float(table["val_accuracy_mean"].mean()),
-        })
+        rows.append(
+            {
+                "trials": name,
+                "n": len(table),
+                "epochs": int(table["epochs"].max()),
+                "trial_seconds": float(table["trial_seconds"].mean()),
+                "overhead_seconds": float(table["overhead_seconds"].mean()),
+                "worker_seconds": float(table["worker_seconds"].mean()),
+                "head_only": bool(table["head_only"].all()),
+                "val_accuracy": float(table["val_accuracy_mean"].mean()),
+            }
+        )
     return {"rows": rows, "speedup": rows[1]["trial_seconds"] / rows[0]["trial_seconds"]}
 
 
 # --------------------------------------------------------------------------- 3: worker throughput
 
 
-def plain_epoch(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, pre: Any,
-                batch: int, lr: float) -> float:
+def plain_epoch(
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, pre: Any, batch: int, lr: float
+) -> float:
     """What a user would write: a DataLoader over uint8 tensors, resize + normalise, AdamW."""
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
@@ -126,8 +142,16 @@ def throughput() -> dict[str, Any]:
     data = config.data.load()
     pool, _ = carve_test(data.labels, 0.2, 0, data.class_names)
     train, val = stratified_split(data.labels, pool, 0.2, 0, data.class_names, "benchmark")
-    hp = config.hyperparameters({"strategy": "fine_tune", "freeze_depth": 0, "head_lr": 0.003,
-                                 "backbone_lr": 0.003, "batch_size": 64, "epochs": 1})
+    hp = config.hyperparameters(
+        {
+            "strategy": "fine_tune",
+            "freeze_depth": 0,
+            "head_lr": 0.003,
+            "backbone_lr": 0.003,
+            "batch_size": 64,
+            "epochs": 1,
+        }
+    )
     raytl_rates, plain_rates = [], []
     for _ in range(3):  # alternate, so drift in the machine's speed hits both alike
         torch.manual_seed(0)
@@ -135,8 +159,16 @@ def throughput() -> dict[str, Any]:
         raytl_rates.append(trainer.run_epoch()["images_per_second"])
         torch.manual_seed(0)
         model = create_model("efficientnet_lite0", 10, "package")
-        plain_rates.append(plain_epoch(model, data.images[train], data.labels[train],
-                                       preprocessing_for(model, 48), 64, 0.003))
+        plain_rates.append(
+            plain_epoch(
+                model,
+                data.images[train],
+                data.labels[train],
+                preprocessing_for(model, 48),
+                64,
+                0.003,
+            )
+        )
     r, p = statistics.median(raytl_rates), statistics.median(plain_rates)
     return {"raytl": r, "plain": p, "ratio": r / p, "images": len(train), "runs": 3}
 
@@ -145,13 +177,20 @@ def throughput() -> dict[str, Any]:
 
 
 def transfer_vs_scratch(limit: int, epochs: int) -> dict[str, Any]:
-    config = parse_space(space(data={"source": "fashion-mnist", "limit": limit}), "benchmarks/speed.py")
+    config = parse_space(
+        space(data={"source": "fashion-mnist", "limit": limit}), "benchmarks/speed.py"
+    )
     data = config.data.load()
     pool, _ = carve_test(data.labels, 0.2, 0, data.class_names)
     train, val = stratified_split(data.labels, pool, 0.2, 0, data.class_names, "benchmark")
     curves = {}
     for name, params in {
-        "fine_tune": {"strategy": "fine_tune", "freeze_depth": 1, "head_lr": 0.01, "backbone_lr": 0.002},
+        "fine_tune": {
+            "strategy": "fine_tune",
+            "freeze_depth": 1,
+            "head_lr": 0.01,
+            "backbone_lr": 0.002,
+        },
         "scratch": {"strategy": "scratch", "head_lr": 0.01, "backbone_lr": 0.003},
     }.items():
         hp = config.hyperparameters({**params, "batch_size": 64, "epochs": epochs})
@@ -165,11 +204,17 @@ def transfer_vs_scratch(limit: int, epochs: int) -> dict[str, Any]:
     target = curves["scratch"][-1][2]
     scratch_time = curves["scratch"][-1][1]
     reached = next((p for p in curves["fine_tune"] if p[2] >= target), None)
-    return {"curves": curves, "target": target, "scratch_seconds": scratch_time,
-            "transfer_seconds": reached[1] if reached else math.nan,
-            "transfer_epoch": reached[0] if reached else None,
-            "fraction": (reached[1] / scratch_time) if reached else math.nan,
-            "limit": limit, "train": len(train), "val": len(val)}
+    return {
+        "curves": curves,
+        "target": target,
+        "scratch_seconds": scratch_time,
+        "transfer_seconds": reached[1] if reached else math.nan,
+        "transfer_epoch": reached[0] if reached else None,
+        "fraction": (reached[1] / scratch_time) if reached else math.nan,
+        "limit": limit,
+        "train": len(train),
+        "val": len(val),
+    }
 
 
 # --------------------------------------------------------------------------- 5: search vs plain Tune
@@ -190,20 +235,29 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any]) -> None:
     pre = preprocessing_for(model, 48)
     prepare = BatchPreparer(pre, torch.device("cpu"))
     blocks = list(model.blocks)
-    frozen = {"linear_probe": len(blocks) + 1, "fine_tune": config["freeze_depth"],
-              "lp_ft": config["freeze_depth"], "scratch": 0}[config["strategy"]]
+    frozen = {
+        "linear_probe": len(blocks) + 1,
+        "fine_tune": config["freeze_depth"],
+        "lp_ft": config["freeze_depth"],
+        "scratch": 0,
+    }[config["strategy"]]
     for module in [model.conv_stem, model.bn1, *blocks][:frozen]:
         module.requires_grad_(False)
     head = list(model.get_classifier().parameters())
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
-    optimizer = torch.optim.AdamW([{"params": head, "lr": config["head_lr"]},
-                                   {"params": rest, "lr": config["backbone_lr"]}])
+    optimizer = torch.optim.AdamW(
+        [{"params": head, "lr": config["head_lr"]}, {"params": rest, "lr": config["backbone_lr"]}]
+    )
 
     def accuracy(indices: np.ndarray) -> float:
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model(prepare(data.images[indices[i : i + 256]]))
-                                for i in range(0, len(indices), 256)])
+            logits = torch.cat(
+                [
+                    model(prepare(data.images[indices[i : i + 256]]))
+                    for i in range(0, len(indices), 256)
+                ]
+            )
         return float((logits.argmax(1).numpy() == data.labels[indices]).mean())
 
     rng = np.random.default_rng(0)
@@ -212,8 +266,9 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any]) -> None:
         order = rng.permutation(train)
         for i in range(0, len(order), 64):
             batch = order[i : i + 64]
-            loss = F.cross_entropy(model(prepare(data.images[batch])),
-                                   torch.from_numpy(data.labels[batch]))
+            loss = F.cross_entropy(
+                model(prepare(data.images[batch])), torch.from_numpy(data.labels[batch])
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -242,15 +297,22 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
         data_ref = [ray.put(config.data.load())]
         started = time.perf_counter()
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(plain_trainable, data_ref=data_ref), {"CPU": 1}),
+            tune.with_resources(
+                tune.with_parameters(plain_trainable, data_ref=data_ref), {"CPU": 1}
+            ),
             param_space={
                 "strategy": tune.choice(["linear_probe", "fine_tune", "lp_ft", "scratch"]),
                 "freeze_depth": tune.randint(0, 7),
                 "head_lr": tune.loguniform(1e-3, 3e-2),
                 "backbone_lr": tune.loguniform(1e-4, 3e-3),
             },
-            tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=100,
-                                        max_concurrent_trials=2, time_budget_s=budget),
+            tune_config=tune.TuneConfig(
+                metric="val_accuracy",
+                mode="max",
+                num_samples=100,
+                max_concurrent_trials=2,
+                time_budget_s=budget,
+            ),
             run_config=tune.RunConfig(storage_path=str(tmp / "plain"), verbose=0),
         )
         grid = tuner.fit()
@@ -262,11 +324,15 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     done = frame[frame["epoch"] == 3] if "epoch" in frame else frame.iloc[0:0]
     plain_best = done.sort_values("val_accuracy", ascending=False).iloc[0] if len(done) else None
     return {
-        "budget": budget, "plain_seconds": plain_seconds,
-        "raytl_trials": len(table), "raytl_completed": int((table["status"] == "completed").sum()),
-        "raytl_val": float(best["search_value"]), "raytl_test": float(best["test_accuracy"]),
+        "budget": budget,
+        "plain_seconds": plain_seconds,
+        "raytl_trials": len(table),
+        "raytl_completed": int((table["status"] == "completed").sum()),
+        "raytl_val": float(best["search_value"]),
+        "raytl_test": float(best["test_accuracy"]),
         "raytl_best": best["hyperparameters"]["strategy"],
-        "plain_trials": len(frame), "plain_completed": len(done),
+        "plain_trials": len(frame),
+        "plain_completed": len(done),
         "plain_val": float(plain_best["val_accuracy"]) if plain_best is not None else math.nan,
         "plain_test": float(plain_best["test_accuracy"]) if plain_best is not None else math.nan,
         "plain_best": plain_best["config/strategy"] if plain_best is not None else None,
@@ -285,10 +351,18 @@ def plots(cache: dict[str, Any], transfer: dict[str, Any]) -> list[str]:
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = cache["rows"]
-    axes[0].barh([r["trials"] for r in rows], [r["trial_seconds"] for r in rows], color="tab:blue",
-                 label="whole trial")
-    axes[0].barh([r["trials"] for r in rows], [r["overhead_seconds"] for r in rows],
-                 color="tab:orange", label="launch to first step")
+    axes[0].barh(
+        [r["trials"] for r in rows],
+        [r["trial_seconds"] for r in rows],
+        color="tab:blue",
+        label="whole trial",
+    )
+    axes[0].barh(
+        [r["trials"] for r in rows],
+        [r["overhead_seconds"] for r in rows],
+        color="tab:orange",
+        label="launch to first step",
+    )
     axes[0].set(xlabel="seconds per trial", title="trial time and fixed overhead")
     axes[0].legend(fontsize=8)
     for name, points in transfer["curves"].items():
@@ -308,36 +382,46 @@ SEARCH_HEADING = "## Speed: raytl's search vs a plain Ray Tune script"
 
 def efficiency_lines(e: dict[str, Any], seconds: float | None) -> list[str]:
     return [
-        SEARCH_HEADING, "",
-        (f"One run, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min. Machine: {machine()}. "
-         if seconds else "")
+        SEARCH_HEADING,
+        "",
+        (
+            f"One run, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min. Machine: {machine()}. "
+            if seconds
+            else ""
+        )
         + "raytl: `search_spaces/quickstart.yaml` as shipped (TPE, ASHA, cv 2 folds, feature cache, "
         "refit of the best on train+val). Plain: the same four strategies and ranges, random "
         "search, no early stopping, no cache, a function trainable on one holdout split, "
         "`time_budget_s` set to raytl's whole wall time, 2 trials at once; its best trial by "
-        "validation accuracy is tested on the same untouched test split.", "",
+        "validation accuracy is tested on the same untouched test split.",
+        "",
         "| | wall s | trials | completed | best strategy | best val acc | test acc |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| raytl | {e['budget']:.0f} | {e['raytl_trials']} | {e['raytl_completed']} | "
         f"{e['raytl_best']} | {e['raytl_val']:.4f} (cv) | {e['raytl_test']:.4f} |",
         f"| plain Ray Tune | {e['plain_seconds']:.0f} | {e['plain_trials']} | "
         f"{e['plain_completed']} | {e['plain_best']} | {e['plain_val']:.4f} (holdout) | "
-        f"{e['plain_test']:.4f} |", "",
+        f"{e['plain_test']:.4f} |",
+        "",
         f"In the same wall time, the configuration raytl picked tests "
         f"{e['raytl_test'] - e['plain_test']:+.4f} above the plain script's "
         f"({e['raytl_test']:.4f} vs {e['plain_test']:.4f}), with "
         f"{e['plain_trials'] / max(e['raytl_trials'], 1):.1f}x fewer trials. The plain script's "
         "best validation score is the maximum of many single-split estimates, so it is the more "
         "optimistic one (higher val, lower test); raytl's is a mean over folds, and its pick is "
-        "refit on train+val before the test.", "",
+        "refit on train+val before the test.",
+        "",
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the search comparison")
-    parser.add_argument("--search-only", action="store_true",
-                        help="only the search comparison, written under the Speed section")
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="only the search comparison, written under the Speed section",
+    )
     parser.add_argument("--fashion-limit", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
@@ -346,8 +430,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             efficiency = search_efficiency(Path(folder))
         print(json.dumps(efficiency, indent=1))
-        write_section("\n".join(efficiency_lines(efficiency, time.perf_counter() - started)),
-                      SEARCH_HEADING)
+        write_section(
+            "\n".join(efficiency_lines(efficiency, time.perf_counter() - started)), SEARCH_HEADING
+        )
         return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -359,51 +444,76 @@ def main() -> None:
         print(json.dumps({k: v for k, v in transfer.items() if k != "curves"}, indent=1))
         efficiency = None if args.quick else search_efficiency(tmp)
         if efficiency:
-            print(json.dumps(efficiency,
-                             indent=1))
+            print(json.dumps(efficiency, indent=1))
     images = plots(cache, transfer)
     lines = [
-        "## Speed (`benchmarks/speed.py`)", "",
+        "## Speed (`benchmarks/speed.py`)",
+        "",
         f"One run, {time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.0f} min. "
-        f"Machine: {machine()}.", "",
-        "### Frozen-feature cache and fixed cost per trial", "",
+        f"Machine: {machine()}.",
+        "",
+        "### Frozen-feature cache and fixed cost per trial",
+        "",
         "Quickstart data (digits, 48 px, cv with 2 folds), one trial at a time, 1 worker x 1 CPU. "
         "`trial_seconds`: from Tune launching the trial to its end, as the driver sees it; "
-        "`overhead_seconds`: launch to the first training step (start-up, model, data, features).", "",
+        "`overhead_seconds`: launch to the first training step (start-up, model, data, features).",
+        "",
         "| trials | n | epochs | trial_seconds | overhead_seconds | worker_seconds | head_only | val_accuracy |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *[f"| {r['trials']} | {r['n']} | {r['epochs']} | {r['trial_seconds']:.1f} | "
-          f"{r['overhead_seconds']:.2f} | {r['worker_seconds']:.2f} | {r['head_only']} | "
-          f"{r['val_accuracy']:.4f} |" for r in cache["rows"]], "",
+        *[
+            f"| {r['trials']} | {r['n']} | {r['epochs']} | {r['trial_seconds']:.1f} | "
+            f"{r['overhead_seconds']:.2f} | {r['worker_seconds']:.2f} | {r['head_only']} | "
+            f"{r['val_accuracy']:.4f} |"
+            for r in cache["rows"]
+        ],
+        "",
         f"A cached linear-probe trial takes **{cache['speedup']:.1f}x** less time than the same "
         "trial without the cache (same epochs, same data, same accuracy up to float rounding); "
         f"its fixed overhead is **{cache['rows'][0]['overhead_seconds']:.2f} s**. The cache itself "
-        "is computed once per search before the first trial (its time is not in the trial's).", "",
-        "### Worker loop vs a plain PyTorch loop", "",
+        "is computed once per search before the first trial (its time is not in the trial's).",
+        "",
+        "### Worker loop vs a plain PyTorch loop",
+        "",
         f"Training images/s of one fine-tuning epoch (all blocks trainable, batch 64, 48 px, "
         f"{speed['images']} digits images), raytl's `UnitTrainer` against a plain DataLoader loop "
         f"on the same model, median of {speed['runs']} alternating runs: raytl "
         f"**{speed['raytl']:.0f}** img/s, plain **{speed['plain']:.0f}** img/s, ratio "
-        f"**{speed['ratio']:.2f}**.", "",
-        "### Transfer vs scratch", "",
+        f"**{speed['ratio']:.2f}**.",
+        "",
+        "### Transfer vs scratch",
+        "",
         f"Fashion-MNIST, {transfer['limit']} images ({transfer['train']} train / {transfer['val']} "
         f"val), 48 px, {args.epochs} epochs each, `raytl train`'s loop. Scratch's final val "
         f"accuracy {transfer['target']:.4f} after {transfer['scratch_seconds']:.0f} s of training; "
-        + (f"fine_tune (freeze 1) reached it after epoch {transfer['transfer_epoch']}, "
-           f"{transfer['transfer_seconds']:.0f} s: **{transfer['fraction']:.0%}** of scratch's time "
-           f"({1 - transfer['fraction']:.0%} less; the seed article claims 85-98% less)."
-           if transfer["transfer_epoch"] else "fine_tune did not reach it."), "",
+        + (
+            f"fine_tune (freeze 1) reached it after epoch {transfer['transfer_epoch']}, "
+            f"{transfer['transfer_seconds']:.0f} s: **{transfer['fraction']:.0%}** of scratch's time "
+            f"({1 - transfer['fraction']:.0%} less; the seed article claims 85-98% less)."
+            if transfer["transfer_epoch"]
+            else "fine_tune did not reach it."
+        ),
+        "",
         "| strategy | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " |",
         "| --- |" + " --- |" * args.epochs,
-        *[f"| {name} | " + " | ".join(f"{p[2]:.3f} ({p[1]:.0f} s)" for p in points) + " |"
-          for name, points in transfer["curves"].items()], "",
-        *[f"![{name}]({name})" for name in images], "",
+        *[
+            f"| {name} | " + " | ".join(f"{p[2]:.3f} ({p[1]:.0f} s)" for p in points) + " |"
+            for name, points in transfer["curves"].items()
+        ],
+        "",
+        *[f"![{name}]({name})" for name in images],
+        "",
     ]
     if efficiency:
-        lines += ["### raytl's search vs a plain Ray Tune script, same wall time", "",
-                  *efficiency_lines(efficiency, None)[2:]]
-    lines += ["GPU: no GPU machine was available to this run; the worker loop's bf16 autocast, "
-              "channels_last and pinned non-blocking copies are exercised only on CPU here.", ""]
+        lines += [
+            "### raytl's search vs a plain Ray Tune script, same wall time",
+            "",
+            *efficiency_lines(efficiency, None)[2:],
+        ]
+    lines += [
+        "GPU: no GPU machine was available to this run; the worker loop's bf16 autocast, "
+        "channels_last and pinned non-blocking copies are exercised only on CPU here.",
+        "",
+    ]
     write_section("\n".join(lines), "## Speed")
     if efficiency and SEARCH_HEADING in DOC.read_text():  # an older --search-only run: superseded
         write_section("", SEARCH_HEADING)

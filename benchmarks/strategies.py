@@ -27,7 +27,12 @@ DOC = REPO / "docs" / "benchmarks.md"
 
 STRATEGIES = {
     "linear_probe": {"strategy": "linear_probe", "head_lr": 0.02},
-    "fine_tune": {"strategy": "fine_tune", "freeze_depth": 1, "head_lr": 0.01, "backbone_lr": 0.002},
+    "fine_tune": {
+        "strategy": "fine_tune",
+        "freeze_depth": 1,
+        "head_lr": 0.01,
+        "backbone_lr": 0.002,
+    },
     "lp_ft": {"strategy": "lp_ft", "freeze_depth": 1, "head_lr": 0.01, "backbone_lr": 0.002},
     "scratch": {"strategy": "scratch", "head_lr": 0.01, "backbone_lr": 0.003},
 }
@@ -39,11 +44,14 @@ DATASETS = {
 
 
 def run(data: dict, params: dict, epochs: int) -> dict:
-    config = parse_space({
-        "data": data,
-        "search": {"max_epochs": epochs},
-        "space": {**params, "batch_size": 64},
-    }, "benchmarks/strategies.py")
+    config = parse_space(
+        {
+            "data": data,
+            "search": {"max_epochs": epochs},
+            "space": {**params, "batch_size": 64},
+        },
+        "benchmarks/strategies.py",
+    )
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         summary = train_single(config, Path(out), progress=False, echo=lambda line: None)
@@ -52,9 +60,11 @@ def run(data: dict, params: dict, epochs: int) -> dict:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
+    )
 
 
 def main() -> None:
@@ -67,29 +77,37 @@ def main() -> None:
     for dataset, data in datasets.items():
         for name, params in STRATEGIES.items():
             s = run(data, params, args.epochs)
-            row = (f"| {dataset} | {name} | {s['data']['train']} / {s['data']['val']} / "
-                   f"{s['data']['test']} | {s['val_accuracy']:.3f} | {s['test_accuracy']:.3f} | "
-                   f"{s['wall']:.1f} |")
+            row = (
+                f"| {dataset} | {name} | {s['data']['train']} / {s['data']['val']} / "
+                f"{s['data']['test']} | {s['val_accuracy']:.3f} | {s['test_accuracy']:.3f} | "
+                f"{s['wall']:.1f} |"
+            )
             print(row, flush=True)
             rows.append(row)
-    section = "\n".join([
-        "## Strategies (`benchmarks/strategies.py`)",
-        "",
-        f"One configuration per strategy, {args.epochs} epochs, 48 px, batch 64, `raytl train` "
-        "(holdout, no Ray). Machine: " + machine() + ".",
-        "",
-        "| data | strategy | train / val / test images | val acc | test acc | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-    ])
+    section = "\n".join(
+        [
+            "## Strategies (`benchmarks/strategies.py`)",
+            "",
+            f"One configuration per strategy, {args.epochs} epochs, 48 px, batch 64, `raytl train` "
+            "(holdout, no Ray). Machine: " + machine() + ".",
+            "",
+            "| data | strategy | train / val / test images | val acc | test acc | seconds |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
     write_section(section, "## Strategies")
     print(f"\nwritten to {DOC}")
 
 
 def write_section(section: str, heading: str) -> None:
     """Replace (or append) one ``## `` section of docs/benchmarks.md, keeping the others."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured by the scripts in benchmarks/.\n\n"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else "# Benchmarks\n\nFigures measured by the scripts in benchmarks/.\n\n"
+    )
     start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + len(heading))

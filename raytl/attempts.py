@@ -23,9 +23,20 @@ REPORTS = "reports.json"  # the trial's epoch reports up to a checkpoint (its la
 # a restored trial's progress files from what its saved state knew, which lags behind checkpoints
 RESUMED_HISTORY = "resumed_history"
 # the per-epoch values kept for learning curves (history.parquet)
-HISTORY_COLUMNS = ("epoch", "phase", "val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std",
-                   "train_loss", "train_accuracy", "epoch_seconds", "images_per_second",
-                   "worker_seconds", "timestamp")
+HISTORY_COLUMNS = (
+    "epoch",
+    "phase",
+    "val_accuracy",
+    "val_accuracy_std",
+    "val_loss",
+    "val_loss_std",
+    "train_loss",
+    "train_accuracy",
+    "epoch_seconds",
+    "images_per_second",
+    "worker_seconds",
+    "timestamp",
+)
 
 
 ATTEMPT_CLOCK = "attempt_clock.json"
@@ -70,8 +81,12 @@ class Attempt(NamedTuple):
         """The resumed checkpoint's report, for a trial that had already trained every epoch: the
         driver died after the final checkpoint but before Tune saw the trial end, and Tune needs
         the final metrics once more to close it."""
-        return {**(self.last_report or {}), "restarts": self.clock.restarts,
-                "restart_startup_seconds": self.restart_startup_seconds, **self.resumed_history()}
+        return {
+            **(self.last_report or {}),
+            "restarts": self.clock.restarts,
+            "restart_startup_seconds": self.restart_startup_seconds,
+            **self.resumed_history(),
+        }
 
 
 def history_entry(report: dict[str, Any]) -> dict[str, Any]:
@@ -79,19 +94,25 @@ def history_entry(report: dict[str, Any]) -> dict[str, Any]:
     return {**{k: report[k] for k in HISTORY_COLUMNS if k in report}, "timestamp": time.time()}
 
 
-def save_checkpoint_meta(folder: Path, clock: AttemptClock, history: list[dict[str, Any]],
-                         report: dict[str, Any]) -> None:
+def save_checkpoint_meta(
+    folder: Path, clock: AttemptClock, history: list[dict[str, Any]], report: dict[str, Any]
+) -> None:
     """What a checkpoint carries besides the units' states (written by one rank)."""
     clock.save(folder)
     atomic_write(Path(folder) / REPORTS, json.dumps({"history": history, "last": report}))
 
 
-def load_checkpoint_meta(folder: Path) -> tuple[AttemptClock, list[dict[str, Any]], dict[str, Any] | None]:
+def load_checkpoint_meta(
+    folder: Path,
+) -> tuple[AttemptClock, list[dict[str, Any]], dict[str, Any] | None]:
     """What :func:`save_checkpoint_meta` wrote: the clock, the epoch history, the last report."""
     clock, reports = Path(folder) / ATTEMPT_CLOCK, Path(folder) / REPORTS
     saved = json.loads(reports.read_text()) if reports.is_file() else {"history": [], "last": None}
-    return (AttemptClock(**json.loads(clock.read_text())) if clock.is_file() else AttemptClock(),
-            saved["history"], saved["last"])
+    return (
+        AttemptClock(**json.loads(clock.read_text())) if clock.is_file() else AttemptClock(),
+        saved["history"],
+        saved["last"],
+    )
 
 
 def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,8 +125,15 @@ def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def epoch_report(unit_metrics: list[dict[str, Any]], *, units: int, workers: int, total_epochs: int,
-                 clock: AttemptClock, restart_startup_seconds: float) -> dict[str, Any]:
+def epoch_report(
+    unit_metrics: list[dict[str, Any]],
+    *,
+    units: int,
+    workers: int,
+    total_epochs: int,
+    clock: AttemptClock,
+    restart_startup_seconds: float,
+) -> dict[str, Any]:
     """What one epoch reports to Tune: mean/std over units, costs, and every unit's own values."""
     report = {
         **summarize(unit_metrics),
@@ -144,16 +172,24 @@ class WorkerShare(NamedTuple):
     restart_startup_seconds: float
 
 
-def combine(shares: list[WorkerShare], *, units: int, workers: int,
-            total_epochs: int) -> tuple[dict[str, Any], AttemptClock]:
+def combine(
+    shares: list[WorkerShare], *, units: int, workers: int, total_epochs: int
+) -> tuple[dict[str, Any], AttemptClock]:
     """The trial's epoch report and clock from every rank's share."""
     unit_metrics = sorted((m for share in shares for m in share.metrics), key=lambda m: m["unit"])
     clock = shares[0].clock  # every rank resumed from the same checkpoint, so the same clock
     trial_clock = dataclasses.replace(
-        clock, worker_seconds=clock.worker_seconds + sum(s.seconds for s in shares),
+        clock,
+        worker_seconds=clock.worker_seconds + sum(s.seconds for s in shares),
         startup_seconds=max(s.clock.startup_seconds for s in shares),
-        ready_at=max(s.clock.ready_at for s in shares))
-    report = epoch_report(unit_metrics, units=units, workers=workers, total_epochs=total_epochs,
-                          clock=trial_clock,
-                          restart_startup_seconds=max(s.restart_startup_seconds for s in shares))
+        ready_at=max(s.clock.ready_at for s in shares),
+    )
+    report = epoch_report(
+        unit_metrics,
+        units=units,
+        workers=workers,
+        total_epochs=total_epochs,
+        clock=trial_clock,
+        restart_startup_seconds=max(s.restart_startup_seconds for s in shares),
+    )
     return report, trial_clock

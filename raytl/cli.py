@@ -19,15 +19,20 @@ from raytl.errors import RaytlError
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a key of the space file (data.limit=500); a bare hyperparameter name fixes "
-             "it (strategy=fine_tune)",
+        "it (strategy=fine_tune)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raytl", description="Search how best to transfer a pretrained image model to a task.",
+        prog="raytl",
+        description="Search how best to transfer a pretrained image model to a task.",
     )
     parser.add_argument("--version", action="version", version=f"raytl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,40 +41,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="space file (search_spaces/quickstart.yaml)")
     p.add_argument("--output", help="output folder (default: runs/NAME)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+    p.add_argument(
+        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
+    )
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     _add_set(p)
 
     p = sub.add_parser("resume", help="continue an interrupted search in its output folder")
     p.add_argument("dir", help="the search's output folder (it holds space.yaml)")
-    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+    p.add_argument(
+        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
+    )
 
-    p = sub.add_parser("compare", help="run the space once per evaluation scheme and compare cost "
-                                       "and fidelity against untouched test data")
+    p = sub.add_parser(
+        "compare",
+        help="run the space once per evaluation scheme and compare cost "
+        "and fidelity against untouched test data",
+    )
     p.add_argument("space", help="space file (search_spaces/compare_schemes.yaml)")
-    p.add_argument("--schemes", default="holdout,cv,segments",
-                   help="comma-separated schemes to compare (default: holdout,cv,segments)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run everything with this many seeds (search.seed, +1, ...) for the spread")
-    p.add_argument("--refit-sample", type=int,
-                   help="refit only this many (seeded random) distinct configurations per repeat "
-                        "for the test figures (default: all)")
+    p.add_argument(
+        "--schemes",
+        default="holdout,cv,segments",
+        help="comma-separated schemes to compare (default: holdout,cv,segments)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run everything with this many seeds (search.seed, +1, ...) for the spread",
+    )
+    p.add_argument(
+        "--refit-sample",
+        type=int,
+        help="refit only this many (seeded random) distinct configurations per repeat "
+        "for the test figures (default: all)",
+    )
     p.add_argument("--output", help="output folder (default: runs/NAME-compare)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray")
+    p.add_argument(
+        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
+    )
     _add_set(p)
 
     p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray Job (Jobs API)")
     p.add_argument("space", help="space file; it travels with the job")
-    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: "
-                                     "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
-    p.add_argument("--output", help="where the job writes: a folder on the cluster (shared by its "
-                                    "nodes) or a URI such as s3://bucket/runs/NAME "
-                                    "(default: runs/NAME in the job's working directory)")
+    p.add_argument(
+        "--address",
+        help="the cluster's dashboard, http://HEAD:8265 (default: "
+        "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
+    )
+    p.add_argument(
+        "--output",
+        help="where the job writes: a folder on the cluster (shared by its "
+        "nodes) or a URI such as s3://bucket/runs/NAME "
+        "(default: runs/NAME in the job's working directory)",
+    )
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    p.add_argument("--no-package", action="store_true",
-                   help="do not ship the local raytl package; use the one in the cluster image")
+    p.add_argument(
+        "--no-package",
+        action="store_true",
+        help="do not ship the local raytl package; use the one in the cluster image",
+    )
     _add_set(p)
 
     p = sub.add_parser("jobs", help="list the Ray Jobs on a cluster")
@@ -77,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="print (or --follow) a Ray Job's logs")
     p.add_argument("job_id")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
-    p.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    p.add_argument(
+        "--follow", action="store_true", help="stream until the job ends; exit with its status"
+    )
     p = sub.add_parser("stop", help="stop a Ray Job")
     p.add_argument("job_id")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
@@ -92,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
 
-    p = sub.add_parser("predict", help="classify images with a saved model (DIR/best or a train output)")
+    p = sub.add_parser(
+        "predict", help="classify images with a saved model (DIR/best or a train output)"
+    )
     p.add_argument("model_dir")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top", type=int, default=3, help="classes to show per image")
@@ -101,11 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     p = data.add_parser("inspect", help="classes, counts per class, unreadable files")
-    p.add_argument("source", help="an image folder, a folder of Parquet shards, digits, "
-                                  "fashion-mnist or synthetic")
-    p.add_argument("--max-pixels", type=int,
-                   help="flag images larger than this as decompression bombs (data.max_pixels; "
-                        "default: the space files' default)")
+    p.add_argument(
+        "source",
+        help="an image folder, a folder of Parquet shards, digits, fashion-mnist or synthetic",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="flag images larger than this as decompression bombs (data.max_pixels; "
+        "default: the space files' default)",
+    )
     p = data.add_parser("convert", help="write an image folder as Parquet shards")
     p.add_argument("imagefolder")
     p.add_argument("out_dir")
@@ -113,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
-                      lineno: int, line: str | None = None) -> str:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
     return f"raytl: warning: {message}\n"
 
 
@@ -168,12 +215,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     schemes = parse_schemes(args.schemes)
     config = load_space(args.space, list(args.overrides))
-    output = prepare_output(Path(args.output or f"runs/{config.name}-compare"),
-                            overwrite=args.overwrite)
+    output = prepare_output(
+        Path(args.output or f"runs/{config.name}-compare"), overwrite=args.overwrite
+    )
     if args.overwrite and (output / "runs").is_dir():
         shutil.rmtree(output / "runs")
-    run_compare(config, output, schemes=schemes, repeats=args.repeats,
-                refit_sample=args.refit_sample, address=args.address)
+    run_compare(
+        config,
+        output,
+        schemes=schemes,
+        repeats=args.repeats,
+        refit_sample=args.refit_sample,
+        address=args.address,
+    )
     return 0
 
 
@@ -182,9 +236,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from raytl.jobs import submit
 
     name = load_space(args.space, list(args.overrides), local_paths=False).name
-    return submit(Path(args.space), address=args.address, output=args.output or f"runs/{name}",
-                  overrides=list(args.overrides), num_samples=args.num_samples,
-                  wait=not args.no_wait, package=not args.no_package)
+    return submit(
+        Path(args.space),
+        address=args.address,
+        output=args.output or f"runs/{name}",
+        overrides=list(args.overrides),
+        num_samples=args.num_samples,
+        wait=not args.no_wait,
+        package=not args.no_package,
+    )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -210,7 +270,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = write_report(Path(args.dir))
     print(f"wrote {path}")
-    print(f"review the trials: tensorboard --logdir {Path(args.dir) / 'tensorboard'} --host 127.0.0.1")
+    print(
+        f"review the trials: tensorboard --logdir {Path(args.dir) / 'tensorboard'} --host 127.0.0.1"
+    )
     return 0
 
 
@@ -221,8 +283,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_space(args.space, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    output = prepare_output(Path(args.output or f"runs/{config.name}-train-{stamp}"),
-                            overwrite=args.overwrite)
+    output = prepare_output(
+        Path(args.output or f"runs/{config.name}-train-{stamp}"), overwrite=args.overwrite
+    )
     progress = not args.no_progress and sys.stderr.isatty()
     train_single(config, output, progress=progress)
     print(f"saved to {output}")

@@ -43,8 +43,9 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
         try:
             value = path.read_text().strip()
         except OSError as exc:
-            raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
-                             f"({exc.strerror or exc})") from None
+            raise RaytlError(
+                f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file ({exc.strerror or exc})"
+            ) from None
         if not value:
             raise RaytlError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
         return Token(value, f"RAY_AUTH_TOKEN_PATH ({path})")
@@ -98,17 +99,23 @@ def init_ray(address: str | None) -> bool:
             wants = token is not None and "RAY_AUTH_MODE" not in os.environ
         if wants:
             if token is None:
-                raise RaytlError(f"the Ray cluster at {address} uses token authentication and no "
-                                 "token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or "
-                                 "put it in ~/.ray/auth_token)")
+                raise RaytlError(
+                    f"the Ray cluster at {address} uses token authentication and no "
+                    "token was found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or "
+                    "put it in ~/.ray/auth_token)"
+                )
             # Ray only sends a token when told to (never turns authentication off)
             os.environ["RAY_AUTH_MODE"] = "token"
             Config.initialize("")  # Ray reads the mode once; make it read it again
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
-            hint = ("" if token else "; if the cluster uses token authentication, set "
-                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)")
+            hint = (
+                ""
+                if token
+                else "; if the cluster uses token authentication, set "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)"
+            )
             raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}{hint}") from None
         return True
     # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
@@ -116,8 +123,13 @@ def init_ray(address: str | None) -> bool:
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
     # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
     # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
-    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=free_port(), **kwargs)
+    context = ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        **kwargs,
+    )
     # Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
     # cluster through /tmp/ray/ray_current_cluster, which only `ray start` and
     # ray.cluster_utils write. Left pointing at a cluster that is gone, every stopped trial's
@@ -151,8 +163,12 @@ def check_resources(config: SpaceConfig) -> None:
     r = config.resources
     assign_units(config.scheme.size, r.workers_per_trial)  # raises if W does not fit U
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= r.cpus_per_worker
-            and n["Resources"].get("GPU", 0) >= r.gpus_per_worker]
+    fits = [
+        n
+        for n in nodes
+        if n["Resources"].get("CPU", 0) >= r.cpus_per_worker
+        and n["Resources"].get("GPU", 0) >= r.gpus_per_worker
+    ]
     if not fits:
         biggest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes)
         raise RaytlError(

@@ -76,16 +76,24 @@ def parse_schemes(text: str) -> list[str]:
     wrong = [s for s in schemes if s not in SCHEMES]
     if wrong or not schemes:
         named = ", ".join(wrong) if wrong else repr(text)
-        raise RaytlError(f"--schemes: {named} is not a scheme; "
-                         f"expected a comma-separated list of {', '.join(SCHEMES)}")
+        raise RaytlError(
+            f"--schemes: {named} is not a scheme; "
+            f"expected a comma-separated list of {', '.join(SCHEMES)}"
+        )
     if len(set(schemes)) != len(schemes):
         raise RaytlError(f"--schemes: {text!r} names a scheme twice")
     return schemes
 
 
 def run_compare(
-    config: SpaceConfig, output: Path, *, schemes: Sequence[str] = tuple(SCHEMES), repeats: int = 1,
-    refit_sample: int | None = None, address: str | None = None, echo: Echo = echo_line,
+    config: SpaceConfig,
+    output: Path,
+    *,
+    schemes: Sequence[str] = tuple(SCHEMES),
+    repeats: int = 1,
+    refit_sample: int | None = None,
+    address: str | None = None,
+    echo: Echo = echo_line,
 ) -> pd.DataFrame:
     """Run the space once per scheme and repeat, refit the configurations, write the comparison."""
     if repeats < 1:
@@ -97,8 +105,11 @@ def run_compare(
     write_skipped(output, data)
     with ray_session(address):
         shared = share_inputs(config, data, storage_for(config, output), echo)
-        trials = [table for repeat in range(repeats)
-                  for table in compare_once(shared, data, output, schemes, repeat, refit_sample, echo)]
+        trials = [
+            table
+            for repeat in range(repeats)
+            for table in compare_once(shared, data, output, schemes, repeat, refit_sample, echo)
+        ]
     trial_table = pd.concat(trials, ignore_index=True)
     summary = summarize(trial_table, config.search.metric)
     write_compare(output, config, data, trial_table, summary, time.perf_counter() - started)
@@ -106,8 +117,15 @@ def run_compare(
     return summary
 
 
-def compare_once(shared: SearchInputs, data: ImageData, output: Path, schemes: Sequence[str],
-                 repeat: int, refit_sample: int | None, echo: Echo) -> list[pd.DataFrame]:
+def compare_once(
+    shared: SearchInputs,
+    data: ImageData,
+    output: Path,
+    schemes: Sequence[str],
+    repeat: int,
+    refit_sample: int | None,
+    echo: Echo,
+) -> list[pd.DataFrame]:
     """One repeat: every scheme's search with the repeat's seed, then the refits of what they tried."""
     seed = shared.config.search.seed + repeat
     tables = {scheme: search_scheme(shared, data, output, scheme, seed, echo) for scheme in schemes}
@@ -117,13 +135,15 @@ def compare_once(shared: SearchInputs, data: ImageData, output: Path, schemes: S
     tests = refit_configurations(shared, tables, seed, refit_sample, echo)
     for table in tables.values():
         for column, name in (("test_accuracy", "test_accuracy"), ("refit_seconds", "seconds")):
-            table[column] = [getattr(tests[k], name) if k in tests else math.nan
-                             for k in table["config_key"]]
+            table[column] = [
+                getattr(tests[k], name) if k in tests else math.nan for k in table["config_key"]
+            ]
     return list(tables.values())
 
 
-def search_scheme(shared: SearchInputs, data: ImageData, output: Path, scheme: str, seed: int,
-                  echo: Echo) -> pd.DataFrame:
+def search_scheme(
+    shared: SearchInputs, data: ImageData, output: Path, scheme: str, seed: int, echo: Echo
+) -> pd.DataFrame:
     """One scheme's own search (no refit) in ``output/runs/SCHEME_seedN``, on the shared inputs."""
     config = scheme_config(shared.config, scheme, seed)
     run_dir = output / "runs" / run_name(scheme, seed)
@@ -141,8 +161,9 @@ def search_scheme(shared: SearchInputs, data: ImageData, output: Path, scheme: s
     return table
 
 
-def refit_configurations(shared: SearchInputs, tables: dict[str, pd.DataFrame], seed: int,
-                         sample: int | None, echo: Echo) -> dict[str, RefitResult]:
+def refit_configurations(
+    shared: SearchInputs, tables: dict[str, pd.DataFrame], seed: int, sample: int | None, echo: Echo
+) -> dict[str, RefitResult]:
     """Refit each distinct configuration the schemes tried (or a seeded random ``sample`` of them)
     on the whole training pool, as parallel Ray tasks; the result per configuration key."""
     distinct: dict[str, dict[str, Any]] = {}
@@ -153,24 +174,35 @@ def refit_configurations(shared: SearchInputs, tables: dict[str, pd.DataFrame], 
     if sample is not None and sample < len(keys):
         keys = sorted(np.random.default_rng(seed).choice(keys, size=sample, replace=False).tolist())
     echo(f"refitting {len(keys)} configuration(s) on the whole training pool for the test figures")
-    config = dataclasses.replace(shared.config,
-                                 search=dataclasses.replace(shared.config.search, seed=seed))
+    config = dataclasses.replace(
+        shared.config, search=dataclasses.replace(shared.config.search, seed=seed)
+    )
     refit = remote_refit(config)
     futures = {}
     for key in keys:
         hp = config.hyperparameters(distinct[key])
-        futures[key] = refit.remote(config, hp, shared.data, shared.features.get(hp.backbone_name), False)
+        futures[key] = refit.remote(
+            config, hp, shared.data, shared.features.get(hp.backbone_name), False
+        )
     return {key: ray.get(future) for key, future in futures.items()}
 
 
 def machine_description() -> str:
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    return (
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+    )
 
 
-def write_compare(output: Path, config: SpaceConfig, data: Any, trials: pd.DataFrame,
-                  summary: pd.DataFrame, seconds: float) -> Path:
+def write_compare(
+    output: Path,
+    config: SpaceConfig,
+    data: Any,
+    trials: pd.DataFrame,
+    summary: pd.DataFrame,
+    seconds: float,
+) -> Path:
     """compare.parquet (per scheme and repeat), compare_trials.parquet, plots and compare.md."""
     for name, frame in (("compare.parquet", summary), ("compare_trials.parquet", trials)):
         write_parquet(output / name, frame)
@@ -180,9 +212,49 @@ def write_compare(output: Path, config: SpaceConfig, data: Any, trials: pd.DataF
     agg = aggregate(summary)
     shown = agg[["scheme", "repeats"] + [c for c in agg.columns if c.endswith("_mean")]].copy()
     shown.columns = [c.removesuffix("_mean") for c in shown.columns]
-    s = config.search
     lines = [
-        f"# Evaluation schemes compared: {config.name}", "",
+        *_header_lines(config, data, summary, seconds),
+        "## Per scheme" + (" (means over repeats)" if (agg["repeats"] > 1).any() else ""),
+        "",
+        markdown_table(shown),
+        "",
+        *verdict(agg),
+        "",
+        "Columns: wall_seconds is the search's elapsed time; worker_seconds sums the training "
+        "workers' time; score_std is the mean spread of a trial's score across its units; "
+        "kendall_tau/spearman rank the scheme's trials by validation score against their refit "
+        f"test accuracy; selected_test_accuracy is the test accuracy of the trial with the best "
+        f"{metric}; regret is how far that is below the best test accuracy of any configuration "
+        "tried in the same repeat (by any scheme). Test figures come from refitting each "
+        "configuration on the whole training pool, for this analysis only.",
+        "",
+    ]
+    if (agg["repeats"] > 1).any():
+        spread = agg[["scheme"] + [c for c in agg.columns if c.endswith("_std")]]
+        lines += ["## Spread over repeats (std)", "", markdown_table(spread), ""]
+    lines += [
+        "## Per repeat",
+        "",
+        markdown_table(summary.drop(columns=["oracle_test_accuracy"])),
+        "",
+        "## Plots",
+        "",
+        "![validation score vs test accuracy](compare_val_vs_test.png)",
+        "",
+        "![cost and fidelity](compare_cost_fidelity.png)",
+        "",
+        "Each scheme's own search (results, report, TensorBoard runs) is under `runs/`.",
+    ]
+    return atomic_write(output / "compare.md", "\n".join(lines) + "\n")
+
+
+def _header_lines(
+    config: SpaceConfig, data: Any, summary: pd.DataFrame, seconds: float
+) -> list[str]:
+    s = config.search
+    return [
+        f"# Evaluation schemes compared: {config.name}",
+        "",
         f"Data: {data.source}, {len(data)} images, {len(data.class_names)} classes, "
         f"{config.data.image_size} px, test fraction {config.data.test_fraction} (carved once, "
         f"never seen by a search). Model: {config.model.backbone} ({config.model.pretrained}).",
@@ -192,24 +264,6 @@ def write_compare(output: Path, config: SpaceConfig, data: Any, trials: pd.DataF
         f"per trial. Schemes: holdout (val fraction {config.data.val_fraction}), "
         f"cv ({config.scheme.folds} folds), segments ({config.scheme.segments} segments). "
         f"Seeds: {', '.join(str(v) for v in sorted(summary['seed'].unique()))}.",
-        f"Machine: {machine_description()}. Whole comparison: {seconds:.0f} s.", "",
-        "## Per scheme" + (" (means over repeats)" if (agg["repeats"] > 1).any() else ""), "",
-        markdown_table(shown), "",
-        *verdict(agg), "",
-        "Columns: wall_seconds is the search's elapsed time; worker_seconds sums the training "
-        "workers' time; score_std is the mean spread of a trial's score across its units; "
-        "kendall_tau/spearman rank the scheme's trials by validation score against their refit "
-        f"test accuracy; selected_test_accuracy is the test accuracy of the trial with the best "
-        f"{metric}; regret is how far that is below the best test accuracy of any configuration "
-        "tried in the same repeat (by any scheme). Test figures come from refitting each "
-        "configuration on the whole training pool, for this analysis only.", "",
+        f"Machine: {machine_description()}. Whole comparison: {seconds:.0f} s.",
+        "",
     ]
-    if (agg["repeats"] > 1).any():
-        spread = agg[["scheme"] + [c for c in agg.columns if c.endswith("_std")]]
-        lines += ["## Spread over repeats (std)", "", markdown_table(spread), ""]
-    lines += ["## Per repeat", "", markdown_table(summary.drop(columns=["oracle_test_accuracy"])), "",
-              "## Plots", "",
-              "![validation score vs test accuracy](compare_val_vs_test.png)", "",
-              "![cost and fidelity](compare_cost_fidelity.png)", "",
-              "Each scheme's own search (results, report, TensorBoard runs) is under `runs/`."]
-    return atomic_write(output / "compare.md", "\n".join(lines) + "\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,9 @@ def rank_correlations(scores: Sequence[float], tests: Sequence[float]) -> tuple[
     return float(kendalltau(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
-def selection_regret(scores: Sequence[float], tests: Sequence[float], oracle: float) -> tuple[float, float]:
+def selection_regret(
+    scores: Sequence[float], tests: Sequence[float], oracle: float
+) -> tuple[float, float]:
     """The test accuracy of the highest-scoring configuration, and how far it is below ``oracle``.
 
     Ties on the score go to the earlier entry (the order the search would have reported them).
@@ -58,25 +61,42 @@ def summarize(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
             tests = t["test_accuracy"].to_numpy(dtype=float)
             tau, rho = rank_correlations(scores, tests)
             chosen, regret = selection_regret(scores, tests, oracle)
-            rows.append({
-                "repeat": int(repeat), "seed": int(t["seed"].to_numpy()[0]), "scheme": scheme,
-                "trials": len(t), "completed": int((t["status"] == "completed").sum()),
-                "stopped": int((t["status"] == "stopped").sum()),
-                "errors": int((t["status"] == "error").sum()),
-                "epochs": int(t["epochs"].sum()),
-                "wall_seconds": float(t["search_wall_seconds"].iloc[0]),
-                "worker_seconds": float(t["worker_seconds"].sum()),
-                "units": int(t["units"].max()) if t["units"].notna().any() else 0,
-                "score_std": float(t[f"{metric}_std"].mean()),
-                "kendall_tau": tau, "spearman": rho,
-                "selected_test_accuracy": chosen, "oracle_test_accuracy": oracle, "regret": regret,
-                "refit": int(t["test_accuracy"].notna().sum()),
-            })
+            rows.append(
+                {
+                    "repeat": int(repeat),
+                    "seed": int(t["seed"].to_numpy()[0]),
+                    "scheme": scheme,
+                    "trials": len(t),
+                    "completed": int((t["status"] == "completed").sum()),
+                    "stopped": int((t["status"] == "stopped").sum()),
+                    "errors": int((t["status"] == "error").sum()),
+                    "epochs": int(t["epochs"].sum()),
+                    "wall_seconds": float(t["search_wall_seconds"].iloc[0]),
+                    "worker_seconds": float(t["worker_seconds"].sum()),
+                    "units": int(t["units"].max()) if t["units"].notna().any() else 0,
+                    "score_std": float(t[f"{metric}_std"].mean()),
+                    "kendall_tau": tau,
+                    "spearman": rho,
+                    "selected_test_accuracy": chosen,
+                    "oracle_test_accuracy": oracle,
+                    "regret": regret,
+                    "refit": int(t["test_accuracy"].notna().sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-FIGURES = ("wall_seconds", "worker_seconds", "completed", "epochs", "score_std", "kendall_tau",
-           "spearman", "selected_test_accuracy", "regret")
+FIGURES = (
+    "wall_seconds",
+    "worker_seconds",
+    "completed",
+    "epochs",
+    "score_std",
+    "kendall_tau",
+    "spearman",
+    "selected_test_accuracy",
+    "regret",
+)
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -95,39 +115,68 @@ def verdict(agg: pd.DataFrame) -> list[str]:
     by = agg.set_index("scheme")
     cheapest = by["worker_seconds_mean"].idxmin()
     dearest = by["worker_seconds_mean"].idxmax()
-    ratio = by.loc[dearest, "worker_seconds_mean"] / max(by.loc[cheapest, "worker_seconds_mean"], 1e-9)
-    lines.append(f"**Cost:** {cheapest} was the cheapest ({by.loc[cheapest, 'worker_seconds_mean']:.0f} "
-                 f"worker-seconds); {dearest} cost {ratio:.1f}x as much.")
+    ratio = by.loc[dearest, "worker_seconds_mean"] / max(
+        by.loc[cheapest, "worker_seconds_mean"], 1e-9
+    )
+    lines.append(
+        f"**Cost:** {cheapest} was the cheapest ({by.loc[cheapest, 'worker_seconds_mean']:.0f} "
+        f"worker-seconds); {dearest} cost {ratio:.1f}x as much."
+    )
     if by["kendall_tau_mean"].notna().any():
         best_rank = by["kendall_tau_mean"].idxmax()
-        lines.append(f"**Ranking:** {best_rank}'s validation scores agreed best with test accuracy "
-                     f"(Kendall tau {by.loc[best_rank, 'kendall_tau_mean']:.2f}; "
-                     + ", ".join(f"{s} {v:.2f}" for s, v in by["kendall_tau_mean"].items()
-                                 if s != best_rank and not math.isnan(v)) + ").")
+        lines.append(
+            f"**Ranking:** {best_rank}'s validation scores agreed best with test accuracy "
+            f"(Kendall tau {by.loc[best_rank, 'kendall_tau_mean']:.2f}; "
+            + ", ".join(
+                f"{s} {v:.2f}"
+                for s, v in by["kendall_tau_mean"].items()
+                if s != best_rank and not math.isnan(v)
+            )
+            + ")."
+        )
     else:
         lines.append("**Ranking:** too few refit trials per scheme for a rank correlation.")
     if by["regret_mean"].notna().any():
-        low = by["regret_mean"].min()
-        winners = [s for s, v in by["regret_mean"].items() if abs(v - low) < 1e-9]
-        others = [f"{s} {v:.4f}" for s, v in by["regret_mean"].items() if s not in winners]
-        if others:
-            lines.append(f"**Selection:** {', '.join(winners)} picked the configuration closest to "
-                         f"the best test accuracy found (regret {low:.4f}; {', '.join(others)}).")
-        else:
-            lines.append(f"**Selection:** every scheme picked a configuration with the same test "
-                         f"accuracy (regret {low:.4f} for all).")
-        if cheapest in winners:
-            lines.append(f"**Verdict:** for this budget {cheapest} chose as well as any scheme at the "
-                         f"lowest cost.")
-        else:
-            best = min(winners, key=lambda s: by.loc[s, "worker_seconds_mean"])
-            gain = by.loc[cheapest, "regret_mean"] - by.loc[best, "regret_mean"]
-            extra = by.loc[best, "worker_seconds_mean"] / max(by.loc[cheapest, "worker_seconds_mean"], 1e-9)
-            lines.append(f"**Verdict:** {best}'s {extra:.1f}x cost bought {gain:.4f} test accuracy over "
-                         f"{cheapest}'s pick.")
+        lines += _selection_lines(by, cheapest)
     if (agg["repeats"] > 1).any():
         lines.append("Figures are means over repeats; see the std columns for how much they move.")
     else:
-        lines.append("One repeat: differences of a trial or two are within noise; use --repeats to "
-                     "see the spread.")
+        lines.append(
+            "One repeat: differences of a trial or two are within noise; use --repeats to "
+            "see the spread."
+        )
+    return lines
+
+
+def _selection_lines(by: pd.DataFrame, cheapest: Any) -> list[str]:
+    """Which schemes picked closest to the best test accuracy, and what the extra cost bought."""
+    lines = []
+    low = by["regret_mean"].min()
+    winners: list[Any] = [s for s, v in by["regret_mean"].items() if abs(v - low) < 1e-9]
+    others = [f"{s} {v:.4f}" for s, v in by["regret_mean"].items() if s not in winners]
+    if others:
+        lines.append(
+            f"**Selection:** {', '.join(map(str, winners))} picked the configuration closest to "
+            f"the best test accuracy found (regret {low:.4f}; {', '.join(others)})."
+        )
+    else:
+        lines.append(
+            f"**Selection:** every scheme picked a configuration with the same test "
+            f"accuracy (regret {low:.4f} for all)."
+        )
+    if cheapest in winners:
+        lines.append(
+            f"**Verdict:** for this budget {cheapest} chose as well as any scheme at the "
+            f"lowest cost."
+        )
+    else:
+        best = min(winners, key=lambda s: by.loc[s, "worker_seconds_mean"])
+        gain = by.loc[cheapest, "regret_mean"] - by.loc[best, "regret_mean"]
+        extra = by.loc[best, "worker_seconds_mean"] / max(
+            by.loc[cheapest, "worker_seconds_mean"], 1e-9
+        )
+        lines.append(
+            f"**Verdict:** {best}'s {extra:.1f}x cost bought {gain:.4f} test accuracy over "
+            f"{cheapest}'s pick."
+        )
     return lines

@@ -65,21 +65,40 @@ class DataConfig:
         for name in ("test_fraction", "val_fraction"):
             value = getattr(self, name)
             require(0 < value < 1, name, f"expected in (0, 1), got {value}")
-        require(self.limit is None or self.limit >= 10, "limit", f"expected >= 10 images, got {self.limit}")
+        require(
+            self.limit is None or self.limit >= 10,
+            "limit",
+            f"expected >= 10 images, got {self.limit}",
+        )
         require(self.max_pixels > 0, "max_pixels", f"expected > 0, got {self.max_pixels}")
-        require(self.synthetic_classes >= 2, "synthetic_classes",
-                f"expected >= 2, got {self.synthetic_classes}")
-        require(self.synthetic_per_class >= 4, "synthetic_per_class",
-                f"expected >= 4, got {self.synthetic_per_class}")
-        require(self.source not in ("imagefolder", "parquet") or bool(self.path), "path",
-                f"the {self.source} source needs a path")
+        require(
+            self.synthetic_classes >= 2,
+            "synthetic_classes",
+            f"expected >= 2, got {self.synthetic_classes}",
+        )
+        require(
+            self.synthetic_per_class >= 4,
+            "synthetic_per_class",
+            f"expected >= 4, got {self.synthetic_per_class}",
+        )
+        require(
+            self.source not in ("imagefolder", "parquet") or bool(self.path),
+            "path",
+            f"the {self.source} source needs a path",
+        )
 
     def load(self) -> ImageData:
         """The images this section names, decoded (``limit`` applied, unreadable files skipped)."""
         return load_data(
-            self.source, path=self.path, image_size=self.image_size, limit=self.limit,
-            seed=self.seed, on_bad_file=self.on_bad_file, max_pixels=self.max_pixels,
-            download=self.download, synthetic_classes=self.synthetic_classes,
+            self.source,
+            path=self.path,
+            image_size=self.image_size,
+            limit=self.limit,
+            seed=self.seed,
+            on_bad_file=self.on_bad_file,
+            max_pixels=self.max_pixels,
+            download=self.download,
+            synthetic_classes=self.synthetic_classes,
             synthetic_per_class=self.synthetic_per_class,
         )
 
@@ -131,10 +150,16 @@ class SearchConfig:
     def __post_init__(self) -> None:
         for name in ("num_samples", "max_concurrent", "max_epochs"):
             require(getattr(self, name) >= 1, name, f"expected >= 1, got {getattr(self, name)}")
-        require(1 <= self.grace_period <= self.max_epochs, "grace_period",
-                f"expected in [1, max_epochs={self.max_epochs}], got {self.grace_period}")
-        require(self.reduction_factor >= 2, "reduction_factor",
-                f"expected >= 2, got {self.reduction_factor}")
+        require(
+            1 <= self.grace_period <= self.max_epochs,
+            "grace_period",
+            f"expected in [1, max_epochs={self.max_epochs}], got {self.grace_period}",
+        )
+        require(
+            self.reduction_factor >= 2,
+            "reduction_factor",
+            f"expected >= 2, got {self.reduction_factor}",
+        )
         require(self.max_failures >= 0, "max_failures", f"expected >= 0, got {self.max_failures}")
 
     @property
@@ -156,14 +181,28 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
-        require(self.workers_per_trial >= 1, "workers_per_trial",
-                f"expected >= 1, got {self.workers_per_trial}")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", f"expected > 0, got {self.cpus_per_worker}")
-        require(self.gpus_per_worker >= 0, "gpus_per_worker", f"expected >= 0, got {self.gpus_per_worker}")
+        require(
+            self.workers_per_trial >= 1,
+            "workers_per_trial",
+            f"expected >= 1, got {self.workers_per_trial}",
+        )
+        require(
+            self.cpus_per_worker > 0, "cpus_per_worker", f"expected > 0, got {self.cpus_per_worker}"
+        )
+        require(
+            self.gpus_per_worker >= 0,
+            "gpus_per_worker",
+            f"expected >= 0, got {self.gpus_per_worker}",
+        )
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "scheme": SchemeConfig,
-                             "search": SearchConfig, "resources": ResourcesConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "scheme": SchemeConfig,
+    "search": SearchConfig,
+    "resources": ResourcesConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -191,7 +230,11 @@ class SpaceConfig:
         for name, value in values.items():  # tables hold ints as floats (3.0), numpy scalars, ...
             if hasattr(value, "item"):
                 value = value.item()
-            if base_type(field_hints[name]) is int and isinstance(value, float) and value.is_integer():
+            if (
+                base_type(field_hints[name]) is int
+                and isinstance(value, float)
+                and value.is_integer()
+            ):
                 value = int(value)
             values[name] = value
         values["backbone"] = values.get("backbone") or self.model.backbone
@@ -212,8 +255,9 @@ class SpaceConfig:
         return out
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None, *,
-               local_paths: bool = True) -> SpaceConfig:
+def load_space(
+    path: str | Path, overrides: list[str] | None = None, *, local_paths: bool = True
+) -> SpaceConfig:
     """Read, override (``--set key=value``) and validate a space file.
 
     ``local_paths=False`` skips the checks that data and checkpoint paths exist here (``raytl
@@ -228,7 +272,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None, *,
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
-        raise ConfigError(source, where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(
+            source, where, f"not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -269,17 +315,23 @@ def _mapping(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     return value
 
 
-def parse_space(raw: dict[str, Any], source: str = "<memory>", *,
-                local_paths: bool = True) -> SpaceConfig:
+def parse_space(
+    raw: dict[str, Any], source: str = "<memory>", *, local_paths: bool = True
+) -> SpaceConfig:
     """Validate a space file's mapping; every problem raises a :class:`ConfigError`."""
     reject_unknown(raw, ["name", "cache", "space", *SECTIONS], source, "")
     name = raw.get("name", Path(source).stem if source != "<memory>" else "raytl")
     if not isinstance(name, str) or not name:
         raise ConfigError(source, "name", f"expected a non-empty string, got {name!r}")
-    sections: dict[str, Any] = {key: build_dataclass(cls, _mapping(raw, key, source), source, key)
-                for key, cls in SECTIONS.items()}
+    sections: dict[str, Any] = {
+        key: build_dataclass(cls, _mapping(raw, key, source), source, key)
+        for key, cls in SECTIONS.items()
+    }
     cache = raw.get("cache", True)
-    if isinstance(cache, str) and cache.lower() in ("on", "off"):  # YAML 1.2 readers keep them strings
+    if isinstance(cache, str) and cache.lower() in (
+        "on",
+        "off",
+    ):  # YAML 1.2 readers keep them strings
         cache = cache.lower() == "on"
     if not isinstance(cache, bool):
         raise ConfigError(source, "cache", f"expected on or off, got {cache!r}")
@@ -293,7 +345,9 @@ def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
     """The checks that span sections: paths exist, backbones and weights fit, freeze depth and
     probe epochs are within bounds."""
     src, d = config.source, config.data
-    needs_path = d.source in ("imagefolder", "parquet") or (d.source == "fashion-mnist" and not d.download)
+    needs_path = d.source in ("imagefolder", "parquet") or (
+        d.source == "fashion-mnist" and not d.download
+    )
     if local_paths and d.path and needs_path and not Path(d.path).exists():
         raise ConfigError(src, "data.path", f"no such file or folder: {d.path}")
     backbone_key = "space.backbone" if "backbone" in config.space else "model.backbone"
@@ -312,8 +366,11 @@ def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
         check_positive(config.space)
         epochs = max(config.options("epochs", config.search.max_epochs))
         for v in config.options("lp_epochs", None):
-            require(v is None or v < epochs, "space.lp_epochs",
-                    f"expected fewer than the epochs ({epochs}), got {v}")
+            require(
+                v is None or v < epochs,
+                "space.lp_epochs",
+                f"expected fewer than the epochs ({epochs}), got {v}",
+            )
     except InvalidValue as exc:
         raise ConfigError(src, exc.key, exc.message) from None
 
@@ -328,6 +385,8 @@ def _check_freeze_depth(config: SpaceConfig, depths: dict[str, int]) -> None:
     fixed_backbone = backbone is None or backbone.kind == "const"
     limit = min(depths.values()) if fixed_backbone else max(depths.values())
     names = ", ".join(f"{b}: {n}" for b, n in depths.items())
-    require(high <= limit, "space.freeze_depth",
-            f"{high} is beyond the backbone's block count ({names}); expected <= {limit}")
-
+    require(
+        high <= limit,
+        "space.freeze_depth",
+        f"{high} is beyond the backbone's block count ({names}); expected <= {limit}",
+    )

@@ -88,8 +88,10 @@ def weights_identity(backbone: str, pretrained: str) -> str:
 
 def feature_key(backbone: str, pretrained: str, data: ImageData, pre: Preprocessing) -> FeatureKey:
     return FeatureKey(
-        backbone=backbone, weights=weights_identity(backbone, pretrained),
-        image_size=pre.image_size, data=data.fingerprint,
+        backbone=backbone,
+        weights=weights_identity(backbone, pretrained),
+        image_size=pre.image_size,
+        data=data.fingerprint,
         preprocessing=json.dumps(asdict(pre), sort_keys=True),
     )
 
@@ -125,10 +127,13 @@ def write_features(root: str, key: FeatureKey, features: np.ndarray) -> str:
     """Write the cache to a temporary name, then rename it into place (never half-visible)."""
     features = np.ascontiguousarray(features, dtype=np.float32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1])
-    table = pa.table({"row": pa.array(np.arange(len(features), dtype=np.int64)), "features": column})
+    table = pa.table(
+        {"row": pa.array(np.arange(len(features), dtype=np.int64)), "features": column}
+    )
     table = table.replace_schema_metadata({"raytl_key": json.dumps(asdict(key), sort_keys=True)})
-    return Storage(root).write(f"{key.digest()}/{FEATURES_FILE}",
-                               lambda path: pq.write_table(table, path))
+    return Storage(root).write(
+        f"{key.digest()}/{FEATURES_FILE}", lambda path: pq.write_table(table, path)
+    )
 
 
 @contextlib.contextmanager
@@ -156,8 +161,14 @@ class CacheResult:
     seconds: float
 
 
-def ensure_features(root: str, backbone: str, pretrained: str, data: ImageData, image_size: int,
-                    device: torch.device | None = None) -> CacheResult:
+def ensure_features(
+    root: str,
+    backbone: str,
+    pretrained: str,
+    data: ImageData,
+    image_size: int,
+    device: torch.device | None = None,
+) -> CacheResult:
     """Read the features for this key, or compute and store them (once, under the lock)."""
     started = time.perf_counter()
     device = device or default_device()
@@ -174,7 +185,9 @@ def ensure_features(root: str, backbone: str, pretrained: str, data: ImageData, 
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        matrix = pooled_features(model, BatchPreparer(pre, device), data.images, device).cpu().numpy()
+        matrix = (
+            pooled_features(model, BatchPreparer(pre, device), data.images, device).cpu().numpy()
+        )
         write_features(root, key, matrix)
     return CacheResult(matrix, key, True, time.perf_counter() - started)
 
@@ -194,30 +207,45 @@ def cacheable_backbones(config: SpaceConfig) -> list[str]:
 FeatureRefs = dict[str, Any]  # backbone -> ray.ObjectRef of its (N, D) feature matrix
 
 
-def prepare_feature_cache(config: SpaceConfig, data_ref: Any, storage: str,
-                          echo: Callable[[str], None]) -> FeatureRefs:
+def prepare_feature_cache(
+    config: SpaceConfig, data_ref: Any, storage: str, echo: Callable[[str], None]
+) -> FeatureRefs:
     """Compute (or read) the frozen features once per backbone, before any trial starts (the
     single producer), on a worker-sized Ray task; trials get them through the object store."""
     backbones = cacheable_backbones(config)
     r = config.resources
-    task: Any = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                      num_returns=2)(features_task)
+    task: Any = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, num_returns=2)(
+        features_task
+    )
     root = Storage(storage).uri_of("feature_cache")
     refs = {}
     for backbone in backbones:
-        features_ref, info_ref = task.remote(root, backbone, config.model.pretrained, data_ref,
-                                             config.data.image_size, r.cpus_per_worker)
+        features_ref, info_ref = task.remote(
+            root,
+            backbone,
+            config.model.pretrained,
+            data_ref,
+            config.data.image_size,
+            r.cpus_per_worker,
+        )
         info = ray.get(info_ref)
-        echo(f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
-             f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})")
+        echo(
+            f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
+            f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})"
+        )
         refs[backbone] = features_ref
     return refs
 
 
-def features_task(root: str, backbone: str, pretrained: str, data: ImageData,
-                  image_size: int, cpus: float) -> tuple[np.ndarray, dict[str, Any]]:
+def features_task(
+    root: str, backbone: str, pretrained: str, data: ImageData, image_size: int, cpus: float
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The Ray task behind :func:`prepare_feature_cache` (``data`` arrives from the object store)."""
     torch.set_num_threads(max(1, int(cpus)))
     result = ensure_features(root, backbone, pretrained, data, image_size)
-    return result.features, {"computed": result.computed, "seconds": result.seconds,
-                             "shape": result.features.shape, "path": entry_path(root, result.key)}
+    return result.features, {
+        "computed": result.computed,
+        "seconds": result.seconds,
+        "shape": result.features.shape,
+        "path": entry_path(root, result.key),
+    }

@@ -35,8 +35,10 @@ def client(address: str | None) -> Any:
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise RaytlError("no cluster address: pass --address http://HEAD:8265 (the dashboard, "
-                         "reached through an SSH tunnel or port-forward) or set RAY_ADDRESS")
+        raise RaytlError(
+            "no cluster address: pass --address http://HEAD:8265 (the dashboard, "
+            "reached through an SSH tunnel or port-forward) or set RAY_ADDRESS"
+        )
     if "://" not in address:
         address = f"http://{address}"
     token = find_token()
@@ -44,8 +46,9 @@ def client(address: str | None) -> Any:
     try:
         jobs = JobSubmissionClient(address, headers=headers)
     except ConnectionError as exc:
-        raise RaytlError(f"cannot reach the Ray dashboard at {address}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise RaytlError(
+            f"cannot reach the Ray dashboard at {address}: {str(exc).splitlines()[0]}"
+        ) from None
     except Exception as exc:  # AuthenticationError and friends
         raise _auth_error(exc, address, token) from None
     return _Checked(jobs, address, token)
@@ -58,11 +61,15 @@ def _auth_error(exc: Exception, address: str, token: Token | None) -> Exception:
         return exc
     text = str(exc)
     if "Authentication required" in text or token is None:
-        return RaytlError(f"the Ray cluster at {address} requires an auth token and none was found: "
-                          "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to the token file, or put it "
-                          "in ~/.ray/auth_token (on the head: `ray get-auth-token`)")
-    return RaytlError(f"the Ray cluster at {address} refused the auth token from {token.source}: "
-                      "it is not this cluster's token")
+        return RaytlError(
+            f"the Ray cluster at {address} requires an auth token and none was found: "
+            "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to the token file, or put it "
+            "in ~/.ray/auth_token (on the head: `ray get-auth-token`)"
+        )
+    return RaytlError(
+        f"the Ray cluster at {address} refused the auth token from {token.source}: "
+        "it is not this cluster's token"
+    )
 
 
 class _Checked:
@@ -78,8 +85,9 @@ class _Checked:
             try:
                 return method(*args, **kwargs)
             except ConnectionError as exc:
-                raise RaytlError(f"lost the Ray dashboard at {self.address}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+                raise RaytlError(
+                    f"lost the Ray dashboard at {self.address}: {str(exc).splitlines()[0]}"
+                ) from None
             except RuntimeError as exc:
                 if "does not exist" in str(exc):
                     raise RaytlError(f"no such job on {self.address}: {exc}") from None
@@ -102,8 +110,11 @@ def stage(space: Path, package: bool) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="raytl-job-"))
     shutil.copy2(space, staging / "space.yaml")
     if package:
-        shutil.copytree(Path(__file__).resolve().parent, staging / "raytl",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(__file__).resolve().parent,
+            staging / "raytl",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     return staging
 
 
@@ -121,9 +132,17 @@ def entrypoint(output: str, overrides: list[str], num_samples: int | None) -> st
     return shlex.join(args)
 
 
-def submit(space: Path, *, address: str | None, output: str, overrides: list[str],
-           num_samples: int | None = None, wait: bool = True, package: bool = True,
-           echo: Callable[[str], None] = print) -> int:
+def submit(
+    space: Path,
+    *,
+    address: str | None,
+    output: str,
+    overrides: list[str],
+    num_samples: int | None = None,
+    wait: bool = True,
+    package: bool = True,
+    echo: Callable[[str], None] = print,
+) -> int:
     """Submit the search; with ``wait`` follow its logs and return the job's exit status."""
     space = Path(space)
     # a wrong space fails here, not minutes later on the cluster (its paths are the cluster's)
@@ -133,8 +152,10 @@ def submit(space: Path, *, address: str | None, output: str, overrides: list[str
     try:
         job_id = jobs.submit_job(
             entrypoint=entrypoint(output, overrides, num_samples),
-            runtime_env={"working_dir": str(staging),
-                         "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+            runtime_env={
+                "working_dir": str(staging),
+                "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+            },
             metadata={"raytl_space": space.name},
         )
     finally:
@@ -160,8 +181,10 @@ def follow(jobs: _Checked, job_id: str, echo: Callable[[str], None] = print) -> 
         echo(f"(log stream ended: {exc})")
     status = str(_wait_terminal(jobs, job_id))
     info = jobs.get_job_info(job_id)
-    echo(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message
-                                      else ""))
+    echo(
+        f"job {job_id}: {status}"
+        + (f" ({info.message})" if status != "SUCCEEDED" and info.message else "")
+    )
     return TERMINAL.get(status, 1)
 
 
@@ -185,8 +208,9 @@ def list_jobs(address: str | None, echo: Callable[[str], None] = print) -> int:
     return 0
 
 
-def logs(job_id: str, address: str | None, follow_logs: bool,
-         echo: Callable[[str], None] = print) -> int:
+def logs(
+    job_id: str, address: str | None, follow_logs: bool, echo: Callable[[str], None] = print
+) -> int:
     jobs = client(address)
     if follow_logs:
         return follow(jobs, job_id, echo)

@@ -63,10 +63,14 @@ def count_blocks(backbone: str) -> int:
 def check_pretrained(backbone: str, pretrained: str, check_path: bool = True) -> None:
     """Validate ``model.pretrained`` up front (before any trial starts); the config names the key."""
     if pretrained == "package" and backbone != PACKAGE_BACKBONE:
-        raise RaytlError(f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
-                         "use hub (online), none, or a checkpoint path")
+        raise RaytlError(
+            f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
+            "use hub (online), none, or a checkpoint path"
+        )
     if check_path and pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
-        raise RaytlError(f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}")
+        raise RaytlError(
+            f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}"
+        )
     if check_path and pretrained not in PRETRAINED_KEYWORDS:  # a file made for another network
         try:  # fails here, once, instead of in every trial
             load_checkpoint_weights(timm.create_model(backbone, pretrained=False), Path(pretrained))
@@ -109,7 +113,9 @@ def load_package_weights(model: nn.Module) -> None:
             f"{path}: {len(source)} tensors, but timm's {PACKAGE_BACKBONE} has {len(target)}"
         )
     mapped = {}
-    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items(), strict=True):
+    for (src_name, tensor), (dst_name, expected) in zip(
+        source.items(), target.items(), strict=True
+    ):
         if tensor.shape != expected.shape:
             raise RaytlError(
                 f"{path}: tensor {src_name} {tuple(tensor.shape)} does not fit {dst_name} "
@@ -141,7 +147,9 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch {wrong[:3]}"
         raise RaytlError(f"{path}: does not fit {type(model).__name__}: {detail}")
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in head}, strict=False)
+    model.load_state_dict(
+        {k: v for k, v in state.items() if k in own and k not in head}, strict=False
+    )
 
 
 def _head_module_names(model: nn.Module) -> set[str]:
@@ -169,28 +177,44 @@ def backbone_blocks(model: nn.Module) -> list[list[str]]:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, prepare: Callable[[np.ndarray], torch.Tensor],
-                    images: np.ndarray, device: torch.device, batch: int = 256) -> torch.Tensor:
+def pooled_features(
+    model: nn.Module,
+    prepare: Callable[[np.ndarray], torch.Tensor],
+    images: np.ndarray,
+    device: torch.device,
+    batch: int = 256,
+) -> torch.Tensor:
     """Pre-logit features of the model's backbone in eval mode, float32, one row per image."""
     model.eval()
     chunks = []
     for start in range(0, len(images), batch):
         x = prepare(images[start : start + batch])
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = timm_api(model).forward_head(timm_api(model).forward_features(x), pre_logits=True)
+        with torch.autocast(
+            device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
+            feats = timm_api(model).forward_head(
+                timm_api(model).forward_features(x), pre_logits=True
+            )
         chunks.append(feats.float())
     return torch.cat(chunks) if chunks else torch.empty(0, device=device)
 
 
 def save_model(
-    out_dir: Path, model: nn.Module, *, backbone: str, class_names: list[str],
-    preprocessing: Preprocessing, extra: dict[str, Any] | None = None,
+    out_dir: Path,
+    model: nn.Module,
+    *,
+    backbone: str,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write weights (safetensors), config and class names; each file written then renamed."""
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_safetensors(model, tmp))
     config = {
-        "backbone": backbone, "num_classes": len(class_names),
-        "preprocessing": asdict(preprocessing), **(extra or {}),
+        "backbone": backbone,
+        "num_classes": len(class_names),
+        "preprocessing": asdict(preprocessing),
+        **(extra or {}),
     }
     atomic_write(out_dir / "config.json", to_json(config))
     atomic_write(out_dir / "class_names.json", to_json(list(class_names)))
@@ -214,7 +238,9 @@ def load_saved_model(model_dir: Path) -> tuple[nn.Module, Preprocessing, list[st
     model.eval()
     pre = config["preprocessing"]
     preprocessing = Preprocessing(
-        mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-        interpolation=pre["interpolation"], image_size=int(pre["image_size"]),
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        interpolation=pre["interpolation"],
+        image_size=int(pre["image_size"]),
     )
     return model, preprocessing, class_names, config

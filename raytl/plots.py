@@ -17,8 +17,16 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 from raytl.strategies import STRATEGIES  # noqa: E402
 
 # one colour per registered strategy, in registry order (matplotlib's tab10 cycle)
-STRATEGY_COLOURS = dict(zip(STRATEGIES, [f"tab:{c}" for c in (
-    "blue", "orange", "green", "red", "purple", "brown", "pink", "olive", "cyan")], strict=False))
+STRATEGY_COLOURS = dict(
+    zip(
+        STRATEGIES,
+        [
+            f"tab:{c}"
+            for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "olive", "cyan")
+        ],
+        strict=False,
+    )
+)
 
 
 def _colour(strategy: str) -> str:
@@ -33,8 +41,13 @@ def metric_per_trial(results: pd.DataFrame, metric: str, maximise: bool) -> Figu
     ax.scatter(order, values, c=[_colour(s) for s in results["strategy"]], zorder=3)
     filled = np.where(np.isnan(values), -np.inf if maximise else np.inf, values)
     running = np.maximum.accumulate(filled) if maximise else np.minimum.accumulate(filled)
-    ax.step(order, np.where(np.isfinite(running), running, np.nan), where="post", color="black",
-            label="running best")
+    ax.step(
+        order,
+        np.where(np.isfinite(running), running, np.nan),
+        where="post",
+        color="black",
+        label="running best",
+    )
     ax.set(xlabel="trial (in start order)", ylabel=metric, title=f"{metric} per trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _strategy_legend(ax, extra=True)
@@ -60,32 +73,51 @@ def metric_by_strategy(results: pd.DataFrame, metric: str) -> Figure:
 
 def metric_vs_freeze_depth(results: pd.DataFrame, metric: str) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
-    shown = results.dropna(subset=["freeze_depth"]) if "freeze_depth" in results else results.iloc[:0]
+    shown = (
+        results.dropna(subset=["freeze_depth"]) if "freeze_depth" in results else results.iloc[:0]
+    )
     for strategy, group in shown.groupby("strategy"):
-        ax.scatter(group["freeze_depth"], group[f"{metric}_mean"], color=_colour(strategy),
-                   label=strategy, zorder=3)
+        ax.scatter(
+            group["freeze_depth"],
+            group[f"{metric}_mean"],
+            color=_colour(strategy),
+            label=strategy,
+            zorder=3,
+        )
     if not len(shown):
         ax.text(0.5, 0.5, "no trial used freeze_depth", ha="center", transform=ax.transAxes)
     else:
         ax.legend()
-    ax.set(xlabel="freeze_depth (blocks frozen, stem first)", ylabel=metric,
-           title=f"{metric} vs freeze depth")
+    ax.set(
+        xlabel="freeze_depth (blocks frozen, stem first)",
+        ylabel=metric,
+        title=f"{metric} vs freeze depth",
+    )
     fig.tight_layout()
     return fig
 
 
-def learning_curves(history: pd.DataFrame, results: pd.DataFrame, metric: str, maximise: bool,
-                    top: int = 5) -> Figure:
+def learning_curves(
+    history: pd.DataFrame, results: pd.DataFrame, metric: str, maximise: bool, top: int = 5
+) -> Figure:
     """The validation curves (mean over units) of the best ``top`` trials."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ranked = results.sort_values(f"{metric}_mean", ascending=not maximise).head(top)
     styles = ["-", "--", ":", "-.", (0, (5, 1))]  # trials of one strategy share a colour
     for rank, (_, row) in enumerate(ranked.iterrows()):
         curve = history[history["trial_id"] == row["trial_id"]].sort_values("epoch")
-        ax.plot(curve["epoch"], curve[metric], marker="o", color=_colour(row["strategy"]),
-                linestyle=styles[rank % len(styles)], label=f"{row['trial_id']} ({row['strategy']})")
+        ax.plot(
+            curve["epoch"],
+            curve[metric],
+            marker="o",
+            color=_colour(row["strategy"]),
+            linestyle=styles[rank % len(styles)],
+            label=f"{row['trial_id']} ({row['strategy']})",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=f"{metric} (mean over units)", title=f"learning curves, top {top}")
+    ax.set(
+        xlabel="epoch", ylabel=f"{metric} (mean over units)", title=f"learning curves, top {top}"
+    )
     if len(ranked):
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -98,22 +130,32 @@ def confusion_figure(labels: list[int], predictions: list[int], class_names: lis
     size = max(4.0, min(12.0, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
     display = ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=list(range(n)), display_labels=class_names, ax=ax,
-        cmap="Blues", colorbar=False, xticks_rotation=45)
+        labels,
+        predictions,
+        labels=list(range(n)),
+        display_labels=class_names,
+        ax=ax,
+        cmap="Blues",
+        colorbar=False,
+        xticks_rotation=45,
+    )
     matrix = display.confusion_matrix
     accuracy = np.trace(matrix) / max(1, matrix.sum())
-    ax.set(xlabel="predicted", ylabel="true", title=f"test confusion matrix (accuracy {accuracy:.3f})")
+    ax.set(
+        xlabel="predicted", ylabel="true", title=f"test confusion matrix (accuracy {accuracy:.3f})"
+    )
     fig.tight_layout()
     return fig
 
 
 def _strategy_legend(ax: plt.Axes, extra: bool = False) -> None:
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=s)
-               for s, c in STRATEGY_COLOURS.items()]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=c, label=s)
+        for s, c in STRATEGY_COLOURS.items()
+    ]
     if extra:
         handles.append(Line2D([], [], color="black", label="running best"))
     ax.legend(handles=handles, fontsize=8)
-
 
 
 SCHEME_COLOURS = {"holdout": "tab:purple", "cv": "tab:blue", "segments": "tab:olive"}
@@ -122,12 +164,14 @@ SCHEME_COLOURS = {"holdout": "tab:purple", "cv": "tab:blue", "segments": "tab:ol
 def scheme_val_vs_test(trials: pd.DataFrame, metric: str) -> Figure:
     """Per scheme: each trial's validation score against its configuration's refit test accuracy."""
     schemes = list(dict.fromkeys(trials["scheme"]))
-    fig, axes = plt.subplots(1, len(schemes), figsize=(4 * len(schemes), 3.8), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(schemes), figsize=(4 * len(schemes), 3.8), squeeze=False, sharey=True
+    )
     for ax, scheme in zip(axes[0], schemes, strict=True):
         t = trials[trials["scheme"] == scheme]
-        ax.scatter(t[f"{metric}_mean"], t["test_accuracy"], c=[_colour(s) for s in t["strategy"]],
-                   zorder=3)
+        ax.scatter(
+            t[f"{metric}_mean"], t["test_accuracy"], c=[_colour(s) for s in t["strategy"]], zorder=3
+        )
         ax.set(title=scheme, xlabel=f"validation {metric} (the scheme's score)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (refit on the whole pool)")
@@ -140,8 +184,11 @@ def scheme_cost_fidelity(summary: pd.DataFrame) -> Figure:
     """Bars per scheme: worker-seconds, Kendall tau and regret (mean over repeats, std as error)."""
     grouped = summary.groupby("scheme", sort=False)
     mean, std = grouped.mean(numeric_only=True), grouped.std(ddof=1, numeric_only=True).fillna(0)
-    figures = [("worker_seconds", "worker-seconds (cost)"), ("kendall_tau", "Kendall tau (ranking)"),
-               ("regret", "regret of the pick (test acc.)")]
+    figures = [
+        ("worker_seconds", "worker-seconds (cost)"),
+        ("kendall_tau", "Kendall tau (ranking)"),
+        ("regret", "regret of the pick (test acc.)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     for ax, (column, title) in zip(axes, figures, strict=True):
         colours = [SCHEME_COLOURS.get(s, "tab:gray") for s in mean.index]

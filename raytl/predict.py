@@ -25,11 +25,15 @@ def _expand(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ))
+            files.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file()
+                    and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -47,7 +51,9 @@ def predict_paths(model_dir: Path, paths: list[Path], *, top: int = 3) -> list[P
     results: list[Prediction] = []
     for path in _expand(paths):
         try:
-            image = decode_image(path.read_bytes(), size=pre.image_size, max_pixels=DEFAULT_MAX_PIXELS)
+            image = decode_image(
+                path.read_bytes(), size=pre.image_size, max_pixels=DEFAULT_MAX_PIXELS
+            )
         except (UnreadableImage, OSError) as exc:
             results.append(Prediction(str(path), [], str(exc)))
             continue
@@ -55,9 +61,12 @@ def predict_paths(model_dir: Path, paths: list[Path], *, top: int = 3) -> list[P
             logits = model(prepare(image[np.newaxis]))
         probs = torch.softmax(logits.float(), 1)[0].cpu()
         values, indices = probs.topk(min(top, len(class_names)))
-        results.append(Prediction(
-            str(path), [(class_names[i], float(v)) for v, i in zip(values, indices, strict=True)]
-        ))
+        results.append(
+            Prediction(
+                str(path),
+                [(class_names[i], float(v)) for v, i in zip(values, indices, strict=True)],
+            )
+        )
     return results
 
 

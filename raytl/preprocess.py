@@ -59,10 +59,12 @@ class BatchPreparer:
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         # per image: a random resized crop at the model's size and a horizontal flip
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(pre.image_size, scale=AUGMENT_SCALE, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
+        self.augment = v2.Compose(
+            [
+                v2.RandomResizedCrop(pre.image_size, scale=AUGMENT_SCALE, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
 
     def __call__(self, images: np.ndarray, augment: bool = False) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N,3,H,W uint8
@@ -73,8 +75,13 @@ class BatchPreparer:
         x = x.float().div_(255.0)
         size = self.pre.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode=self.pre.interpolation, antialias=True,
-                              align_corners=False if self.pre.interpolation != "nearest" else None)
+            x = F.interpolate(
+                x,
+                size=(size, size),
+                mode=self.pre.interpolation,
+                antialias=True,
+                align_corners=False if self.pre.interpolation != "nearest" else None,
+            )
             x = x.clamp_(0.0, 1.0)  # bicubic overshoots
         x = (x - self.mean) / self.std
         if self.cuda:

@@ -51,30 +51,57 @@ class RefitResult:
 
     def figures(self) -> dict[str, Any]:
         """Everything but the weights and the preprocessing, for ``best/metrics.json``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("state", "preprocessing")}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("state", "preprocessing")
+        }
 
 
-def refit(config: SpaceConfig, hp: Hyperparameters, data: ImageData,
-          features: np.ndarray | None = None, keep_state: bool = True) -> RefitResult:
+def refit(
+    config: SpaceConfig,
+    hp: Hyperparameters,
+    data: ImageData,
+    features: np.ndarray | None = None,
+    keep_state: bool = True,
+) -> RefitResult:
     """Train ``hp`` on the whole pool (train+val), evaluate on the test split.
 
     ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
     """
     started = time.perf_counter()
-    pool, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
-    trainer = UnitTrainer(hp, data, pool, np.array([], dtype=np.int64),
-                          pretrained=config.model.pretrained, image_size=config.data.image_size,
-                          seed=config.search.seed, features=features, compile=config.model.compile)
+    pool, test = carve_test(
+        data.labels, config.data.test_fraction, config.data.seed, data.class_names
+    )
+    trainer = UnitTrainer(
+        hp,
+        data,
+        pool,
+        np.array([], dtype=np.int64),
+        pretrained=config.model.pretrained,
+        image_size=config.data.image_size,
+        seed=config.search.seed,
+        features=features,
+        compile=config.model.compile,
+    )
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
     result = trainer.evaluate(test)
-    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()} if keep_state else None
+    state = (
+        {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()} if keep_state else None
+    )
     return RefitResult(
-        test_accuracy=result.accuracy, test_loss=result.loss, test_images=len(test),
-        train_images=len(pool), train_loss=[h["train_loss"] for h in history],
-        seconds=time.perf_counter() - started, device=str(trainer.device),
-        torch_threads=torch.get_num_threads(), test_predictions=result.predictions.tolist(),
-        test_labels=data.labels[test].tolist(), preprocessing=trainer.pre, state=state,
+        test_accuracy=result.accuracy,
+        test_loss=result.loss,
+        test_images=len(test),
+        train_images=len(pool),
+        train_loss=[h["train_loss"] for h in history],
+        seconds=time.perf_counter() - started,
+        device=str(trainer.device),
+        torch_threads=torch.get_num_threads(),
+        test_predictions=result.predictions.tolist(),
+        test_labels=data.labels[test].tolist(),
+        preprocessing=trainer.pre,
+        state=state,
     )
 
 
@@ -84,29 +111,57 @@ def remote_refit(config: SpaceConfig) -> Any:
     return ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(refit)
 
 
-def refit_best(inputs: SearchInputs, data: ImageData, best: pd.Series, output: Path,
-               echo: Callable[[str], None]) -> dict[str, Any]:
+def refit_best(
+    inputs: SearchInputs,
+    data: ImageData,
+    best: pd.Series,
+    output: Path,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
     config = inputs.config
     hp = config.hyperparameters(sampled_values(best))
-    echo(f"refitting the best trial {best['trial_id']} on train+val: "
-         + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in dataclasses.asdict(hp).items()))
-    result: RefitResult = ray.get(remote_refit(config).remote(
-        config, hp, inputs.data, inputs.features.get(hp.backbone_name), True))
+    echo(
+        f"refitting the best trial {best['trial_id']} on train+val: "
+        + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in dataclasses.asdict(hp).items()
+        )
+    )
+    result: RefitResult = ray.get(
+        remote_refit(config).remote(
+            config, hp, inputs.data, inputs.features.get(hp.backbone_name), True
+        )
+    )
     model = create_model(hp.backbone_name, len(data.class_names), "none")
     model.load_state_dict(result.state or {})
     best_dir = output / "best"
-    summary = {"trial_id": best["trial_id"], "hyperparameters": dataclasses.asdict(hp),
-               "search_metric": config.search.metric,
-               "search_value": float(best[f"{config.search.metric}_mean"]), **result.figures()}
-    save_model(best_dir, model, backbone=hp.backbone_name, class_names=list(data.class_names),
-               preprocessing=result.preprocessing,
-               extra={"hyperparameters": dataclasses.asdict(hp)})
+    summary = {
+        "trial_id": best["trial_id"],
+        "hyperparameters": dataclasses.asdict(hp),
+        "search_metric": config.search.metric,
+        "search_value": float(best[f"{config.search.metric}_mean"]),
+        **result.figures(),
+    }
+    save_model(
+        best_dir,
+        model,
+        backbone=hp.backbone_name,
+        class_names=list(data.class_names),
+        preprocessing=result.preprocessing,
+        extra={"hyperparameters": dataclasses.asdict(hp)},
+    )
     atomic_write(best_dir / "metrics.json", to_json(summary))
     _, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
-    write_refit_images(output / "tensorboard", list(data.class_names), result.test_labels,
-                       result.test_predictions, data.images[test])
-    echo(f"best configuration: test accuracy {result.test_accuracy:.4f} on "
-         f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {best_dir}")
+    write_refit_images(
+        output / "tensorboard",
+        list(data.class_names),
+        result.test_labels,
+        result.test_predictions,
+        data.images[test],
+    )
+    echo(
+        f"best configuration: test accuracy {result.test_accuracy:.4f} on "
+        f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {best_dir}"
+    )
     return summary

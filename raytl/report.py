@@ -43,7 +43,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
         return str(v)
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -54,13 +56,18 @@ def write_report(out: Path) -> Path:
     if not results_path.is_file():
         raise RaytlError(f"{out}: no results.parquet; expected the output folder of `raytl search`")
     results = pd.read_parquet(results_path)
-    space = yaml.safe_load((out / "space.yaml").read_text()) if (out / "space.yaml").is_file() else {}
+    space = (
+        yaml.safe_load((out / "space.yaml").read_text()) if (out / "space.yaml").is_file() else {}
+    )
     metric = (space.get("search") or {}).get("metric", "val_accuracy")
     best_metrics = out / "best" / "metrics.json"
     best = json.loads(best_metrics.read_text()) if best_metrics.is_file() else None
     write_plots(out, results, metric, best)
-    lines = [*_summary_lines(out, results, space, metric, best),
-             *_trial_lines(out, results, metric), *_closing_lines(out, space)]
+    lines = [
+        *_summary_lines(out, results, space, metric, best),
+        *_trial_lines(out, results, metric),
+        *_closing_lines(out, space),
+    ]
     return atomic_write(out / "report.md", "\n".join(lines))
 
 
@@ -68,21 +75,33 @@ def write_plots(out: Path, results: pd.DataFrame, metric: str, best: dict[str, A
     """The report's PNGs beside it (the confusion matrix only when there is a refit model)."""
     maximise = metric_mode(metric) == "max"
     history_path = out / "history.parquet"
-    history = pd.read_parquet(history_path) if history_path.is_file() else pd.DataFrame(
-        columns=["trial_id", "epoch", metric])
+    history = (
+        pd.read_parquet(history_path)
+        if history_path.is_file()
+        else pd.DataFrame(columns=["trial_id", "epoch", metric])
+    )
     ordered = results.sort_values("started_at") if "started_at" in results else results
     save_figure(plots.metric_per_trial(ordered, metric, maximise), out / "metric_per_trial.png")
     save_figure(plots.metric_by_strategy(results, metric), out / "metric_by_strategy.png")
     save_figure(plots.metric_vs_freeze_depth(results, metric), out / "metric_vs_freeze_depth.png")
-    save_figure(plots.learning_curves(history, results, metric, maximise), out / "learning_curves.png")
+    save_figure(
+        plots.learning_curves(history, results, metric, maximise), out / "learning_curves.png"
+    )
     if best and best.get("test_labels"):
         class_names = json.loads((out / "best" / "class_names.json").read_text())
-        save_figure(plots.confusion_figure(best["test_labels"], best["test_predictions"], class_names),
-                    out / "confusion_matrix.png")
+        save_figure(
+            plots.confusion_figure(best["test_labels"], best["test_predictions"], class_names),
+            out / "confusion_matrix.png",
+        )
 
 
-def _summary_lines(out: Path, results: pd.DataFrame, space: dict[str, Any], metric: str,
-                   best: dict[str, Any] | None) -> list[str]:
+def _summary_lines(
+    out: Path,
+    results: pd.DataFrame,
+    space: dict[str, Any],
+    metric: str,
+    best: dict[str, Any] | None,
+) -> list[str]:
     counts = results["status"].value_counts().to_dict()
     lines = [
         f"# Search report: {space.get('name', out.name)}",
@@ -111,11 +130,29 @@ def _summary_lines(out: Path, results: pd.DataFrame, space: dict[str, Any], metr
 
 
 def _trial_lines(out: Path, results: pd.DataFrame, metric: str) -> list[str]:
-    ranked = results.sort_values(f"{metric}_mean", ascending=metric_mode(metric) == "min",
-                                 na_position="last")
-    columns = [c for c in ("trial_id", "status", "strategy", "freeze_depth", "head_lr", "backbone_lr",
-                           "layer_decay", "weight_decay", "augment", f"{metric}_mean", f"{metric}_std",
-                           "epochs", "wall_seconds", "worker_seconds") if c in ranked]
+    ranked = results.sort_values(
+        f"{metric}_mean", ascending=metric_mode(metric) == "min", na_position="last"
+    )
+    columns = [
+        c
+        for c in (
+            "trial_id",
+            "status",
+            "strategy",
+            "freeze_depth",
+            "head_lr",
+            "backbone_lr",
+            "layer_decay",
+            "weight_decay",
+            "augment",
+            f"{metric}_mean",
+            f"{metric}_std",
+            "epochs",
+            "wall_seconds",
+            "worker_seconds",
+        )
+        if c in ranked
+    ]
     shown = ranked[[c for c in columns if c in ranked and ranked[c].notna().any()]]
     lines = ["## Trials", "", markdown_table(shown), "", "## Plots", ""]
     for name, caption in PLOTS.items():

@@ -37,7 +37,10 @@ def _trial_id(result: Any) -> str:
 
 
 def _metric_columns(m: dict[str, Any], metric: str) -> dict[str, Any]:
-    row = {f"{metric}_mean": m.get(metric, math.nan), f"{metric}_std": m.get(f"{metric}_std", math.nan)}
+    row = {
+        f"{metric}_mean": m.get(metric, math.nan),
+        f"{metric}_std": m.get(f"{metric}_std", math.nan),
+    }
     for other in ("val_accuracy", "val_loss"):
         if other != metric:
             row[f"{other}_mean"] = m.get(other, math.nan)
@@ -69,8 +72,9 @@ def _cost_columns(result: Any, m: dict[str, Any], times: dict[str, float]) -> di
     }
 
 
-def results_table(grid: Any, config: SpaceConfig,
-                  clock: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+def results_table(
+    grid: Any, config: SpaceConfig, clock: dict[str, dict[str, float]] | None = None
+) -> pd.DataFrame:
     """One row per trial: sampled values (missing where inactive), status, metrics, costs.
 
     ``clock`` (the progress callback's) adds when the driver launched each trial and saw it end,
@@ -79,11 +83,14 @@ def results_table(grid: Any, config: SpaceConfig,
     rows = []
     for result in grid:
         m, cfg = result.metrics or {}, result.config or {}
-        row: dict[str, Any] = {"trial_id": _trial_id(result),
-                               "status": trial_status(m, failed=result.error is not None)}
+        row: dict[str, Any] = {
+            "trial_id": _trial_id(result),
+            "status": trial_status(m, failed=result.error is not None),
+        }
         row.update({key: cfg.get(key, None) for key in HYPERPARAMETER_NAMES})
-        hp = config.hyperparameters({k: v for k, v in cfg.items()
-                                     if k in HYPERPARAMETER_NAMES and v is not None})
+        hp = config.hyperparameters(
+            {k: v for k, v in cfg.items() if k in HYPERPARAMETER_NAMES and v is not None}
+        )
         row["strategy"], row["backbone"] = hp.strategy, hp.backbone
         row["scheme"], row["units"] = config.scheme.kind, m.get("units")
         row.update(_metric_columns(m, config.search.metric))
@@ -107,8 +114,11 @@ def history_table(grid: Any) -> pd.DataFrame:
         frame = result.metrics_dataframe
         if frame is None or not len(frame) or "epoch" not in frame:
             continue
-        recovered = [pd.DataFrame(json.loads(v)) for v in frame.get(RESUMED_HISTORY, [])
-                     if isinstance(v, str) and v]
+        recovered = [
+            pd.DataFrame(json.loads(v))
+            for v in frame.get(RESUMED_HISTORY, [])
+            if isinstance(v, str) and v
+        ]
         frame = pd.concat([*recovered, frame], ignore_index=True)
         frame = frame[[c for c in frame.columns if c in HISTORY_COLUMNS]].copy()
         frame["trial_id"] = _trial_id(result)
@@ -149,11 +159,22 @@ def format_top(table: pd.DataFrame, metric: str, n: int = 10) -> str:
         return "no trials ran"
     column = f"{metric}_mean"
     shown = table.sort_values(column, ascending=metric_mode(metric) == "min", na_position="last")
-    columns = ["trial_id", "status", "strategy", "freeze_depth", "head_lr", "backbone_lr", column,
-               f"{metric}_std", "epochs", "worker_seconds"]
+    columns = [
+        "trial_id",
+        "status",
+        "strategy",
+        "freeze_depth",
+        "head_lr",
+        "backbone_lr",
+        column,
+        f"{metric}_std",
+        "epochs",
+        "worker_seconds",
+    ]
     shown = shown[[c for c in columns if c in shown]].head(n)
-    with pd.option_context("display.width", 160, "display.max_columns", 20,
-                           "display.float_format", "{:.4g}".format):
+    with pd.option_context(
+        "display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format
+    ):
         return f"top trials by {metric} ({len(table)} in all):\n{shown.to_string(index=False)}"
 
 

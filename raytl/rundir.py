@@ -26,10 +26,22 @@ from raytl.storage import Storage, atomic_write
 
 FINGERPRINT = ".data_fingerprint"
 TRIAL_CLOCK = ".trial_clock.json"  # the driver's clock per trial: launched, finished
-PLOTS = ("metric_per_trial.png", "metric_by_strategy.png", "metric_vs_freeze_depth.png",
-         "learning_curves.png", "confusion_matrix.png")
-PUBLISHED = ("tensorboard", "best", "results.parquet", "results.csv", "history.parquet", "report.md",
-             "space.yaml")
+PLOTS = (
+    "metric_per_trial.png",
+    "metric_by_strategy.png",
+    "metric_vs_freeze_depth.png",
+    "learning_curves.png",
+    "confusion_matrix.png",
+)
+PUBLISHED = (
+    "tensorboard",
+    "best",
+    "results.parquet",
+    "results.csv",
+    "history.parquet",
+    "report.md",
+    "space.yaml",
+)
 SEARCH_OUTPUTS = ("ray", *PUBLISHED, "skipped.txt", *PLOTS, TRIAL_CLOCK, FINGERPRINT)
 
 
@@ -39,10 +51,15 @@ def prepare_output(output: Path, *, overwrite: bool = False) -> Path:
     if output.exists() and not output.is_dir():
         raise RaytlError(f"{output}: exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        hint = (f"`raytl resume {output}` continues its search, " if (output / "space.yaml").is_file()
-                else "")
-        raise RaytlError(f"{output}: already exists and is not empty; {hint}pass --overwrite to "
-                         "replace it, or another --output")
+        hint = (
+            f"`raytl resume {output}` continues its search, "
+            if (output / "space.yaml").is_file()
+            else ""
+        )
+        raise RaytlError(
+            f"{output}: already exists and is not empty; {hint}pass --overwrite to "
+            "replace it, or another --output"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / ".write-test"
@@ -74,16 +91,20 @@ def write_space(output: Path, config: SpaceConfig) -> None:
 def write_skipped(output: Path, data: ImageData) -> None:
     """List every unreadable file that was skipped, with its reason, in ``skipped.txt``."""
     if data.skipped:
-        atomic_write(output / "skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in data.skipped))
+        atomic_write(
+            output / "skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in data.skipped)
+        )
 
 
 def check_same_data(output: Path, data: ImageData, resume: bool) -> None:
     """Record the data's fingerprint; a resumed search must see exactly the same data."""
     path = output / FINGERPRINT
     if resume and path.is_file() and path.read_text().strip() != data.fingerprint:
-        raise RaytlError(f"{output}: the data changed since the search started (fingerprint "
-                         f"{path.read_text().strip()}, now {data.fingerprint}); resuming would mix "
-                         "trials scored on different data")
+        raise RaytlError(
+            f"{output}: the data changed since the search started (fingerprint "
+            f"{path.read_text().strip()}, now {data.fingerprint}); resuming would mix "
+            "trials scored on different data"
+        )
     if not resume or not path.is_file():
         atomic_write(path, data.fingerprint + "\n")
 

@@ -52,7 +52,11 @@ def base_type(hint: Any) -> Any:
     if typing.get_origin(hint) is Annotated:
         return typing.get_args(hint)[0]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return base_type(args[0]) if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    return (
+        base_type(args[0])
+        if args and typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else hint
+    )
 
 
 def reject_unknown(values: dict[str, Any], known: list[str], source: str, prefix: str) -> None:
@@ -61,12 +65,16 @@ def reject_unknown(values: dict[str, Any], known: list[str], source: str, prefix
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(source, where, f"unknown key{hint}; expected one of {', '.join(known)}")
+            raise ConfigError(
+                source, where, f"unknown key{hint}; expected one of {', '.join(known)}"
+            )
 
 
 def _expect_one_of(value: Any, allowed: tuple[Any, ...], source: str, key: str) -> Any:
     if value not in allowed:
-        raise ConfigError(source, key, f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        raise ConfigError(
+            source, key, f"expected one of {', '.join(map(str, allowed))}, got {value!r}"
+        )
     return value
 
 
@@ -100,7 +108,11 @@ def coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ConfigError(source, key, f"expected a number, got {value!r}")
         return float(value)
     if hint is str:
@@ -123,4 +135,6 @@ def build_dataclass(cls: type[T], values: dict[str, Any], source: str, prefix: s
     try:
         return cls(**kwargs)
     except InvalidValue as exc:
-        raise ConfigError(source, f"{prefix}.{exc.key}" if prefix else exc.key, exc.message) from None
+        raise ConfigError(
+            source, f"{prefix}.{exc.key}" if prefix else exc.key, exc.message
+        ) from None

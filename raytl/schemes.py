@@ -44,8 +44,9 @@ class SplitSpec:
 
 
 def _holdout(size: int, s: SplitSpec) -> list[Unit]:
-    train, val = stratified_split(s.labels, s.pool, s.val_fraction, s.seed, s.class_names,
-                                  "the holdout split")
+    train, val = stratified_split(
+        s.labels, s.pool, s.val_fraction, s.seed, s.class_names, "the holdout split"
+    )
     return [Unit("holdout", train, val)]
 
 
@@ -68,8 +69,14 @@ def _segments(count: int, s: SplitSpec) -> list[Unit]:
         parts = [s.pool[part] for _, part in cutter.split(s.pool, s.labels[s.pool])]
     units = []
     for i, part in enumerate(parts):
-        train, val = stratified_split(s.labels, part, s.val_fraction, s.seed + i, s.class_names,
-                                      f"segment {i}'s validation split")
+        train, val = stratified_split(
+            s.labels,
+            part,
+            s.val_fraction,
+            s.seed + i,
+            s.class_names,
+            f"segment {i}'s validation split",
+        )
         units.append(Unit(f"segment_{i}", train, val))
     return units
 
@@ -91,8 +98,16 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-def make_units(kind: str, size: int, labels: np.ndarray, pool: np.ndarray, *, val_fraction: float,
-               seed: int, class_names: tuple[str, ...]) -> list[Unit]:
+def make_units(
+    kind: str,
+    size: int,
+    labels: np.ndarray,
+    pool: np.ndarray,
+    *,
+    val_fraction: float,
+    seed: int,
+    class_names: tuple[str, ...],
+) -> list[Unit]:
     """The scheme's ``size`` units over ``pool``; deterministic for a given seed."""
     spec = SplitSpec(labels, np.asarray(pool), val_fraction, seed, class_names)
     return SCHEMES[kind].cut(size, spec)
@@ -115,7 +130,9 @@ def assign_units(n_units: int, world_size: int) -> list[list[Assignment]]:
     unit trains data-parallel on ``world_size / n_units`` consecutive ranks.
     """
     if world_size <= n_units:
-        return [[Assignment(u, 0, 1) for u in range(r, n_units, world_size)] for r in range(world_size)]
+        return [
+            [Assignment(u, 0, 1) for u in range(r, n_units, world_size)] for r in range(world_size)
+        ]
     if world_size % n_units:
         raise RaytlError(
             f"{world_size} workers cannot share {n_units} units evenly: use at most {n_units} "

@@ -31,8 +31,14 @@ from raytl.tune import echo_line, make_tuner
 Echo = Callable[[str], None]
 
 
-def run_search(config: SpaceConfig, output: Path, *, address: str | None = None,
-               echo: Echo = echo_line, resume: bool = False) -> pd.DataFrame:
+def run_search(
+    config: SpaceConfig,
+    output: Path,
+    *,
+    address: str | None = None,
+    echo: Echo = echo_line,
+    resume: bool = False,
+) -> pd.DataFrame:
     """Run the whole search into ``output`` and return the results table.
 
     ``resume=True`` continues the search whose Tune experiment is on the storage (the driver was
@@ -54,8 +60,10 @@ def run_search(config: SpaceConfig, output: Path, *, address: str | None = None,
         if best is not None:
             refit_best(inputs, data, best, output, echo)
         report = finish_run(config, output)
-    echo(f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
-         f"report in {report}")
+    echo(
+        f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
+        f"report in {report}"
+    )
     echo(f"review the trials: tensorboard --logdir {output / 'tensorboard'} --host 127.0.0.1")
     return table
 
@@ -65,17 +73,20 @@ def storage_for(config: SpaceConfig, output: Path) -> str:
     return Storage(config.search.storage or Path(output) / "ray").uri
 
 
-def record_data(config: SpaceConfig, output: Path, data: ImageData, *, resume: bool,
-                echo: Echo) -> None:
+def record_data(
+    config: SpaceConfig, output: Path, data: ImageData, *, resume: bool, echo: Echo
+) -> None:
     """The data's fingerprint and skipped files in the output folder; the scheme's units checked
     against the classes (one line now, not an error in every trial)."""
     check_same_data(output, data, resume)
     write_skipped(output, data)
     scheme_units(config, data)
-    echo(f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
-         f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
-         f"({config.scheme.size} unit(s)); {config.search.num_samples} trials, "
-         f"{config.resources.workers_per_trial} worker(s) each")
+    echo(
+        f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
+        f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
+        f"({config.scheme.size} unit(s)); {config.search.num_samples} trials, "
+        f"{config.resources.workers_per_trial} worker(s) each"
+    )
 
 
 def share_inputs(config: SpaceConfig, data: ImageData, storage: str, echo: Echo) -> SearchInputs:
@@ -98,7 +109,8 @@ def tune_search(inputs: SearchInputs, output: Path, *, resume: bool, echo: Echo)
         raise RaytlError(
             f"every trial failed ({len(table)} of {len(table)}); the first error: "
             f"{first.iloc[0] if len(first) else 'unknown'} (results.parquet in {output}; each "
-            f"trial's error.txt under {inputs.storage})")
+            f"trial's error.txt under {inputs.storage})"
+        )
     echo("")
     echo(format_top(table, config.search.metric))
     return table

@@ -121,8 +121,10 @@ def parse_param(name: str, entry: Any, source: str) -> ParamSpec:
     extra = [k for k in entry if k not in (*DISTRIBUTIONS, "value", "when", "step")]
     if len(kinds) != 1 or extra:
         raise ConfigError(
-            source, key, "expected a constant or a mapping with exactly one of "
-            f"choice, int, uniform, loguniform, value (plus optional when, step); got keys {sorted(entry)}"
+            source,
+            key,
+            "expected a constant or a mapping with exactly one of "
+            f"choice, int, uniform, loguniform, value (plus optional when, step); got keys {sorted(entry)}",
         )
     kind, body = kinds[0], entry[kinds[0]]
     when = _parse_when(entry.get("when"), source, key)
@@ -146,13 +148,16 @@ def parse_params(space_raw: dict[str, Any], source: str) -> dict[str, ParamSpec]
         for cond, allowed in spec.when.items():
             key, target = f"space.{spec.name}.when.{cond}", specs.get(cond)
             if target is None or target.kind not in ("choice", "const"):
-                raise ConfigError(source, key,
-                                  "a condition must name a choice (or constant) in the space section")
+                raise ConfigError(
+                    source, key, "a condition must name a choice (or constant) in the space section"
+                )
             for v in allowed:  # each value must at least be one the hyperparameter can take
                 coerce(v, hints(Hyperparameters)[cond], source, key)
             bad = [v for v in allowed if v not in target.values]
             if bad and target.kind == "choice":  # a constant (e.g. fixed by --set) may exclude them
-                raise ConfigError(source, key, f"{bad} not among {cond}'s values {list(target.values)}")
+                raise ConfigError(
+                    source, key, f"{bad} not among {cond}'s values {list(target.values)}"
+                )
     condition_order(specs, source)  # no cycles
     return specs
 
@@ -173,8 +178,9 @@ def condition_order(specs: dict[str, ParamSpec], source: str = "<memory>") -> li
         return [specs[name] for name in sorter.static_order()]
     except graphlib.CycleError as exc:
         cycle = list(reversed(exc.args[1]))
-        raise ConfigError(source, f"space.{cycle[0]}.when",
-                          f"circular condition {' -> '.join(cycle)}") from None
+        raise ConfigError(
+            source, f"space.{cycle[0]}.when", f"circular condition {' -> '.join(cycle)}"
+        ) from None
 
 
 class DefineByRun:
@@ -202,7 +208,9 @@ class DefineByRun:
                 high = int(spec.high)
                 if spec.name == "freeze_depth" and "backbone" in values:
                     high = min(high, count_blocks(values["backbone"]))
-                values[spec.name] = trial.suggest_int(spec.name, int(spec.low), high, step=spec.step)
+                values[spec.name] = trial.suggest_int(
+                    spec.name, int(spec.low), high, step=spec.step
+                )
             else:
                 values[spec.name] = trial.suggest_float(
                     spec.name, spec.low, spec.high, log=spec.kind == "loguniform"
@@ -212,6 +220,7 @@ class DefineByRun:
 
 def check_positive(specs: dict[str, ParamSpec]) -> None:
     """Learning rates, sizes and epochs > 0; smoothing and decay in [0, 1]; weight decay >= 0."""
+
     def values(name: str) -> list[Any]:
         spec = specs.get(name)
         return spec.options() if spec is not None else []

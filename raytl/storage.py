@@ -138,9 +138,14 @@ class Storage:
             source = Path(local_folder) / name
             if source.is_dir():
                 for folder in [source, *(p for p in source.rglob("*") if p.is_dir())]:
-                    self.makedirs(folder.relative_to(local_folder).as_posix())  # local fs needs them
-                pafs.copy_files(str(source.resolve()), self.path(name),
-                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+                    self.makedirs(
+                        folder.relative_to(local_folder).as_posix()
+                    )  # local fs needs them
+                pafs.copy_files(
+                    str(source.resolve()),
+                    self.path(name),
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=self.fs,
+                )
             elif source.is_file():
                 self.write(name, source.read_bytes())
-

@@ -72,8 +72,17 @@ def _linear_probe(hp: StrategySettings, n_blocks: int) -> list[Phase]:
 
 
 def _fine_tune(hp: StrategySettings, n_blocks: int) -> list[Phase]:
-    return [Phase("fine_tune", _epochs(hp), min(hp.freeze_depth, n_blocks), hp.head_lr,
-                  hp.backbone_lr, hp.layer_decay, hp.augment)]
+    return [
+        Phase(
+            "fine_tune",
+            _epochs(hp),
+            min(hp.freeze_depth, n_blocks),
+            hp.head_lr,
+            hp.backbone_lr,
+            hp.layer_decay,
+            hp.augment,
+        )
+    ]
 
 
 def _lp_ft(hp: StrategySettings, n_blocks: int) -> list[Phase]:
@@ -83,8 +92,17 @@ def _lp_ft(hp: StrategySettings, n_blocks: int) -> list[Phase]:
     probe_epochs = min(probe_epochs, epochs)
     phases = [Phase("probe", probe_epochs, n_blocks, hp.head_lr, 0.0, 1.0, False)]
     if epochs > probe_epochs:
-        phases.append(Phase("fine_tune", epochs - probe_epochs, min(hp.freeze_depth, n_blocks),
-                            hp.head_lr, hp.backbone_lr, hp.layer_decay, hp.augment))
+        phases.append(
+            Phase(
+                "fine_tune",
+                epochs - probe_epochs,
+                min(hp.freeze_depth, n_blocks),
+                hp.head_lr,
+                hp.backbone_lr,
+                hp.layer_decay,
+                hp.augment,
+            )
+        )
     return phases
 
 
@@ -93,7 +111,9 @@ def _scratch(hp: StrategySettings, n_blocks: int) -> list[Phase]:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "linear_probe": Strategy("linear_probe", True, _linear_probe, probes_first=True, only_probes=True),
+    "linear_probe": Strategy(
+        "linear_probe", True, _linear_probe, probes_first=True, only_probes=True
+    ),
     "fine_tune": Strategy("fine_tune", True, _fine_tune),
     "lp_ft": Strategy("lp_ft", True, _lp_ft, probes_first=True),
     "scratch": Strategy("scratch", False, _scratch),
@@ -123,7 +143,11 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def param_groups(
-    model: nn.Module, blocks: list[list[str]], head: list[str], phase: Phase, weight_decay: float,
+    model: nn.Module,
+    blocks: list[list[str]],
+    head: list[str],
+    phase: Phase,
+    weight_decay: float,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups for the trainable parameters.
 
@@ -147,8 +171,12 @@ def param_groups(
         decay = param.ndim > 1
         group = groups.setdefault(
             (label, decay),
-            {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{label}{'' if decay else '_no_decay'}"},
+            {
+                "params": [],
+                "lr": lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{label}{'' if decay else '_no_decay'}",
+            },
         )
         group["params"].append(param)
 

@@ -34,13 +34,27 @@ from raytl.plots import confusion_figure
 from raytl.results import trial_status
 from raytl.space import ParamSpec
 
-TRIAL_SCALARS = ("val_accuracy", "val_accuracy_std", "val_loss", "val_loss_std", "train_loss",
-                 "train_accuracy", "epoch_seconds", "images_per_second", "worker_seconds")
+TRIAL_SCALARS = (
+    "val_accuracy",
+    "val_accuracy_std",
+    "val_loss",
+    "val_loss_std",
+    "train_loss",
+    "train_accuracy",
+    "epoch_seconds",
+    "images_per_second",
+    "worker_seconds",
+)
 UNIT_SCALARS = ("train_loss", "val_accuracy", "val_loss", "images_per_second")
 # status as a number, so the HParams views can colour and filter by it
 STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0}
-FINAL_METRICS = ("final/val_accuracy", "final/val_accuracy_std", "final/val_loss", "final/epochs",
-                 "final/status")
+FINAL_METRICS = (
+    "final/val_accuracy",
+    "final/val_accuracy_std",
+    "final/val_loss",
+    "final/epochs",
+    "final/status",
+)
 
 
 def run_name(trial_id: str) -> str:
@@ -51,24 +65,30 @@ def hparam(spec: ParamSpec) -> hparams.HParam:
     """A hyperparameter's HParams entry: choices and integer ranges discrete, the rest intervals."""
     domain: hparams.Domain
     if spec.kind in ("const", "choice"):
-        values = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                  for v in spec.values]
+        values = [
+            float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in spec.values
+        ]
         domain = hparams.Discrete(values)
     elif spec.kind == "int":
-        domain = hparams.Discrete([float(v) for v in range(int(spec.low), int(spec.high) + 1, spec.step)])
+        domain = hparams.Discrete(
+            [float(v) for v in range(int(spec.low), int(spec.high) + 1, spec.step)]
+        )
     else:
         domain = hparams.RealInterval(float(spec.low), float(spec.high))
     return hparams.HParam(spec.name, domain, display_name=spec.name)
 
 
 def experiment_summary(space: dict[str, ParamSpec], description: str) -> Summary:
-    metrics = [hparams.Metric(tag, display_name=tag.split("/")[1],
-                              dataset_type=hparams.Metric.VALIDATION)
-               for tag in FINAL_METRICS]
-    summary = hparams.hparams_config_pb([hparam(spec) for spec in space.values()], metrics,
-                                        time_created_secs=time.time())
+    metrics = [
+        hparams.Metric(tag, display_name=tag.split("/")[1], dataset_type=hparams.Metric.VALIDATION)
+        for tag in FINAL_METRICS
+    ]
+    summary = hparams.hparams_config_pb(
+        [hparam(spec) for spec in space.values()], metrics, time_created_secs=time.time()
+    )
     summary.value[0].metadata.plugin_data.content = _with_description(
-        summary.value[0].metadata.plugin_data.content, description)
+        summary.value[0].metadata.plugin_data.content, description
+    )
     return summary
 
 
@@ -80,8 +100,11 @@ def _with_description(content: bytes, description: str) -> bytes:
 
 def session_start_summary(values: dict[str, Any], group: str) -> Summary:
     """A trial's HParams session: its sampled values (ints as numbers, like their domains)."""
-    shown = {name: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-             for name, v in values.items() if v is not None}
+    shown = {
+        name: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        for name, v in values.items()
+        if v is not None
+    }
     return hparams.hparams_pb(shown, trial_id=group, start_time_secs=time.time())
 
 
@@ -186,8 +209,9 @@ class TensorBoardCallback(Callback):
             self._board = SearchBoard(self.logdir, self.space, self.description)
         return self._board
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         if "epoch" in result:
             self.board.result(trial.trial_id, dict(trial.config), result)
 
@@ -206,12 +230,20 @@ def tensorboard_callback(logdir: Path, space: dict[str, ParamSpec], description:
     return TensorBoardCallback(logdir, space, description)
 
 
-def write_refit_images(logdir: Path, class_names: list[str], labels: list[int],
-                       predictions: list[int], images: Any, max_images: int = 16) -> None:
+def write_refit_images(
+    logdir: Path,
+    class_names: list[str],
+    labels: list[int],
+    predictions: list[int],
+    images: Any,
+    max_images: int = 16,
+) -> None:
     """The refit model's confusion matrix and a few misclassified test images, under ``best/``."""
     writer = SummaryWriter(str(Path(logdir) / "best"))
     try:
-        writer.add_figure("test/confusion_matrix", confusion_figure(labels, predictions, class_names), 0)
+        writer.add_figure(
+            "test/confusion_matrix", confusion_figure(labels, predictions, class_names), 0
+        )
         wrong = [i for i, (y, p) in enumerate(zip(labels, predictions, strict=True)) if y != p]
         for n, i in enumerate(wrong[:max_images]):
             tag = f"test/misclassified/{n:02d}_true_{class_names[labels[i]]}_pred_{class_names[predictions[i]]}"

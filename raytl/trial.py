@@ -77,8 +77,14 @@ class TrialContext:
     @classmethod
     def create(cls, inputs: SearchInputs, sampled: dict[str, Any]) -> TrialContext:
         hp = inputs.config.hyperparameters(sampled)
-        return cls(inputs.config, hp, inputs.data, inputs.features.get(hp.backbone_name), inputs.storage,
-                   time.time())
+        return cls(
+            inputs.config,
+            hp,
+            inputs.data,
+            inputs.features.get(hp.backbone_name),
+            inputs.storage,
+            time.time(),
+        )
 
     @property
     def lean(self) -> bool:
@@ -88,7 +94,11 @@ class TrialContext:
 def is_lean(hp: Hyperparameters, cached_backbones: Collection[str]) -> bool:
     """Whether a trial only ever trains a head on cached features, so it needs no Ray Train
     worker group (whose start-up costs far more than the training itself)."""
-    return STRATEGIES[hp.strategy].only_probes and not hp.augment and hp.backbone_name in cached_backbones
+    return (
+        STRATEGIES[hp.strategy].only_probes
+        and not hp.augment
+        and hp.backbone_name in cached_backbones
+    )
 
 
 def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
@@ -96,8 +106,15 @@ def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
     DataError naming the class when one is too small for the folds or segments."""
     seed = config.data.seed
     pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
-    return make_units(config.scheme.kind, config.scheme.size, data.labels, pool,
-                      val_fraction=config.data.val_fraction, seed=seed, class_names=data.class_names)
+    return make_units(
+        config.scheme.kind,
+        config.scheme.size,
+        data.labels,
+        pool,
+        val_fraction=config.data.val_fraction,
+        seed=seed,
+        class_names=data.class_names,
+    )
 
 
 class GroupSync:
@@ -116,7 +133,9 @@ class GroupSync:
         flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce, not one per tensor
         dist.all_reduce(flat, group=self.group)
         flat /= self.world_size
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        for grad, synced in zip(
+            grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
+        ):
             grad.copy_(synced)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -179,8 +198,11 @@ class RayTrainSession:
         if folder is None:
             ray.train.report(metrics)
             return
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+        )
 
 
 class TuneSession:
@@ -203,21 +225,32 @@ class TuneSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
-def resume_attempt(checkpoint: Any, trainers: dict[int, UnitTrainer], device: torch.device, *,
-                   entered: float, startup_seconds: float) -> Attempt:
+def resume_attempt(
+    checkpoint: Any,
+    trainers: dict[int, UnitTrainer],
+    device: torch.device,
+    *,
+    entered: float,
+    startup_seconds: float,
+) -> Attempt:
     """Restore every unit from ``checkpoint`` (if any); where this attempt starts."""
     ready = time.time()
     if not checkpoint:
         return Attempt(AttemptClock(startup_seconds=startup_seconds, ready_at=ready), math.nan)
     with checkpoint.as_directory() as folder:
         for unit, trainer in trainers.items():
-            trainer.load_state_dict(torch.load(Path(folder) / UNIT_STATE.format(unit),
-                                               map_location=device, weights_only=True))
+            trainer.load_state_dict(
+                torch.load(
+                    Path(folder) / UNIT_STATE.format(unit), map_location=device, weights_only=True
+                )
+            )
         clock, history, last = load_checkpoint_meta(Path(folder))
     return Attempt(*clock.resumed(entered, time.time()), history, last)
 
 
-def unit_trainers(ctx: TrialContext, session: TrialSession) -> tuple[dict[int, UnitTrainer], set[int], list[str]]:
+def unit_trainers(
+    ctx: TrialContext, session: TrialSession
+) -> tuple[dict[int, UnitTrainer], set[int], list[str]]:
     """This rank's trainers by unit, the units whose state it saves, and every unit's name."""
     data: ImageData = ray.get(ctx.data)
     units = scheme_units(ctx.config, data)
@@ -226,10 +259,19 @@ def unit_trainers(ctx: TrialContext, session: TrialSession) -> tuple[dict[int, U
     features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
     c = ctx.config
     trainers = {
-        a.unit: UnitTrainer(ctx.hp, data, units[a.unit].train, units[a.unit].val,
-                            pretrained=c.model.pretrained, image_size=c.data.image_size,
-                            device=session.device, seed=c.search.seed + a.unit,
-                            sync=syncs.get(a.unit), features=features, compile=c.model.compile)
+        a.unit: UnitTrainer(
+            ctx.hp,
+            data,
+            units[a.unit].train,
+            units[a.unit].val,
+            pretrained=c.model.pretrained,
+            image_size=c.data.image_size,
+            device=session.device,
+            seed=c.search.seed + a.unit,
+            sync=syncs.get(a.unit),
+            features=features,
+            compile=c.model.compile,
+        )
         for a in plan[session.rank]
     }
     owners = {a.unit for a in plan[session.rank] if a.rank_in_unit == 0}
@@ -242,8 +284,13 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
     started, entered = time.perf_counter(), time.time()
     torch.set_num_threads(max(1, int(ctx.config.resources.cpus_per_worker)))
     trainers, owners, names = unit_trainers(ctx, session)
-    attempt = resume_attempt(session.checkpoint(), trainers, session.device, entered=entered,
-                             startup_seconds=entered - ctx.started)
+    attempt = resume_attempt(
+        session.checkpoint(),
+        trainers,
+        session.device,
+        entered=entered,
+        startup_seconds=entered - ctx.started,
+    )
     first = next(iter(trainers.values()))
     if first.epoch >= first.total_epochs and attempt.last_report is not None:
         session.report(attempt.report_again(), None, first.epoch)  # see Attempt.report_again
@@ -251,18 +298,29 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
     history, resumed = list(attempt.history), attempt.resumed_history()
     node = ray.get_runtime_context().get_node_id()
     while first.epoch < first.total_epochs:
-        metrics = [{**trainer.run_epoch(), "unit": u, "unit_name": names[u], "node_id": node}
-                   for u, trainer in trainers.items()]
-        share = WorkerShare([m for m in metrics if m["unit"] in owners],
-                            time.perf_counter() - started, attempt.clock,
-                            attempt.restart_startup_seconds)
-        report, clock = combine(session.gather(share), units=len(names), workers=session.workers,
-                                total_epochs=first.total_epochs)
+        metrics = [
+            {**trainer.run_epoch(), "unit": u, "unit_name": names[u], "node_id": node}
+            for u, trainer in trainers.items()
+        ]
+        share = WorkerShare(
+            [m for m in metrics if m["unit"] in owners],
+            time.perf_counter() - started,
+            attempt.clock,
+            attempt.restart_startup_seconds,
+        )
+        report, clock = combine(
+            session.gather(share),
+            units=len(names),
+            workers=session.workers,
+            total_epochs=first.total_epochs,
+        )
         history.append(history_entry(report))
         with tempfile.TemporaryDirectory() as folder:
             for unit in owners:
-                torch.save(trainers[unit].state_dict(head_only=session.saves_heads_only),
-                           Path(folder) / UNIT_STATE.format(unit))
+                torch.save(
+                    trainers[unit].state_dict(head_only=session.saves_heads_only),
+                    Path(folder) / UNIT_STATE.format(unit),
+                )
             if session.rank == 0:
                 save_checkpoint_meta(Path(folder), clock, history, report)
             has_files = bool(owners) or session.rank == 0
@@ -291,7 +349,8 @@ def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:
         train_loop_per_worker,
         train_loop_config={"trial": ctx},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
+            num_workers=r.workers_per_trial,
+            use_gpu=r.gpus_per_worker > 0,
             resources_per_worker=per_worker,
         ),
         run_config=ray.train.RunConfig(

@@ -50,16 +50,21 @@ def make_searcher(config: SpaceConfig) -> OptunaSearch:
         )
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    return OptunaSearch(space=DefineByRun(config.space), metric=s.metric, mode=s.mode,
-                        sampler=sampler)
+    return OptunaSearch(
+        space=DefineByRun(config.space), metric=s.metric, mode=s.mode, sampler=sampler
+    )
 
 
 def make_scheduler(config: SpaceConfig) -> TrialScheduler:
     s = config.search
     if s.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=s.max_epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -70,33 +75,48 @@ class ProgressLine(tune.Callback):
     """One line per trial result: the live view of the search. It also keeps the driver's clock
     per trial in the output folder (launched, finished), which ``raytl resume`` reads back."""
 
-    def __init__(self, total: int, metric: str, mode: str, output: Path,
-                 echo: Callable[[str], None]) -> None:
-        self.total, self.metric, self.mode, self.output, self.echo = total, metric, mode, output, echo
+    def __init__(
+        self, total: int, metric: str, mode: str, output: Path, echo: Callable[[str], None]
+    ) -> None:
+        self.total, self.metric, self.mode, self.output, self.echo = (
+            total,
+            metric,
+            mode,
+            output,
+            echo,
+        )
         self.best: float | None = None
         self.started = time.perf_counter()
         self.finished = 0
 
-    def setup(self, stop: Any = None, num_samples: int | None = None,
-              total_num_samples: int | None = None, **info: Any) -> None:
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
         """At the start, and again on resume: the trials that finished before count as done."""
         self.finished = sum("finished_at" in t for t in read_trial_clock(self.output).values())
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         tick_trial_clock(self.output, trial.trial_id, "launched_at")
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         value = result.get(self.metric)
         if value is None:
             return
         if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
             self.best = value
         config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-        self.echo(f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
-                  f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
-                  f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} done, "
-                  f"best {self.best:.4f} | {config}")
+        self.echo(
+            f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
+            f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
+            f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} done, "
+            f"best {self.best:.4f} | {config}"
+        )
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.finished += 1
@@ -108,8 +128,9 @@ class ProgressLine(tune.Callback):
         self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
 
 
-def make_tuner(inputs: SearchInputs, output: Path, *, resume: bool,
-               echo: Callable[[str], None]) -> tune.Tuner:
+def make_tuner(
+    inputs: SearchInputs, output: Path, *, resume: bool, echo: Callable[[str], None]
+) -> tune.Tuner:
     """A new Tuner for the search, or (``resume``) the one restored from its experiment folder:
     finished trials kept, unfinished ones resumed from their checkpoints, the Optuna study with it."""
     config = inputs.config
@@ -117,23 +138,33 @@ def make_tuner(inputs: SearchInputs, output: Path, *, resume: bool,
     experiment = f"{inputs.storage.rstrip('/')}/{EXPERIMENT}"
     if resume:
         if not tune.Tuner.can_restore(experiment):
-            raise RaytlError(f"{output}: no interrupted search to resume (no Tune experiment "
-                             f"at {experiment})")
+            raise RaytlError(
+                f"{output}: no interrupted search to resume (no Tune experiment at {experiment})"
+            )
         echo(f"resuming the search in {experiment}")
         # the run config (callbacks included) and the searcher's state come from the experiment
-        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     s = config.search
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(config), scheduler=make_scheduler(config), metric=s.metric,
-            mode=s.mode, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
+            search_alg=make_searcher(config),
+            scheduler=make_scheduler(config),
+            metric=s.metric,
+            mode=s.mode,
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=inputs.storage, verbose=0,
-            callbacks=[ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
-                       tensorboard_callback(output / "tensorboard", config.space, config.name)],
+            name=EXPERIMENT,
+            storage_path=inputs.storage,
+            verbose=0,
+            callbacks=[
+                ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
+                tensorboard_callback(output / "tensorboard", config.space, config.name),
+            ],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
         ),
     )

@@ -87,7 +87,9 @@ class UnitTrainer:
         self.strategy = STRATEGIES[hp.strategy]
         torch.manual_seed(seed)
         self.model = create_model(
-            hp.backbone_name, len(data.class_names), pretrained if self.strategy.pretrained else "none"
+            hp.backbone_name,
+            len(data.class_names),
+            pretrained if self.strategy.pretrained else "none",
         )
         self.blocks = backbone_blocks(self.model)
         self.head = head_parameter_names(self.model)
@@ -159,8 +161,10 @@ class UnitTrainer:
         warmup = min(max(1, total // 20), total)  # linear warm-up over 5% of the phase's steps,
         self.scheduler = SequentialLR(  # then cosine to zero over the rest
             self.optimizer,
-            [LinearLR(self.optimizer, start_factor=1.0 / warmup, total_iters=max(1, warmup - 1)),
-             CosineAnnealingLR(self.optimizer, T_max=max(1, total - warmup))],
+            [
+                LinearLR(self.optimizer, start_factor=1.0 / warmup, total_iters=max(1, warmup - 1)),
+                CosineAnnealingLR(self.optimizer, T_max=max(1, total - warmup)),
+            ],
             milestones=[warmup],
         )
         self.phase_index = index
@@ -169,8 +173,9 @@ class UnitTrainer:
     # ------------------------------------------------------------------ training
 
     def _autocast(self) -> Any:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                              enabled=self.device.type == "cuda")
+        return torch.autocast(
+            device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hp.label_smoothing)
@@ -183,12 +188,14 @@ class UnitTrainer:
                 rows = torch.from_numpy(np.ascontiguousarray(self.shared_features[indices]))
                 self._features[key] = rows.to(self.device, non_blocking=True)
             else:
-                self._features[key] = pooled_features(self.model, self.prepare,
-                                                      self.data.images[indices], self.device)
+                self._features[key] = pooled_features(
+                    self.model, self.prepare, self.data.images[indices], self.device
+                )
         return self._features[key]
 
-    def _train_steps(self, phase: Phase, head_only: bool,
-                     progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, int]:
+    def _train_steps(
+        self, phase: Phase, head_only: bool, progress: Callable[[int, int], None] | None
+    ) -> tuple[torch.Tensor, int]:
         """One pass over this rank's share of the train indices; the summed loss, the correct
         count and the images seen (as one tensor, summed over the unit's ranks), and the steps."""
         optimizer, scheduler = self.optimizer, self.scheduler
@@ -278,11 +285,17 @@ class UnitTrainer:
                 with self._autocast():
                     chunks.append(self.forward(x).float())
             logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.data.class_names))
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum") if len(mine) else torch.zeros(())
+        loss_sum = (
+            F.cross_entropy(logits, labels, reduction="sum") if len(mine) else torch.zeros(())
+        )
         predictions = logits.argmax(1) if len(mine) else torch.empty(0, dtype=torch.long)
-        sums = torch.stack([loss_sum.float().to(self.device),
-                            (predictions == labels).sum().float().to(self.device),
-                            torch.tensor(float(len(mine)), device=self.device)])
+        sums = torch.stack(
+            [
+                loss_sum.float().to(self.device),
+                (predictions == labels).sum().float().to(self.device),
+                torch.tensor(float(len(mine)), device=self.device),
+            ]
+        )
         if self.sync is not None:
             sums = self.sync.sum(sums)
         n = max(1.0, float(sums[2]))
@@ -296,8 +309,11 @@ class UnitTrainer:
         ``head_only``: only the classifier's weights, for a trial that never moves the backbone
         (a linear probe on cached features); the backbone is the pretrained one by construction.
         """
-        weights = ({"head": self.classifier.state_dict()} if head_only
-                   else {"model": self.model.state_dict()})
+        weights = (
+            {"head": self.classifier.state_dict()}
+            if head_only
+            else {"model": self.model.state_dict()}
+        )
         return {
             **weights,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -314,6 +330,8 @@ class UnitTrainer:
         self.epoch = int(state["epoch"])
         if state["phase_index"] is not None:
             self._enter_phase(int(state["phase_index"]))
-            assert self.optimizer is not None and self.scheduler is not None  # _enter_phase set them
+            assert (
+                self.optimizer is not None and self.scheduler is not None
+            )  # _enter_phase set them
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

@@ -40,11 +40,13 @@ def _save(pixels: np.ndarray, path: Path, kind: str) -> None:
     if kind == "png-L":
         grey.save(path.with_suffix(".png"))
     elif kind == "png-P":
-        grey.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=16).save(path.with_suffix(".png"))
+        grey.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=16).save(
+            path.with_suffix(".png")
+        )
     elif kind == "png-LA":
         Image.merge("LA", (grey, Image.new("L", grey.size, 255))).save(path.with_suffix(".png"))
     elif kind == "png-I;16":
-        wide = (np.asarray(grey).astype(np.uint16) * 257)
+        wide = np.asarray(grey).astype(np.uint16) * 257
         Image.fromarray(wide).save(path.with_suffix(".png"))  # uint16: mode I;16
     elif kind == "jpeg-CMYK":
         grey.convert("CMYK").save(path.with_suffix(".jpg"), quality=95)
@@ -52,8 +54,9 @@ def _save(pixels: np.ndarray, path: Path, kind: str) -> None:
         # stored rotated, with the orientation tag that turns it upright again
         exif = Image.Exif()
         exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-        grey.convert("RGB").rotate(90, expand=True).save(path.with_suffix(".jpg"), exif=exif,
-                                                          quality=95)
+        grey.convert("RGB").rotate(90, expand=True).save(
+            path.with_suffix(".jpg"), exif=exif, quality=95
+        )
     else:
         grey.save(path.with_suffix(".tif"))
 
@@ -74,13 +77,17 @@ def messy(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     (root / "digit_1" / "empty.png").write_bytes(b"")
     bad[str(root / "digit_1" / "empty.png")] = "empty file"
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "JPEG"
+    )
     (root / "digit_0" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     bad[str(root / "digit_0" / "cut.jpg")] = "truncated image"
     (root / "digit_2" / "notes.jpg").write_text("not a picture")
     bad[str(root / "digit_2" / "notes.jpg")] = "not an image"
     Image.new("L", (300, 300), 0).save(root / "digit_1" / "huge.png")
-    bad[str(root / "digit_1" / "huge.png")] = f"decompression bomb: 90000 pixels > limit {MAX_PIXELS}"
+    bad[str(root / "digit_1" / "huge.png")] = (
+        f"decompression bomb: 90000 pixels > limit {MAX_PIXELS}"
+    )
     # hidden files (ignored silently, even broken) and stray top-level files (ignored, named)
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "digit_0" / "._000.png").write_bytes(b"\0\5\26\7AppleDouble")
@@ -94,15 +101,29 @@ def messy(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def _space(tmp_path: Path, root: Path, **data: object) -> Path:
     space = {
         "name": "messy",
-        "data": {"source": "imagefolder", "path": str(root), "image_size": 48,
-                 "test_fraction": 0.2, "max_pixels": MAX_PIXELS, **data},
+        "data": {
+            "source": "imagefolder",
+            "path": str(root),
+            "image_size": 48,
+            "test_fraction": 0.2,
+            "max_pixels": MAX_PIXELS,
+            **data,
+        },
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
         "scheme": {"kind": "holdout"},
-        "search": {"num_samples": 2, "max_concurrent": 2, "max_epochs": 2, "scheduler": "fifo",
-                   "seed": 0},
+        "search": {
+            "num_samples": 2,
+            "max_concurrent": 2,
+            "max_epochs": 2,
+            "scheduler": "fifo",
+            "seed": 0,
+        },
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [1.0e-2, 3.0e-2]},
-                  "batch_size": 16},
+        "space": {
+            "strategy": "linear_probe",
+            "head_lr": {"loguniform": [1.0e-2, 3.0e-2]},
+            "batch_size": 16,
+        },
     }
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -110,8 +131,9 @@ def _space(tmp_path: Path, root: Path, **data: object) -> Path:
 
 
 def _raytl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raytl", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raytl", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_inspect_lists_every_bad_file_with_its_reason(messy):
@@ -122,7 +144,9 @@ def test_inspect_lists_every_bad_file_with_its_reason(messy):
     for path, reason in bad.items():
         line = next(line for line in text.splitlines() if path in line)
         assert reason in line, line
-    assert f"Total: {3 * PER_CLASS} readable image(s), {len(bad)} unreadable file(s) skipped" in text
+    assert (
+        f"Total: {3 * PER_CLASS} readable image(s), {len(bad)} unreadable file(s) skipped" in text
+    )
     assert "README.txt" in text and "labels.csv" in text  # strays are named as ignored
     assert ".DS_Store" not in text and "._000.png" not in text and "thumb.jpg" not in text
 
@@ -150,8 +174,13 @@ def test_search_skips_bad_files_names_them_and_completes(messy, tmp_path):
 def test_search_with_on_bad_file_error_stops_before_training_with_the_list(messy, tmp_path):
     root, bad = messy
     out = tmp_path / "out"
-    run = _raytl("search", str(_space(tmp_path, root, on_bad_file="error")), "--output", str(out),
-                 timeout=120)
+    run = _raytl(
+        "search",
+        str(_space(tmp_path, root, on_bad_file="error")),
+        "--output",
+        str(out),
+        timeout=120,
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert f"cannot read {len(bad)} image file(s) in {root} (data.on_bad_file: error" in run.stderr
@@ -169,12 +198,14 @@ def _folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-@pytest.mark.parametrize("counts, scheme, expected", [
-    ({"cat": 10, "dog": 10, "zebra": 0}, {"kind": "holdout"},
-     "no image files"),
-    ({"cat": 10}, {"kind": "holdout"}, "at least 2 classes"),
-    ({"cat": 20, "dog": 20, "eel": 3}, {"kind": "cv", "folds": 5}, "'eel'"),
-])
+@pytest.mark.parametrize(
+    "counts, scheme, expected",
+    [
+        ({"cat": 10, "dog": 10, "zebra": 0}, {"kind": "holdout"}, "no image files"),
+        ({"cat": 10}, {"kind": "holdout"}, "at least 2 classes"),
+        ({"cat": 20, "dog": 20, "eel": 3}, {"kind": "cv", "folds": 5}, "'eel'"),
+    ],
+)
 def test_layout_problems_are_one_line_before_ray(tmp_path, counts, scheme, expected):
     root = _folder(tmp_path / "data", counts)
     space = yaml.safe_load(_space(tmp_path, root).read_text())
@@ -186,4 +217,6 @@ def test_layout_problems_are_one_line_before_ray(tmp_path, counts, scheme, expec
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("raytl: error:")]
     assert len(errors) == 1 and expected in errors[0], run.stderr
-    assert "Traceback" not in run.stderr and "ray" not in {p.name for p in (tmp_path / "out").glob("*")}
+    assert "Traceback" not in run.stderr and "ray" not in {
+        p.name for p in (tmp_path / "out").glob("*")
+    }

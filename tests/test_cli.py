@@ -12,8 +12,9 @@ from PIL import Image
 
 
 def raytl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raytl", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raytl", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_folder(root, digits, per_class=30):
@@ -31,11 +32,18 @@ def write_folder(root, digits, per_class=30):
 def test_train_then_predict_on_an_image_folder(tmp_path, space_file, digits):
     folder = write_folder(tmp_path / "images", digits)
     (folder / "digit_0" / "broken.png").write_bytes(b"not a png at all")
-    space = space_file({
-        "data": {"source": "imagefolder", "path": str(folder), "image_size": 32, "test_fraction": 0.25},
-        "search": {"max_epochs": 4},
-        "space": {"strategy": "linear_probe", "head_lr": 0.05, "batch_size": 8},
-    })
+    space = space_file(
+        {
+            "data": {
+                "source": "imagefolder",
+                "path": str(folder),
+                "image_size": 32,
+                "test_fraction": 0.25,
+            },
+            "search": {"max_epochs": 4},
+            "space": {"strategy": "linear_probe", "head_lr": 0.05, "batch_size": 8},
+        }
+    )
     out = tmp_path / "out"
     proc = raytl("train", str(space), "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -53,7 +61,11 @@ def test_train_then_predict_on_an_image_folder(tmp_path, space_file, digits):
     assert top.count("digit_1") >= 20  # most of the class is recognised
 
     again = raytl("train", str(space), "--output", str(out))
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert (
+        again.returncode == 2
+        and "already exists" in again.stderr
+        and "Traceback" not in again.stderr
+    )
 
 
 def test_data_inspect_lists_classes_and_bad_files(tmp_path, digits):
@@ -91,6 +103,9 @@ def test_publish_copies_results_and_runs_to_storage(tmp_path):
     (out / "best" / "metrics.json").write_text("{}")
     (out / "results.csv").write_text("trial_id\n")
     publish(out, f"file://{tmp_path}/shared/exp")
-    copied = sorted(p.relative_to(tmp_path / "shared" / "exp").as_posix()
-                    for p in (tmp_path / "shared" / "exp").rglob("*") if p.is_file())
+    copied = sorted(
+        p.relative_to(tmp_path / "shared" / "exp").as_posix()
+        for p in (tmp_path / "shared" / "exp").rglob("*")
+        if p.is_file()
+    )
     assert copied == ["best/metrics.json", "results.csv", "tensorboard/trial_1/fold_0/events.out"]

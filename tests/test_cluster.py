@@ -32,8 +32,11 @@ TINY = {
     "scheme": {"kind": "segments", "segments": 2},
     "search": {"num_samples": 2, "max_concurrent": 1, "max_epochs": 1, "seed": 1},
     "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
-    "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [3.0e-3, 3.0e-2]},
-              "batch_size": 32},
+    "space": {
+        "strategy": "linear_probe",
+        "head_lr": {"loguniform": [3.0e-3, 3.0e-2]},
+        "batch_size": 32,
+    },
 }
 
 
@@ -52,8 +55,10 @@ def test_find_token_follows_rays_precedence(tmp_path):
     (home / ".ray" / "auth_token").write_text("from-default\n")
     path = tmp_path / "token"
     path.write_text("from-path\n")
-    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home).value \
+    assert (
+        find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home).value
         == "from-env"
+    )
     token = find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home)
     assert token.value == "from-path" and "RAY_AUTH_TOKEN_PATH" in token.source
     assert find_token({}, home).value == "from-default"
@@ -75,9 +80,16 @@ def test_entrypoint_sends_uri_outputs_to_storage():
 def test_submit_without_address_is_one_clear_line(tmp_path):
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump(TINY))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    run = subprocess.run([sys.executable, "-m", "raytl", "submit", str(space)], env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "raytl", "submit", str(space)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "no cluster address" in run.stderr
     assert "Traceback" not in run.stderr
 
@@ -86,10 +98,24 @@ def test_submit_to_unreachable_address_is_one_clear_line(tmp_path):
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump(TINY))
     port = _free_port()  # nothing listens there
-    run = subprocess.run([sys.executable, "-m", "raytl", "submit", str(space), "--address",
-                          f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" \
-        in run.stderr
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytl",
+            "submit",
+            str(space),
+            "--address",
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        run.returncode == 2
+        and f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in run.stderr
+    )
     assert "Traceback" not in run.stderr
 
 
@@ -111,10 +137,15 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkey
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port(),
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
+        },
+    )
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -122,13 +153,21 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkey
         storage = tmp_path / "shared" / "experiment"
         # fine-tuning the last block: a Ray Train trial (a cached linear probe would run lean,
         # in one process), whose two workers need both 1-CPU nodes
-        space = {**TINY, "search": {**TINY["search"], "storage": str(storage)},
-                 "space": {**TINY["space"], "strategy": "fine_tune", "freeze_depth": 7,
-                           "backbone_lr": 1.0e-3}}
+        space = {
+            **TINY,
+            "search": {**TINY["search"], "storage": str(storage)},
+            "space": {
+                **TINY["space"],
+                "strategy": "fine_tune",
+                "freeze_depth": 7,
+                "backbone_lr": 1.0e-3,
+            },
+        }
         out = tmp_path / "out"
         out.mkdir()
-        table = run_search(parse_space(space, "tiny.yaml"), out, address=cluster.address,
-                           echo=lambda line: None)
+        table = run_search(
+            parse_space(space, "tiny.yaml"), out, address=cluster.address, echo=lambda line: None
+        )
         worker_ids = {w.node_id for w in workers}
     finally:
         ray.shutdown()
@@ -161,13 +200,23 @@ def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path):
     try:
         space = {**TINY, "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}}
         with pytest.raises(RaytlError, match="needs 2 workers of 1.0 CPU.*fits only 1"):
-            run_search(parse_space(space, "tiny.yaml"), tmp_path, address=cluster.address,
-                       echo=lambda line: None)
-        space = {**TINY, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1,
-                                       "gpus_per_worker": 0.5}}
+            run_search(
+                parse_space(space, "tiny.yaml"),
+                tmp_path,
+                address=cluster.address,
+                echo=lambda line: None,
+            )
+        space = {
+            **TINY,
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.5},
+        }
         with pytest.raises(RaytlError, match="0.5 GPU, but the largest node has 1 CPU and 0 GPU"):
-            run_search(parse_space(space, "tiny.yaml"), tmp_path, address=cluster.address,
-                       echo=lambda line: None)
+            run_search(
+                parse_space(space, "tiny.yaml"),
+                tmp_path,
+                address=cluster.address,
+                echo=lambda line: None,
+            )
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -183,15 +232,31 @@ def head(tmp_path_factory):
     dashboard, gcs_port = _free_port(), _free_port()
     # the job's `python` is the head's: this environment's, as on a cluster image
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": path,
+    }
     logs = tmp_path_factory.mktemp("head") / "head.log"
     with logs.open("w") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-             f"--port={gcs_port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--include-dashboard=true"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs_port}",
+                "--num-cpus=2",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--include-dashboard=true",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -204,7 +269,9 @@ def head(tmp_path_factory):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the head did not start: {logs.read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"the head did not start: {logs.read_text()[-2000:]}"
+                    ) from None
                 time.sleep(1)
         yield address, token, f"127.0.0.1:{gcs_port}"
     finally:
@@ -216,25 +283,37 @@ def head(tmp_path_factory):
             process.wait()
 
 
-def _raytl(*args: str, token: str | None, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+def _raytl(
+    *args: str, token: str | None, home: Path, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS")
+    }
     env["HOME"] = str(home)  # no ~/.ray/auth_token to fall back on
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "raytl", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raytl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_submit_runs_the_search_as_a_job(head, tmp_path):
     address, token, _ = head
     space = tmp_path / "tiny.yaml"
-    space.write_text(yaml.safe_dump({**TINY, "resources": {"workers_per_trial": 1,
-                                                           "cpus_per_worker": 1}}))
+    space.write_text(
+        yaml.safe_dump({**TINY, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}})
+    )
     out = tmp_path / "job-output"  # the head is this machine, so the folder is readable here
-    run = _raytl("submit", str(space), "--address", address, "--output", str(out),
-                 token=token, home=tmp_path)
+    run = _raytl(
+        "submit", str(space), "--address", address, "--output", str(out), token=token, home=tmp_path
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     job_id = run.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in run.stdout
@@ -254,10 +333,13 @@ def test_submit_with_a_wrong_or_missing_token_fails_clearly(head, tmp_path):
     address, _, _ = head
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(TINY))
-    wrong = _raytl("submit", str(space), "--address", address, token="0" * 64, home=tmp_path,
-                   timeout=120)
+    wrong = _raytl(
+        "submit", str(space), "--address", address, token="0" * 64, home=tmp_path, timeout=120
+    )
     assert wrong.returncode == 2
-    assert f"the Ray cluster at {address} refused the auth token from RAY_AUTH_TOKEN" in wrong.stderr
+    assert (
+        f"the Ray cluster at {address} refused the auth token from RAY_AUTH_TOKEN" in wrong.stderr
+    )
     assert "Traceback" not in wrong.stderr and "submitted job" not in wrong.stdout
     missing = _raytl("jobs", "--address", address, token=None, home=tmp_path, timeout=120)
     assert missing.returncode == 2
@@ -273,8 +355,19 @@ def test_search_on_a_token_cluster_without_a_token_fails_clearly(head, tmp_path)
     assert cluster_wants_token(gcs) is True
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(TINY))
-    run = _raytl("search", str(space), "--address", gcs, "--output", str(tmp_path / "out"),
-                 token=None, home=tmp_path, timeout=120)
+    run = _raytl(
+        "search",
+        str(space),
+        "--address",
+        gcs,
+        "--output",
+        str(tmp_path / "out"),
+        token=None,
+        home=tmp_path,
+        timeout=120,
+    )
     assert run.returncode == 2
-    assert f"the Ray cluster at {gcs} uses token authentication and no token was found" in run.stderr
+    assert (
+        f"the Ray cluster at {gcs} uses token authentication and no token was found" in run.stderr
+    )
     assert "Traceback" not in run.stderr

@@ -61,24 +61,39 @@ def test_parse_schemes_errors_are_specific():
 def _trials(scheme: str, scores, tests, seconds, repeat=0, loss=False):
     metric = "val_loss" if loss else "val_accuracy"
     n = len(scores)
-    return pd.DataFrame({
-        "trial_id": [f"t{i}" for i in range(n)], "scheme": scheme, "repeat": repeat, "seed": repeat,
-        "status": ["completed"] * n, "epochs": [2] * n, "units": [3] * n,
-        f"{metric}_mean": scores, f"{metric}_std": [0.01] * n, "test_accuracy": tests,
-        "worker_seconds": [seconds] * n, "search_wall_seconds": seconds * n,
-        "strategy": ["linear_probe"] * n,
-    })
+    return pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(n)],
+            "scheme": scheme,
+            "repeat": repeat,
+            "seed": repeat,
+            "status": ["completed"] * n,
+            "epochs": [2] * n,
+            "units": [3] * n,
+            f"{metric}_mean": scores,
+            f"{metric}_std": [0.01] * n,
+            "test_accuracy": tests,
+            "worker_seconds": [seconds] * n,
+            "search_wall_seconds": seconds * n,
+            "strategy": ["linear_probe"] * n,
+        }
+    )
 
 
 def test_summarize_and_verdict_on_known_trials():
-    trials = pd.concat([
-        _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0),     # perfect ranking
-        _trials("segments", [0.9, 0.8, 0.7], [0.70, 0.80, 0.88], seconds=10.0),  # inverted
-    ], ignore_index=True)
+    trials = pd.concat(
+        [
+            _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0),  # perfect ranking
+            _trials("segments", [0.9, 0.8, 0.7], [0.70, 0.80, 0.88], seconds=10.0),  # inverted
+        ],
+        ignore_index=True,
+    )
     summary = summarize(trials, "val_accuracy").set_index("scheme")
     assert summary.loc["cv", "kendall_tau"] == pytest.approx(1.0)
     assert summary.loc["segments", "kendall_tau"] == pytest.approx(-1.0)
-    assert summary.loc["cv", "regret"] == pytest.approx(0.0)  # the oracle is the best test over both
+    assert summary.loc["cv", "regret"] == pytest.approx(
+        0.0
+    )  # the oracle is the best test over both
     assert summary.loc["segments", "selected_test_accuracy"] == pytest.approx(0.70)
     assert summary.loc["segments", "regret"] == pytest.approx(0.20)
     assert summary.loc["cv", "worker_seconds"] == pytest.approx(90.0)
@@ -97,10 +112,13 @@ def test_summarize_orients_loss_scores():
 
 
 def test_aggregate_spreads_over_repeats():
-    trials = pd.concat([
-        _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0, repeat=0),
-        _trials("cv", [0.9, 0.8, 0.7], [0.70, 0.80, 0.90], seconds=10.0, repeat=1),
-    ], ignore_index=True)
+    trials = pd.concat(
+        [
+            _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0, repeat=0),
+            _trials("cv", [0.9, 0.8, 0.7], [0.70, 0.80, 0.90], seconds=10.0, repeat=1),
+        ],
+        ignore_index=True,
+    )
     agg = aggregate(summarize(trials, "val_accuracy")).set_index("scheme")
     assert agg.loc["cv", "repeats"] == 2
     assert agg.loc["cv", "kendall_tau_mean"] == pytest.approx(0.0)
@@ -117,18 +135,23 @@ def test_cli_rejects_unknown_scheme(space_file, capsys, tmp_path):
 @pytest.mark.slow
 def test_compare_end_to_end(space_file, tmp_path):
     """Three schemes, three trials each, on a real local Ray; every figure consistent."""
-    path = space_file({
-        "name": "tiny-compare",
-        # no feature cache: the probes then train through Ray Train, every scheme its own way
-        "cache": False,
-        "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.25},
-        "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
-        "scheme": {"kind": "cv", "folds": 2, "segments": 2},
-        "search": {"num_samples": 3, "max_concurrent": 2, "max_epochs": 1, "seed": 5},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-        "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [1.0e-3, 5.0e-2]},
-                  "batch_size": 32},
-    })
+    path = space_file(
+        {
+            "name": "tiny-compare",
+            # no feature cache: the probes then train through Ray Train, every scheme its own way
+            "cache": False,
+            "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.25},
+            "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
+            "scheme": {"kind": "cv", "folds": 2, "segments": 2},
+            "search": {"num_samples": 3, "max_concurrent": 2, "max_epochs": 1, "seed": 5},
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+            "space": {
+                "strategy": "linear_probe",
+                "head_lr": {"loguniform": [1.0e-3, 5.0e-2]},
+                "batch_size": 32,
+            },
+        }
+    )
     out = tmp_path / "cmp"
     assert main(["compare", str(path), "--output", str(out)]) == 0
 

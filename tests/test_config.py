@@ -48,30 +48,73 @@ def _error(space_file, body) -> str:
         ({"data": {"source": "mnist"}}, "data.source", "expected one of imagefolder"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "expected in (0, 1)"),
         ({"data": {"source": "imagefolder"}}, "data.path", "needs a path"),
-        ({"data": {"source": "imagefolder", "path": "/nonexistent/x"}}, "data.path", "no such file"),
+        (
+            {"data": {"source": "imagefolder", "path": "/nonexistent/x"}},
+            "data.path",
+            "no such file",
+        ),
         ({"model": {"backbone": "resnet_nonexistent"}}, "model.backbone", "not a timm model"),
-        ({"model": {"backbone": "resnet18", "pretrained": "package"}}, "model.pretrained",
-         "only for efficientnet_lite0"),
-        ({"space": {"freeze_depth": {"int": [0, 12]}}}, "space.freeze_depth",
-         "beyond the backbone's block count"),
-        ({"space": {"head_lr": {"loguniform": [0, 1]}}}, "space.head_lr.loguniform", "low must be > 0"),
-        ({"space": {"head_lr": {"loguniform": [0.1, 0.01]}}}, "space.head_lr.loguniform",
-         "low <= high"),
-        ({"space": {"strategy": {"choice": ["linear_probe", "magic"]}}}, "space.strategy.choice",
-         "expected one of linear_probe"),
+        (
+            {"model": {"backbone": "resnet18", "pretrained": "package"}},
+            "model.pretrained",
+            "only for efficientnet_lite0",
+        ),
+        (
+            {"space": {"freeze_depth": {"int": [0, 12]}}},
+            "space.freeze_depth",
+            "beyond the backbone's block count",
+        ),
+        (
+            {"space": {"head_lr": {"loguniform": [0, 1]}}},
+            "space.head_lr.loguniform",
+            "low must be > 0",
+        ),
+        (
+            {"space": {"head_lr": {"loguniform": [0.1, 0.01]}}},
+            "space.head_lr.loguniform",
+            "low <= high",
+        ),
+        (
+            {"space": {"strategy": {"choice": ["linear_probe", "magic"]}}},
+            "space.strategy.choice",
+            "expected one of linear_probe",
+        ),
         ({"space": {"learning_rate": 0.1}}, "space.learning_rate", "unknown key"),
-        ({"space": {"freeze_depth": {"int": [0, 2], "when": {"strategy": ["fine_tune"]}}}},
-         "space.freeze_depth.when.strategy", "must name a choice"),
-        ({"space": {"strategy": {"choice": ["fine_tune"]},
-                    "freeze_depth": {"int": [0, 2], "when": {"strategy": ["lp_fy"]}}}},
-         "space.freeze_depth.when.strategy", "expected one of linear_probe"),
-        ({"space": {"strategy": {"choice": ["fine_tune", "linear_probe"]},
-                    "freeze_depth": {"int": [0, 2], "when": {"strategy": ["lp_ft"]}}}},
-         "space.freeze_depth.when.strategy", "not among strategy's values"),
-        ({"space": {"head_lr": {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}}}, "space.head_lr",
-         "exactly one of"),
-        ({"space": {"batch_size": {"uniform": [8, 64]}}}, "space.batch_size.uniform",
-         "not a real-valued"),
+        (
+            {"space": {"freeze_depth": {"int": [0, 2], "when": {"strategy": ["fine_tune"]}}}},
+            "space.freeze_depth.when.strategy",
+            "must name a choice",
+        ),
+        (
+            {
+                "space": {
+                    "strategy": {"choice": ["fine_tune"]},
+                    "freeze_depth": {"int": [0, 2], "when": {"strategy": ["lp_fy"]}},
+                }
+            },
+            "space.freeze_depth.when.strategy",
+            "expected one of linear_probe",
+        ),
+        (
+            {
+                "space": {
+                    "strategy": {"choice": ["fine_tune", "linear_probe"]},
+                    "freeze_depth": {"int": [0, 2], "when": {"strategy": ["lp_ft"]}},
+                }
+            },
+            "space.freeze_depth.when.strategy",
+            "not among strategy's values",
+        ),
+        (
+            {"space": {"head_lr": {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}}},
+            "space.head_lr",
+            "exactly one of",
+        ),
+        (
+            {"space": {"batch_size": {"uniform": [8, 64]}}},
+            "space.batch_size.uniform",
+            "not a real-valued",
+        ),
         ({"search": {"grace_period": 9, "max_epochs": 4}}, "search.grace_period", "expected in [1"),
         ({"resources": {"workers_per_trial": 0}}, "resources.workers_per_trial", "expected >= 1"),
     ],
@@ -89,7 +132,9 @@ def test_yaml_exponent_without_dot_is_a_number(space_file):
 
 
 def test_overrides_set_any_key_and_bare_hyperparameters(space_file):
-    path = space_file({"data": {"source": "digits"}, "space": {"strategy": {"choice": ["fine_tune"]}}})
+    path = space_file(
+        {"data": {"source": "digits"}, "space": {"strategy": {"choice": ["fine_tune"]}}}
+    )
     config = load_space(path, ["data.limit=500", "strategy=linear_probe", "search.num_samples=3"])
     assert config.data.limit == 500
     assert config.search.num_samples == 3
@@ -102,12 +147,14 @@ def test_overrides_set_any_key_and_bare_hyperparameters(space_file):
 
 
 def test_conditions_are_ordered_parents_first():
-    config = parse_space({
-        "space": {
-            "freeze_depth": {"int": [0, 3], "when": {"strategy": ["fine_tune"]}},
-            "strategy": {"choice": ["fine_tune", "linear_probe"]},
+    config = parse_space(
+        {
+            "space": {
+                "freeze_depth": {"int": [0, 3], "when": {"strategy": ["fine_tune"]}},
+                "strategy": {"choice": ["fine_tune", "linear_probe"]},
+            }
         }
-    })
+    )
     assert [s.name for s in condition_order(config.space)] == ["strategy", "freeze_depth"]
 
 
@@ -123,7 +170,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_cli_user_error_is_one_line_without_traceback(space_file):
     path = space_file({"data": {"image_sise": 64}})
     proc = subprocess.run(
-        [sys.executable, "-m", "raytl", "train", str(path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "raytl", "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -39,8 +39,9 @@ def test_cached_features_equal_a_fresh_forward_pass(small, tmp_path):
     assert result.computed and result.features.shape == (120, 1280)
     model = create_model("efficientnet_lite0", 10, "package")
     pre = preprocessing_for(model, 48)
-    fresh = pooled_features(model, BatchPreparer(pre, torch.device("cpu")),
-                            small.images[::7], torch.device("cpu")).numpy()
+    fresh = pooled_features(
+        model, BatchPreparer(pre, torch.device("cpu")), small.images[::7], torch.device("cpu")
+    ).numpy()
     np.testing.assert_allclose(result.features[::7], fresh, rtol=1e-4, atol=1e-5)
     again = ensure_features(str(tmp_path), "efficientnet_lite0", "package", small, 48)
     assert not again.computed and np.array_equal(again.features, result.features)
@@ -49,13 +50,19 @@ def test_cached_features_equal_a_fresh_forward_pass(small, tmp_path):
 def test_a_probe_on_cached_features_trains_like_one_without(small, tmp_path):
     """Same seed, same data: the head sees the same features, so the epochs agree."""
     features = ensure_features(str(tmp_path), "efficientnet_lite0", "package", small, 48).features
-    hp = Hyperparameters(strategy="linear_probe", backbone="efficientnet_lite0", head_lr=0.01,
-                         batch_size=32, epochs=2)
+    hp = Hyperparameters(
+        strategy="linear_probe",
+        backbone="efficientnet_lite0",
+        head_lr=0.01,
+        batch_size=32,
+        epochs=2,
+    )
     train, val = np.arange(0, 90), np.arange(90, 120)
     runs = []
     for shared in (None, features):
-        trainer = UnitTrainer(hp, small, train, val, pretrained="package", image_size=48, seed=3,
-                              features=shared)
+        trainer = UnitTrainer(
+            hp, small, train, val, pretrained="package", image_size=48, seed=3, features=shared
+        )
         runs.append([trainer.run_epoch() for _ in range(2)])
     for a, b in zip(*runs, strict=True):
         assert a["head_only"] and b["head_only"]
@@ -99,8 +106,9 @@ def test_a_killed_writer_leaves_no_readable_partial_cache(tmp_path):
     from raytl.features import FeatureKey
 
     key = FeatureKey("b", "w", 48, "d", "p")
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(0.05)  # kill it inside its first write, before any rename
@@ -129,9 +137,16 @@ PRODUCER = textwrap.dedent("""
 def test_two_concurrent_producers_compute_the_cache_once(tmp_path):
     root, start = tmp_path / "cache", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(root), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PRODUCER, str(root), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     time.sleep(8)  # both have imported torch and loaded the data by now
     start.touch()
     outputs = [p.communicate(timeout=300) for p in procs]

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "raytl"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
-LAZY_IMPORTS_ALLOWED = {"raytl.cli"}  # one short function per command; imports kept lazy for start-up
+LAZY_IMPORTS_ALLOWED = {
+    "raytl.cli"
+}  # one short function per command; imports kept lazy for start-up
 LONG_FUNCTIONS_ALLOWED = {("raytl.cli", "build_parser")}  # an argparse builder: one line per flag
 
 
@@ -41,8 +43,10 @@ def raytl_imports(tree: ast.AST) -> list[tuple[ast.ImportFrom | ast.Import, str]
 
 
 def test_no_import_cycles():
-    graph = {name: {t for _, t in raytl_imports(tree) if t in MODULES and t not in (name, "raytl")}
-             for name, tree in MODULES.items()}
+    graph = {
+        name: {t for _, t in raytl_imports(tree) if t in MODULES and t not in (name, "raytl")}
+        for name, tree in MODULES.items()
+    }
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
 
 
@@ -51,7 +55,8 @@ def test_modules_and_functions_are_short():
     assert {name: n for name, n in lines.items() if n > MAX_MODULE_LINES} == {}
     long_functions = [
         (name, node.name, node.end_lineno - node.lineno + 1)
-        for name, tree in MODULES.items() for node in ast.walk(tree)
+        for name, tree in MODULES.items()
+        for node in ast.walk(tree)
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
         and (name, node.name) not in LONG_FUNCTIONS_ALLOWED
@@ -60,15 +65,25 @@ def test_modules_and_functions_are_short():
 
 
 def test_no_module_imports_another_modules_private_names():
-    private = [(name, node.lineno, alias.name) for name, tree in MODULES.items()
-               for node, _ in raytl_imports(tree) if isinstance(node, ast.ImportFrom)
-               for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    private = [
+        (name, node.lineno, alias.name)
+        for name, tree in MODULES.items()
+        for node, _ in raytl_imports(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
     assert private == []
 
 
 def test_raytl_imports_are_at_module_top():
-    lazy = [(name, node.lineno) for name, tree in MODULES.items() if name not in LAZY_IMPORTS_ALLOWED
-            for node, _ in raytl_imports(tree) if node.col_offset > 0]
+    lazy = [
+        (name, node.lineno)
+        for name, tree in MODULES.items()
+        if name not in LAZY_IMPORTS_ALLOWED
+        for node, _ in raytl_imports(tree)
+        if node.col_offset > 0
+    ]
     assert lazy == []
 
 

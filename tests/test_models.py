@@ -119,15 +119,27 @@ def test_a_search_with_weights_of_another_architecture_stops_before_ray(tmp_path
     weights = tmp_path / "resnet18.safetensors"
     save_file(create_model("resnet18", 5, "none").state_dict(), str(weights))
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "w", "data": {"source": "digits", "limit": 200},
-        "model": {"backbone": "efficientnet_lite0", "pretrained": str(weights)},
-        "space": {"strategy": "fine_tune"}}))
-    done = subprocess.run([sys.executable, "-m", "raytl", "search", str(space), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "name": "w",
+                "data": {"source": "digits", "limit": 200},
+                "model": {"backbone": "efficientnet_lite0", "pretrained": str(weights)},
+                "space": {"strategy": "fine_tune"},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "raytl", "search", str(space), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     line = done.stderr.strip()
-    assert line.startswith(f"raytl: error: {space}: model.pretrained: {weights}: does not fit"), line
+    assert line.startswith(f"raytl: error: {space}: model.pretrained: {weights}: does not fit"), (
+        line
+    )
     assert "backbone efficientnet_lite0" in line and "\n" not in line
     assert not (tmp_path / "out" / "ray").exists()  # Ray never started
 
@@ -141,7 +153,9 @@ def test_preprocessing_follows_pretrained_config():
 def test_save_and_load_round_trip(tmp_path):
     model = create_model("resnet18", 4, "none").eval()
     pre = preprocessing_for(model, 32)
-    save_model(tmp_path, model, backbone="resnet18", class_names=["a", "b", "c", "d"], preprocessing=pre)
+    save_model(
+        tmp_path, model, backbone="resnet18", class_names=["a", "b", "c", "d"], preprocessing=pre
+    )
     loaded, pre2, names, _ = load_saved_model(tmp_path)
     assert names == ["a", "b", "c", "d"] and pre2 == pre
     x = torch.randn(2, 3, 32, 32)

@@ -24,8 +24,13 @@ SPACE = {
     "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.2},
     "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
     "scheme": {"kind": "holdout"},
-    "search": {"num_samples": 6, "max_concurrent": 1, "max_epochs": 2, "scheduler": "fifo",
-               "seed": 7},
+    "search": {
+        "num_samples": 6,
+        "max_concurrent": 1,
+        "max_epochs": 2,
+        "scheduler": "fifo",
+        "seed": 7,
+    },
     "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     "space": {
         "strategy": {"choice": ["linear_probe", "fine_tune"]},
@@ -44,8 +49,13 @@ def _write(tmp_path: Path, space: dict) -> Path:
 
 
 def _raytl(*args: str, stderr: int = subprocess.STDOUT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "raytl", *args], stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raytl", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
@@ -64,8 +74,9 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> list[st
 def _kill_train_workers_after(driver: subprocess.Popen, pattern: str) -> list[str]:
     """kill -9 every Ray Train worker once the driver prints a line matching ``pattern``."""
     lines = _read_until(driver, pattern, timeout=600)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                             text=True).stdout.split()
+    workers = subprocess.run(
+        ["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True
+    ).stdout.split()
     assert workers, "no Ray Train worker process found"
     for pid in workers:
         os.kill(int(pid), signal.SIGKILL)
@@ -90,8 +101,12 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
     driver.wait()
     assert not (out / "results.parquet").exists()  # it died before writing them
 
-    resumed = subprocess.run([sys.executable, "-m", "raytl", "resume", str(out)],
-                             capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "raytl", "resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming the search" in resumed.stdout
     results = pd.read_parquet(out / "results.parquet")
@@ -109,12 +124,14 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
     study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
     told = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(told) == 6
-    assert sorted(round(t.params["head_lr"], 12) for t in told) == \
-        sorted(round(v, 12) for v in results["head_lr"])
+    assert sorted(round(t.params["head_lr"], 12) for t in told) == sorted(
+        round(v, 12) for v in results["head_lr"]
+    )
     # the learning curves keep every epoch, those Tune had not saved before the kill included
     history = pd.read_parquet(out / "history.parquet")
-    assert history.groupby("trial_id")["epoch"].apply(list).to_dict() == \
-        {t: [1, 2] for t in results["trial_id"]}
+    assert history.groupby("trial_id")["epoch"].apply(list).to_dict() == {
+        t: [1, 2] for t in results["trial_id"]
+    }
     # TensorBoard has one run per trial after the resume, too
     runs = [p.name for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")]
     assert sorted(runs) == sorted(f"trial_{t}" for t in results["trial_id"])
@@ -136,8 +153,13 @@ def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
     assert first.clock.restarts == 0 and first.clock.startup_seconds == 20.0
     assert first.last_report is None
     saved = AttemptClock(worker_seconds=12.5, startup_seconds=20.0, ready_at=first.clock.ready_at)
-    report = {"epoch": 2, "total_epochs": 2, "val_accuracy": 0.75, "val_loss": float("nan"),
-              "restarts": 0}
+    report = {
+        "epoch": 2,
+        "total_epochs": 2,
+        "val_accuracy": 0.75,
+        "val_loss": float("nan"),
+        "restarts": 0,
+    }
     save_checkpoint_meta(tmp_path, saved, [{"epoch": 1, "val_accuracy": 0.5}], report)
     entered = time.time() - 3.0
     again = resume_attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=99.0)
@@ -149,16 +171,28 @@ def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
     assert resent["val_accuracy"] == 0.75 and resent["epoch"] == 2 and resent["restarts"] == 1
     assert json.loads(resent["resumed_history"]) == [{"epoch": 1, "val_accuracy": 0.5}]
     again.clock.save(tmp_path)
-    assert resume_attempt(Checkpoint(tmp_path), {}, "cpu", entered=entered,
-                          startup_seconds=0.0).clock.restarts == 2
+    assert (
+        resume_attempt(
+            Checkpoint(tmp_path), {}, "cpu", entered=entered, startup_seconds=0.0
+        ).clock.restarts
+        == 2
+    )
 
 
 @pytest.mark.slow
 def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
     """kill -9 the Ray Train worker of a running fine-tuning trial after its first epoch."""
-    raw = {**SPACE, "search": {**SPACE["search"], "num_samples": 1, "max_epochs": 3},
-           "space": {"strategy": "fine_tune", "freeze_depth": 6, "head_lr": 0.01,
-                     "backbone_lr": 0.001, "batch_size": 32}}
+    raw = {
+        **SPACE,
+        "search": {**SPACE["search"], "num_samples": 1, "max_epochs": 3},
+        "space": {
+            "strategy": "fine_tune",
+            "freeze_depth": 6,
+            "head_lr": 0.01,
+            "backbone_lr": 0.001,
+            "batch_size": 32,
+        },
+    }
     space, out = _write(tmp_path, raw), tmp_path / "out"
     driver = _raytl("search", str(space), "--output", str(out))
     lines = _kill_train_workers_after(driver, r"epoch 1/3")
@@ -188,17 +222,36 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
     from raytl.config import parse_space
     from raytl.search import run_search
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
     try:
         doomed = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        raw = {**SPACE, "search": {**SPACE["search"], "num_samples": 3, "max_concurrent": 2,
-                                   "max_epochs": 3, "storage": str(tmp_path / "shared")},
-               "space": {"strategy": "fine_tune", "freeze_depth": {"int": [5, 7]},
-                         "head_lr": 0.01, "backbone_lr": 0.001, "batch_size": 32}}
+        raw = {
+            **SPACE,
+            "search": {
+                **SPACE["search"],
+                "num_samples": 3,
+                "max_concurrent": 2,
+                "max_epochs": 3,
+                "storage": str(tmp_path / "shared"),
+            },
+            "space": {
+                "strategy": "fine_tune",
+                "freeze_depth": {"int": [5, 7]},
+                "head_lr": 0.01,
+                "backbone_lr": 0.001,
+                "batch_size": 32,
+            },
+        }
         storage = tmp_path / "shared"
         removed: list[str] = []
 
@@ -215,8 +268,12 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         watcher = threading.Thread(target=remove_when_a_checkpoint_exists, daemon=True)
         watcher.start()
         (tmp_path / "out").mkdir()
-        table = run_search(parse_space(raw, "faults.yaml"), tmp_path / "out",
-                           address=cluster.address, echo=lambda line: None)
+        table = run_search(
+            parse_space(raw, "faults.yaml"),
+            tmp_path / "out",
+            address=cluster.address,
+            echo=lambda line: None,
+        )
         watcher.join(timeout=5)
     finally:
         ray.shutdown()
@@ -247,15 +304,30 @@ def test_a_checkpoint_holding_a_pickle_payload_is_refused(tmp_path):
 @pytest.mark.slow
 def test_fifty_trials_on_two_slots_all_accounted_for(tmp_path):
     """Many more trials than slots (cached linear probes, so it stays small but real)."""
-    raw = {**SPACE, "data": {**SPACE["data"], "limit": 300},
-           "search": {"num_samples": 50, "max_concurrent": 2, "max_epochs": 1, "scheduler": "fifo",
-                      "seed": 3},
-           "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-           "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [1.0e-3, 3.0e-2]},
-                     "batch_size": 32}}
+    raw = {
+        **SPACE,
+        "data": {**SPACE["data"], "limit": 300},
+        "search": {
+            "num_samples": 50,
+            "max_concurrent": 2,
+            "max_epochs": 1,
+            "scheduler": "fifo",
+            "seed": 3,
+        },
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+        "space": {
+            "strategy": "linear_probe",
+            "head_lr": {"loguniform": [1.0e-3, 3.0e-2]},
+            "batch_size": 32,
+        },
+    }
     space, out = _write(tmp_path, raw), tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "raytl", "search", str(space), "--output", str(out)],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "raytl", "search", str(space), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 50 and results["trial_id"].is_unique
@@ -268,10 +340,17 @@ def test_fifty_trials_on_two_slots_all_accounted_for(tmp_path):
 def test_a_search_whose_every_trial_fails_keeps_its_results_and_says_so(tmp_path):
     """No retries (max_failures 0) and the only trial's Train worker killed: the search still writes
     results.parquet with the trial's error, then exits 2 with one line, no traceback."""
-    raw = {**SPACE, "search": {**SPACE["search"], "num_samples": 1, "max_epochs": 3,
-                               "max_failures": 0},
-           "space": {"strategy": "fine_tune", "freeze_depth": 6, "head_lr": 0.01,
-                     "backbone_lr": 0.001, "batch_size": 32}}
+    raw = {
+        **SPACE,
+        "search": {**SPACE["search"], "num_samples": 1, "max_epochs": 3, "max_failures": 0},
+        "space": {
+            "strategy": "fine_tune",
+            "freeze_depth": 6,
+            "head_lr": 0.01,
+            "backbone_lr": 0.001,
+            "batch_size": 32,
+        },
+    }
     space, out = _write(tmp_path, raw), tmp_path / "out"
     driver = _raytl("search", str(space), "--output", str(out), stderr=subprocess.PIPE)
     lines = _kill_train_workers_after(driver, r"epoch 1/3")

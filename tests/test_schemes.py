@@ -20,8 +20,15 @@ def pool_of(digits):
 
 def units(digits, pool, **scheme):
     config = SchemeConfig(**scheme)
-    return make_units(config.kind, config.size, digits.labels, pool, val_fraction=0.2, seed=0,
-                      class_names=digits.class_names)
+    return make_units(
+        config.kind,
+        config.size,
+        digits.labels,
+        pool,
+        val_fraction=0.2,
+        seed=0,
+        class_names=digits.class_names,
+    )
 
 
 def test_cv_folds_partition_the_pool(digits, pool_of):
@@ -34,7 +41,9 @@ def test_cv_folds_partition_the_pool(digits, pool_of):
         assert not set(u.train) & set(u.val)
         assert set(u.train) | set(u.val) == set(pool)
         assert not set(u.val) & set(test)
-        share = np.bincount(digits.labels[u.val], minlength=10) / np.bincount(digits.labels[pool], minlength=10)
+        share = np.bincount(digits.labels[u.val], minlength=10) / np.bincount(
+            digits.labels[pool], minlength=10
+        )
         assert np.all(np.abs(share - 1 / 3) < 0.03)  # stratified
 
 
@@ -64,8 +73,15 @@ def test_units_are_deterministic(digits, pool_of):
 def test_class_too_small_for_folds_says_how_many(digits):
     labels = np.array([0] * 30 + [1] * 30 + [2] * 2)
     with pytest.raises(DataError, match="class 'c' has 2 image.*needs at least 3"):
-        make_units("cv", SchemeConfig(kind="cv", folds=3).size, labels, np.arange(len(labels)),
-                   val_fraction=0.2, seed=0, class_names=("a", "b", "c"))
+        make_units(
+            "cv",
+            SchemeConfig(kind="cv", folds=3).size,
+            labels,
+            np.arange(len(labels)),
+            val_fraction=0.2,
+            seed=0,
+            class_names=("a", "b", "c"),
+        )
 
 
 def test_round_robin_when_fewer_workers_than_units():
@@ -76,8 +92,12 @@ def test_round_robin_when_fewer_workers_than_units():
 
 def test_data_parallel_when_workers_are_a_multiple_of_units():
     plan = assign_units(2, 4)
-    assert plan == [[Assignment(0, 0, 2)], [Assignment(0, 1, 2)], [Assignment(1, 0, 2)],
-                    [Assignment(1, 1, 2)]]
+    assert plan == [
+        [Assignment(0, 0, 2)],
+        [Assignment(0, 1, 2)],
+        [Assignment(1, 0, 2)],
+        [Assignment(1, 1, 2)],
+    ]
     assert assign_units(1, 1) == [[Assignment(0, 0, 1)]]
     with pytest.raises(RaytlError, match="cannot share 2 units evenly"):
         assign_units(2, 3)

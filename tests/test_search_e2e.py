@@ -23,8 +23,14 @@ SPACE = {
     "data": {"source": "digits", "image_size": 48, "limit": 600, "test_fraction": 0.2},
     "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
     "scheme": {"kind": "cv", "folds": 2},
-    "search": {"num_samples": 4, "max_concurrent": 1, "max_epochs": 2, "grace_period": 1,
-               "reduction_factor": 2, "seed": 3},
+    "search": {
+        "num_samples": 4,
+        "max_concurrent": 1,
+        "max_epochs": 2,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "seed": 3,
+    },
     "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
     "space": {
         "strategy": {"choice": ["linear_probe", "fine_tune"]},
@@ -96,8 +102,12 @@ def test_search_end_to_end(search, tmp_path):
     image = tmp_path / "seven.png"
     index = int(np.flatnonzero(digits.labels == 7)[0])
     Image.fromarray(digits.images[index]).resize((48, 48)).save(image)
-    proc = subprocess.run([sys.executable, "-m", "raytl", "predict", str(best), str(image)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytl", "predict", str(best), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith(str(image)) and line.count(" 0.") + line.count(" 1.0") == 3
@@ -124,7 +134,10 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
     experiment = _plugin_data(root)["_hparams_/experiment"].experiment
     infos = {info.name: info for info in experiment.hparam_infos}
     # the choices, in TensorBoard's own order (hparams.summary_v2.Discrete sorts its values)
-    assert [v.string_value for v in infos["strategy"].domain_discrete.values] == ["fine_tune", "linear_probe"]
+    assert [v.string_value for v in infos["strategy"].domain_discrete.values] == [
+        "fine_tune",
+        "linear_probe",
+    ]
     assert [v.number_value for v in infos["freeze_depth"].domain_discrete.values] == [3, 4, 5, 6, 7]
     assert infos["head_lr"].domain_interval.min_value == pytest.approx(1e-2)
     assert infos["head_lr"].domain_interval.max_value == pytest.approx(5e-2)
@@ -138,7 +151,9 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
         assert [e.step for e in acc.Scalars("val_accuracy")] == list(range(1, row["epochs"] + 1))
         assert values[-1] == pytest.approx(row["val_accuracy_mean"], abs=1e-6)
         assert acc.Scalars("final/epochs")[-1].value == row["epochs"]
-        assert acc.Scalars("final/status")[-1].value == {"completed": 2, "stopped": 1}[row["status"]]
+        assert (
+            acc.Scalars("final/status")[-1].value == {"completed": 2, "stopped": 1}[row["status"]]
+        )
         data = _plugin_data(acc)
         start = data["_hparams_/session_start_info"].session_start_info
         assert start.hparams["strategy"].string_value == row["strategy"]
@@ -167,8 +182,12 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=20) as response:
         return json.loads(response.read())
 
@@ -180,9 +199,19 @@ def test_tensorboard_server_serves_the_hparams_plugin(search):
     port = _free_port()
     tensorboard = Path(sys.executable).parent / "tensorboard"
     server = subprocess.Popen(
-        [str(tensorboard), "--logdir", str(out / "tensorboard"), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(tensorboard),
+            "--logdir",
+            str(out / "tensorboard"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}/data/plugin/hparams"
     try:
@@ -198,12 +227,21 @@ def test_tensorboard_server_serves_the_hparams_plugin(search):
             time.sleep(1)
         names = {h["name"] for h in experiment["hparamInfos"]}
         assert {"strategy", "freeze_depth", "head_lr", "backbone_lr"} <= names
-        groups = _post(f"{base}/session_groups", {
-            "experimentName": "",
-            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-            "colParams": [{"hparam": "strategy"}, {"metric": {"tag": "final/val_accuracy"}}],
-            "startIndex": 0, "sliceSize": 100,
-        })
+        groups = _post(
+            f"{base}/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": [
+                    "STATUS_UNKNOWN",
+                    "STATUS_SUCCESS",
+                    "STATUS_FAILURE",
+                    "STATUS_RUNNING",
+                ],
+                "colParams": [{"hparam": "strategy"}, {"metric": {"tag": "final/val_accuracy"}}],
+                "startIndex": 0,
+                "sliceSize": 100,
+            },
+        )
         assert int(groups["totalSize"]) == len(results)
         served = {g["hparams"]["strategy"] for g in groups["sessionGroups"]}
         assert served == set(results["strategy"])
@@ -218,14 +256,23 @@ def test_report_has_sections_and_valid_plots(search):
     report = (out / "report.md").read_text()
     for heading in ("## Best configuration", "## Trials", "## Plots", "tensorboard --logdir"):
         assert heading in report
-    for name in ("metric_per_trial.png", "metric_by_strategy.png", "metric_vs_freeze_depth.png",
-                 "learning_curves.png", "confusion_matrix.png"):
+    for name in (
+        "metric_per_trial.png",
+        "metric_by_strategy.png",
+        "metric_vs_freeze_depth.png",
+        "learning_curves.png",
+        "confusion_matrix.png",
+    ):
         assert f"({name})" in report
         with Image.open(out / name) as image:
             image.verify()
             assert image.format == "PNG"
     history = pd.read_parquet(out / "history.parquet")
     assert not history.duplicated(["trial_id", "epoch"]).any()
-    proc = subprocess.run([sys.executable, "-m", "raytl", "report", str(out)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytl", "report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "tensorboard --logdir" in proc.stdout

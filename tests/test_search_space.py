@@ -23,13 +23,18 @@ def sample_many(space_raw: dict, n: int = 40, **sections) -> list[dict]:
 
 
 def test_conditional_parameters_are_absent_for_other_strategies():
-    samples = sample_many({
-        "strategy": {"choice": ["linear_probe", "fine_tune", "lp_ft", "scratch"]},
-        "freeze_depth": {"int": [0, 6], "when": {"strategy": ["fine_tune", "lp_ft"]}},
-        "backbone_lr": {"loguniform": [1e-5, 1e-2], "when": {"strategy": ["fine_tune", "lp_ft", "scratch"]}},
-        "head_lr": {"loguniform": [1e-4, 1e-1]},
-        "batch_size": 32,
-    })
+    samples = sample_many(
+        {
+            "strategy": {"choice": ["linear_probe", "fine_tune", "lp_ft", "scratch"]},
+            "freeze_depth": {"int": [0, 6], "when": {"strategy": ["fine_tune", "lp_ft"]}},
+            "backbone_lr": {
+                "loguniform": [1e-5, 1e-2],
+                "when": {"strategy": ["fine_tune", "lp_ft", "scratch"]},
+            },
+            "head_lr": {"loguniform": [1e-4, 1e-1]},
+            "batch_size": 32,
+        }
+    )
     strategies = {s["strategy"] for s in samples}
     assert strategies == {"linear_probe", "fine_tune", "lp_ft", "scratch"}
     for s in samples:
@@ -42,10 +47,14 @@ def test_conditional_parameters_are_absent_for_other_strategies():
 
 
 def test_freeze_depth_bound_follows_a_searched_backbone():
-    samples = sample_many({
-        "backbone": {"choice": ["efficientnet_lite0", "resnet18"]},
-        "freeze_depth": {"int": [0, 8]},
-    }, n=60, model={"pretrained": "none"})
+    samples = sample_many(
+        {
+            "backbone": {"choice": ["efficientnet_lite0", "resnet18"]},
+            "freeze_depth": {"int": [0, 8]},
+        },
+        n=60,
+        model={"pretrained": "none"},
+    )
     for s in samples:
         limit = 8 if s["backbone"] == "efficientnet_lite0" else 5
         assert s["freeze_depth"] <= limit
@@ -65,8 +74,9 @@ def test_feature_cache_applies_only_where_a_head_trains_alone():
     base = {"name": "c", "data": {"source": "digits"}}
     probe = {"strategy": {"choice": ["linear_probe", "fine_tune"]}}
     assert cacheable_backbones(parse_space({**base, "space": probe})) == ["efficientnet_lite0"]
-    assert cacheable_backbones(parse_space({**base, "space": {"strategy": "lp_ft"}})) == \
-        ["efficientnet_lite0"]
+    assert cacheable_backbones(parse_space({**base, "space": {"strategy": "lp_ft"}})) == [
+        "efficientnet_lite0"
+    ]
     assert cacheable_backbones(parse_space({**base, "space": {"strategy": "fine_tune"}})) == []
     assert cacheable_backbones(parse_space({**base, "cache": "off", "space": probe})) == []
     assert cacheable_backbones(parse_space({**base, "space": {**probe, "augment": True}})) == []

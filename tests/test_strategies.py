@@ -22,7 +22,9 @@ def hp(**kw):
 
 def test_linear_probe_trains_only_the_head_and_freezes_batchnorm(model):
     blocks = backbone_blocks(model)
-    (phase,) = STRATEGIES["linear_probe"].phases(hp(strategy="linear_probe", augment=True), len(blocks))
+    (phase,) = STRATEGIES["linear_probe"].phases(
+        hp(strategy="linear_probe", augment=True), len(blocks)
+    )
     assert phase.freeze_depth == len(blocks) and not phase.augment
     apply_freeze(model, blocks, phase.freeze_depth)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -72,7 +74,10 @@ def test_param_groups_learning_rates_and_layer_decay(model):
 
 def test_lp_ft_probes_then_fine_tunes():
     phases = STRATEGIES["lp_ft"].phases(hp(strategy="lp_ft", freeze_depth=4, lp_epochs=2), 8)
-    assert [(p.name, p.epochs, p.freeze_depth) for p in phases] == [("probe", 2, 8), ("fine_tune", 4, 4)]
+    assert [(p.name, p.epochs, p.freeze_depth) for p in phases] == [
+        ("probe", 2, 8),
+        ("fine_tune", 4, 4),
+    ]
     default = STRATEGIES["lp_ft"].phases(hp(strategy="lp_ft"), 8)
     assert default[0].epochs == 2 and default[1].epochs == 4  # a third of 6 epochs probing
 

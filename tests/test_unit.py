@@ -21,14 +21,25 @@ def digit_splits(digits):
 
 def make_trainer(data, train, val, **kw):
     hp = Hyperparameters(**{"backbone": "efficientnet_lite0", "epochs": 1, "batch_size": 64, **kw})
-    return UnitTrainer(hp, data, train, val, pretrained="package", image_size=64,
-                       device=torch.device("cpu"), seed=0)
+    return UnitTrainer(
+        hp,
+        data,
+        train,
+        val,
+        pretrained="package",
+        image_size=64,
+        device=torch.device("cpu"),
+        seed=0,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "extra"),
-    [("linear_probe", {"head_lr": 0.01}), ("fine_tune", {"freeze_depth": 3, "head_lr": 0.003, "backbone_lr": 0.001})],
+    [
+        ("linear_probe", {"head_lr": 0.01}),
+        ("fine_tune", {"freeze_depth": 3, "head_lr": 0.003, "backbone_lr": 0.001}),
+    ],
 )
 def test_strategy_learns_digits_in_one_epoch(digits, digit_splits, strategy, extra):
     train, val, test = digit_splits
@@ -49,13 +60,17 @@ def test_batch_preparer_resizes_and_normalises():
     assert x.shape == (3, 3, 32, 32)
     expected = (1.0 - torch.tensor(model_pre.mean)) / torch.tensor(model_pre.std)
     assert torch.allclose(x[0, :, 5, 5], expected, atol=1e-4)
-    augmented = prepare(np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8), augment=True)
+    augmented = prepare(
+        np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8), augment=True
+    )
     assert augmented.shape == (4, 3, 32, 32)
 
 
 def test_checkpoint_resumes_exactly(synthetic):
     pool, _ = carve_test(synthetic.labels, 0.2, 0, synthetic.class_names)
-    train, val = stratified_split(synthetic.labels, pool, 0.25, 0, synthetic.class_names, "validation")
+    train, val = stratified_split(
+        synthetic.labels, pool, 0.25, 0, synthetic.class_names, "validation"
+    )
     kw = dict(strategy="lp_ft", epochs=3, lp_epochs=1, freeze_depth=6, batch_size=32)
     straight = make_trainer(synthetic, train, val, **kw)
     for _ in range(3):
