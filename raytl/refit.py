@@ -73,17 +73,8 @@ def refit(
     pool, test = carve_test(
         data.labels, config.data.test_fraction, config.data.seed, data.class_names
     )
-    trainer = UnitTrainer(
-        hp,
-        data,
-        pool,
-        np.array([], dtype=np.int64),
-        pretrained=config.model.pretrained,
-        image_size=config.data.image_size,
-        seed=config.search.seed,
-        features=features,
-        compile=config.model.compile,
-    )
+    no_val = np.array([], dtype=np.int64)
+    trainer = UnitTrainer.for_space(config, hp, data, pool, no_val, features=features)
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
     result = trainer.evaluate(test)
     state = (

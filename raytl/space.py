@@ -171,16 +171,29 @@ def _parse_when(when: Any, source: str, key: str) -> dict[str, tuple[Any, ...]]:
 
 
 def condition_order(specs: dict[str, ParamSpec], source: str = "<memory>") -> list[ParamSpec]:
-    """The entries with every condition's target before the entries that depend on it; a cycle
-    of conditions is an error naming it."""
+    """The entries in the file's order, except that a condition's target comes before the
+    entries that depend on it; a cycle of conditions is an error naming it.
+
+    The order is the order Optuna samples in, so the file's order keeps a seeded search the same.
+    """
     sorter = graphlib.TopologicalSorter({name: list(spec.when) for name, spec in specs.items()})
     try:
-        return [specs[name] for name in sorter.static_order()]
+        sorter.prepare()
     except graphlib.CycleError as exc:
         cycle = list(reversed(exc.args[1]))
         raise ConfigError(
             source, f"space.{cycle[0]}.when", f"circular condition {' -> '.join(cycle)}"
         ) from None
+    position = {name: i for i, name in enumerate(specs)}
+    ready: set[str] = set()
+    ordered = []
+    while sorter.is_active():
+        ready.update(sorter.get_ready())
+        name = min(ready, key=position.__getitem__)
+        ready.remove(name)
+        ordered.append(specs[name])
+        sorter.done(name)
+    return ordered
 
 
 class DefineByRun:

@@ -30,21 +30,13 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams
 from torch.utils.tensorboard import SummaryWriter
 
+from raytl.attempts import HISTORY_COLUMNS
 from raytl.plots import confusion_figure
 from raytl.results import trial_status
 from raytl.space import ParamSpec
 
-TRIAL_SCALARS = (
-    "val_accuracy",
-    "val_accuracy_std",
-    "val_loss",
-    "val_loss_std",
-    "train_loss",
-    "train_accuracy",
-    "epoch_seconds",
-    "images_per_second",
-    "worker_seconds",
-)
+# a trial's curves: the per-epoch values history.parquet keeps, but the bookkeeping ones
+TRIAL_SCALARS = tuple(c for c in HISTORY_COLUMNS if c not in ("epoch", "phase", "timestamp"))
 UNIT_SCALARS = ("train_loss", "val_accuracy", "val_loss", "images_per_second")
 # status as a number, so the HParams views can colour and filter by it
 STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0}

@@ -58,7 +58,7 @@ def train_single(
         f"fingerprint {data.fingerprint}"
     )
     write_skipped(output, data)
-    trainer = UnitTrainer(hp, data, train_idx, val_idx, **trainer_options(config))
+    trainer = UnitTrainer.for_space(config, hp, data, train_idx, val_idx)
     echo(_describe(trainer, config.model.pretrained))
     history = train_epochs(trainer, progress, echo)
     test = trainer.evaluate(test_idx)
@@ -99,16 +99,6 @@ def train_single(
     atomic_write(output / "metrics.json", to_json(summary))
     write_space(output, config)
     return summary
-
-
-def trainer_options(config: SpaceConfig) -> dict[str, Any]:
-    """The space file's settings a :class:`UnitTrainer` takes besides the hyperparameters."""
-    return {
-        "pretrained": config.model.pretrained,
-        "image_size": config.data.image_size,
-        "seed": config.search.seed,
-        "compile": config.model.compile,
-    }
 
 
 def holdout_split(config: SpaceConfig, data: ImageData) -> tuple[np.ndarray, ...]:

@@ -257,20 +257,17 @@ def unit_trainers(
     plan = assign_units(len(units), session.world)
     syncs = session.unit_syncs(plan)
     features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
-    c = ctx.config
     trainers = {
-        a.unit: UnitTrainer(
+        a.unit: UnitTrainer.for_space(
+            ctx.config,
             ctx.hp,
             data,
             units[a.unit].train,
             units[a.unit].val,
-            pretrained=c.model.pretrained,
-            image_size=c.data.image_size,
+            unit=a.unit,
             device=session.device,
-            seed=c.search.seed + a.unit,
             sync=syncs.get(a.unit),
             features=features,
-            compile=c.model.compile,
         )
         for a in plan[session.rank]
     }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
+from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.models import (
     backbone_blocks,
@@ -61,6 +62,36 @@ class EvalResult:
 
 class UnitTrainer:
     """Trains one model on one unit's train indices and validates it on the unit's val indices."""
+
+    @classmethod
+    def for_space(
+        cls,
+        config: SpaceConfig,
+        hp: Hyperparameters,
+        data: ImageData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        *,
+        unit: int = 0,
+        device: torch.device | None = None,
+        sync: GradientSync | None = None,
+        features: np.ndarray | None = None,
+    ) -> UnitTrainer:
+        """A trainer with the space file's weights, image size, seed (plus the unit's index) and
+        compile setting."""
+        return cls(
+            hp,
+            data,
+            train_idx,
+            val_idx,
+            pretrained=config.model.pretrained,
+            image_size=config.data.image_size,
+            device=device,
+            seed=config.search.seed + unit,
+            sync=sync,
+            features=features,
+            compile=config.model.compile,
+        )
 
     def __init__(
         self,
