@@ -31,12 +31,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from strategies import DOC, machine, write_section  # noqa: E402
 
-from raytl.cluster import init_ray, ray_session  # noqa: E402
+from raytl.cluster import ray_session  # noqa: E402
 from raytl.config import parse_space  # noqa: E402
 from raytl.data.splits import carve_test, stratified_split  # noqa: E402
 from raytl.models import create_model  # noqa: E402
 from raytl.preprocess import BatchPreparer, preprocessing_for  # noqa: E402
-from raytl.search import run_search, share_inputs, storage_for, tune_search  # noqa: E402
+from raytl.search import run_search, share_inputs, tune_search  # noqa: E402
 from raytl.unit import UnitTrainer  # noqa: E402
 
 QUICKSTART_DATA = {"source": "digits", "image_size": 48, "test_fraction": 0.2, "seed": 0}
@@ -70,7 +70,7 @@ def search(raw: dict[str, Any], out: Path, refit: bool = False) -> pd.DataFrame:
     if refit:
         return run_search(config, out, echo=SILENT)
     with ray_session(None):
-        inputs = share_inputs(config, config.data.load(), storage_for(config, out), SILENT)
+        inputs = share_inputs(config, config.data.load(), out, SILENT)
         return tune_search(inputs, out, resume=False, echo=SILENT)
 
 
@@ -292,8 +292,7 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     budget = time.perf_counter() - started
     best = json.loads((out / "best" / "metrics.json").read_text())
 
-    owns = init_ray(None)
-    try:
+    with ray_session(None):
         data_ref = [ray.put(config.data.load())]
         started = time.perf_counter()
         tuner = tune.Tuner(
@@ -317,9 +316,6 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
         )
         grid = tuner.fit()
         plain_seconds = time.perf_counter() - started
-    finally:
-        if owns:
-            ray.shutdown()
     frame = grid.get_dataframe()
     done = frame[frame["epoch"] == 3] if "epoch" in frame else frame.iloc[0:0]
     plain_best = done.sort_values("val_accuracy", ascending=False).iloc[0] if len(done) else None

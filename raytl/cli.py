@@ -29,6 +29,15 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_insecure_http(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="send the auth token over plain http to a non-loopback address (it travels "
+        "unencrypted; prefer an SSH tunnel or port-forward to 127.0.0.1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytl",
@@ -45,10 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
     )
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
+    p.add_argument(
+        "--run-id",
+        type=_run_id,
+        help="name this run (its folder on search.storage is NAME-RUN_ID); raytl submit sets it "
+        "so the job's folder is known before the job starts (default: a new one)",
+    )
     _add_set(p)
 
     p = sub.add_parser("resume", help="continue an interrupted search in its output folder")
     p.add_argument("dir", help="the search's output folder (it holds space.yaml)")
+    p.add_argument(
+        "--trust-storage",
+        action="store_true",
+        help="resume from search.storage on a URI: its experiment state is unpickled, which "
+        "runs code, so only when nobody you do not trust can write there",
+    )
     p.add_argument(
         "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
     )
@@ -92,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output",
-        help="where the job writes: a folder on the cluster (shared by its "
-        "nodes) or a URI such as s3://bucket/runs/NAME "
-        "(default: runs/NAME in the job's working directory)",
+        help="where the job's run folder (NAME-RUN_ID) goes: a folder all the cluster's nodes "
+        "share, or a URI such as s3://bucket/runs (default: search.storage, else runs/ in "
+        "the job's working directory on the head, which Ray may delete)",
     )
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    _add_insecure_http(p)
     p.add_argument(
         "--no-package",
         action="store_true",
@@ -107,15 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("jobs", help="list the Ray Jobs on a cluster")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
+    _add_insecure_http(p)
     p = sub.add_parser("logs", help="print (or --follow) a Ray Job's logs")
     p.add_argument("job_id")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
+    _add_insecure_http(p)
     p.add_argument(
         "--follow", action="store_true", help="stream until the job ends; exit with its status"
     )
     p = sub.add_parser("stop", help="stop a Ray Job")
     p.add_argument("job_id")
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265")
+    _add_insecure_http(p)
 
     p = sub.add_parser("report", help="write DIR/report.md and its plots for a finished search")
     p.add_argument("dir")
@@ -181,18 +206,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from raytl.config import load_space
-    from raytl.rundir import clear_search_outputs, prepare_output
+    from raytl.rundir import prepare_output
     from raytl.search import run_search
 
     overrides = list(args.overrides)
     if args.num_samples is not None:
         overrides.append(f"search.num_samples={args.num_samples}")
     config = load_space(args.space, overrides)
-    output = prepare_output(Path(args.output or f"runs/{config.name}"), overwrite=args.overwrite)
-    if args.overwrite:
-        clear_search_outputs(output)
+    output = prepare_output(
+        Path(args.output or f"runs/{config.name}"),
+        overwrite=args.overwrite,
+        protect=_inputs(args.space, config.data.path),
+        run_id=args.run_id,
+    )
     run_search(config, output, address=args.address)
     return 0
+
+
+def _run_id(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "._-" for c in text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
+def _inputs(space: str, data_path: str | None) -> list[Path]:
+    """What a command reads and ``--overwrite`` must never clear: the space file's folder and
+    the data."""
+    return [Path(space).parent] + ([Path(data_path)] if data_path else [])
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -202,24 +242,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     output = Path(args.dir)
     if not (output / "space.yaml").is_file():
         raise RaytlError(f"{output}: no space.yaml; expected the output folder of `raytl search`")
-    run_search(load_space(output / "space.yaml"), output, address=args.address, resume=True)
+    config = load_space(output / "space.yaml")
+    run_search(config, output, address=args.address, resume=True, trust_storage=args.trust_storage)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import shutil
-
-    from raytl.compare import parse_schemes, run_compare
+    from raytl.compare import COMPARE_OUTPUTS, parse_schemes, run_compare
     from raytl.config import load_space
     from raytl.rundir import prepare_output
 
     schemes = parse_schemes(args.schemes)
     config = load_space(args.space, list(args.overrides))
     output = prepare_output(
-        Path(args.output or f"runs/{config.name}-compare"), overwrite=args.overwrite
+        Path(args.output or f"runs/{config.name}-compare"),
+        overwrite=args.overwrite,
+        protect=_inputs(args.space, config.data.path),
+        clear=COMPARE_OUTPUTS,
     )
-    if args.overwrite and (output / "runs").is_dir():
-        shutil.rmtree(output / "runs")
     run_compare(
         config,
         output,
@@ -235,34 +275,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from raytl.config import load_space
     from raytl.jobs import submit
 
-    name = load_space(args.space, list(args.overrides), local_paths=False).name
+    config = load_space(args.space, list(args.overrides), local_paths=False)
     return submit(
         Path(args.space),
         address=args.address,
-        output=args.output or f"runs/{name}",
+        output=args.output or config.search.storage or "runs",
         overrides=list(args.overrides),
         num_samples=args.num_samples,
         wait=not args.no_wait,
         package=not args.no_package,
+        insecure_http=args.insecure_http,
     )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from raytl.jobs import list_jobs
 
-    return list_jobs(args.address)
+    return list_jobs(args.address, args.insecure_http)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from raytl.jobs import logs
 
-    return logs(args.job_id, args.address, args.follow)
+    return logs(args.job_id, args.address, args.follow, args.insecure_http)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from raytl.jobs import stop
 
-    return stop(args.job_id, args.address)
+    return stop(args.job_id, args.address, args.insecure_http)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -279,12 +320,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from raytl.config import load_space
     from raytl.rundir import prepare_output
-    from raytl.train import train_single
+    from raytl.train import TRAIN_OUTPUTS, train_single
 
     config = load_space(args.space, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = prepare_output(
-        Path(args.output or f"runs/{config.name}-train-{stamp}"), overwrite=args.overwrite
+        Path(args.output or f"runs/{config.name}-train-{stamp}"),
+        overwrite=args.overwrite,
+        protect=_inputs(args.space, config.data.path),
+        clear=TRAIN_OUTPUTS,
     )
     progress = not args.no_progress and sys.stderr.isatty()
     train_single(config, output, progress=progress)

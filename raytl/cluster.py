@@ -123,32 +123,75 @@ def init_ray(address: str | None) -> bool:
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
     # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
     # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
-    context = ray.init(
+    ray.init(
         address="local",
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),
         **kwargs,
     )
-    # Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
-    # cluster through /tmp/ray/ray_current_cluster, which only `ray start` and
-    # ray.cluster_utils write. Left pointing at a cluster that is gone, every stopped trial's
-    # placement group leaks and the search deadlocks; point it at this one, as `ray start` would.
-    address_info: dict[str, Any] = context.address_info  # type: ignore[attr-defined]  # a RayContext
-    ray._private.utils.write_ray_address(address_info["gcs_address"])
+    restrict_token_file()
     return True
+
+
+def restrict_token_file(environ: dict[str, str] | None = None, home: Path | None = None) -> None:
+    """Make the auth-token file Ray wrote for a local Ray readable by its owner only (0600):
+    Ray writes it with the default umask, and anyone who reads it can run code on the cluster."""
+    env = os.environ if environ is None else environ
+    path = (
+        Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if env.get("RAY_AUTH_TOKEN_PATH")
+        else ((home or Path.home()) / ".ray" / "auth_token")
+    )
+    if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Ray for the duration of a command: a cluster joined or a local Ray started (and then shut
-    down: only what this started)."""
+    down: only what this started), with Ray's current-cluster file pointing at a local Ray while
+    it runs and given back afterwards."""
     owns_ray = init_ray(address)
     try:
-        yield
+        with current_cluster_file(None if address else local_gcs_address()):
+            yield
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def local_gcs_address() -> str:
+    """The GCS address of the Ray this process started."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
+@contextlib.contextmanager
+def current_cluster_file(gcs_address: str | None) -> Iterator[None]:
+    """Point Ray's current-cluster file (``ray_current_cluster`` in Ray's temp folder) at
+    ``gcs_address`` while the block runs, then put back what was there (or remove it).
+
+    Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
+    cluster through that file, which only ``ray start`` and ``ray.cluster_utils`` write. Left
+    pointing at a cluster that is gone, every stopped trial's placement group leaks and the search
+    deadlocks; so it must name this Ray while it runs. Left behind afterwards, it makes a plain
+    ``ray.init()`` in any other program join the dead cluster; so it is given back. If another
+    search has pointed it elsewhere meanwhile, that one's pointer is left alone.
+    """
+    if gcs_address is None:
+        yield
+        return
+    path = Path(ray._private.utils.get_ray_address_file(None))
+    previous = path.read_text() if path.is_file() else None
+    ray._private.utils.write_ray_address(gcs_address)
+    try:
+        yield
+    finally:
+        if path.is_file() and path.read_text().strip() == gcs_address:
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_text(previous)
 
 
 def free_port() -> int:

@@ -39,12 +39,24 @@ from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
 from raytl.rundir import write_skipped, write_space
 from raytl.schemes import SCHEMES
-from raytl.search import finish_run, record_data, share_inputs, storage_for, tune_search
-from raytl.storage import Storage, atomic_write
+from raytl.search import finish_run, record_data, share_inputs, tune_search
+from raytl.storage import atomic_write, join_location
 from raytl.trial import SearchInputs
 from raytl.tune import echo_line
 
 Echo = Callable[[str], None]
+# what ``raytl compare --overwrite`` clears (in a folder raytl made, see raytl.rundir)
+COMPARE_OUTPUTS = (
+    "runs",
+    "ray",
+    "space.yaml",
+    "skipped.txt",
+    "compare.md",
+    "compare.parquet",
+    "compare_trials.parquet",
+    "compare_val_vs_test.png",
+    "compare_cost_fidelity.png",
+)
 
 
 def config_key(sampled: dict[str, Any]) -> str:
@@ -56,14 +68,11 @@ def run_name(scheme: str, seed: int) -> str:
     return f"{scheme}_seed{seed}"
 
 
-def scheme_config(config: SpaceConfig, scheme: str, seed: int) -> SpaceConfig:
+def scheme_config(config: SpaceConfig, scheme: str, seed: int, storage: str | None) -> SpaceConfig:
     """The space with another scheme and search seed; everything else (data, test split) unchanged.
 
-    On a shared ``search.storage`` each run gets its own sub-folder, so the runs never collide.
+    ``storage``: on a shared ``search.storage``, the scheme's own folder in the comparison's.
     """
-    storage = config.search.storage
-    if storage:
-        storage = Storage(storage).uri_of(run_name(scheme, seed))
     return dataclasses.replace(
         config,
         scheme=dataclasses.replace(config.scheme, kind=scheme),
@@ -104,7 +113,7 @@ def run_compare(
     data = config.data.load()
     write_skipped(output, data)
     with ray_session(address):
-        shared = share_inputs(config, data, storage_for(config, output), echo)
+        shared = share_inputs(config, data, output, echo)
         trials = [
             table
             for repeat in range(repeats)
@@ -145,17 +154,21 @@ def search_scheme(
     shared: SearchInputs, data: ImageData, output: Path, scheme: str, seed: int, echo: Echo
 ) -> pd.DataFrame:
     """One scheme's own search (no refit) in ``output/runs/SCHEME_seedN``, on the shared inputs."""
-    config = scheme_config(shared.config, scheme, seed)
     run_dir = output / "runs" / run_name(scheme, seed)
+    shared_storage = shared.config.search.storage  # the scheme's folder in the comparison's
+    storage = join_location(shared.storage, run_name(scheme, seed)) if shared_storage else None
+    config = scheme_config(shared.config, scheme, seed, storage)
     run_dir.mkdir(parents=True, exist_ok=True)
     echo(f"== {scheme}, seed {seed} ==")
     started = time.perf_counter()
     write_space(run_dir, config)
     record_data(config, run_dir, data, resume=False, echo=echo)
     check_resources(config)
-    inputs = dataclasses.replace(shared, config=config, storage=storage_for(config, run_dir))
+    inputs = dataclasses.replace(
+        shared, config=config, storage=storage or join_location(run_dir / "ray")
+    )
     table = tune_search(inputs, run_dir, resume=False, echo=echo).copy()
-    finish_run(config, run_dir)
+    finish_run(config, run_dir, inputs.storage)
     table["search_wall_seconds"] = time.perf_counter() - started
     table["run_dir"] = str(run_dir)
     return table

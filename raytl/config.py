@@ -10,6 +10,7 @@ it pickles, so trials, workers and refits never parse the file again.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ from raytl.space import (
     parse_params,
 )
 
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name: no "/", no "..", no spaces
 SourceName = Annotated[str, OneOf(tuple(SOURCES))]
 SchemeName = Annotated[str, OneOf(tuple(SCHEMES))]
 
@@ -321,8 +323,12 @@ def parse_space(
     """Validate a space file's mapping; every problem raises a :class:`ConfigError`."""
     reject_unknown(raw, ["name", "cache", "space", *SECTIONS], source, "")
     name = raw.get("name", Path(source).stem if source != "<memory>" else "raytl")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(source, "name", f"expected a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(
+            source,
+            "name",
+            f"expected letters, digits, '.', '_' or '-' (it names folders), got {name!r}",
+        )
     sections: dict[str, Any] = {
         key: build_dataclass(cls, _mapping(raw, key, source), source, key)
         for key, cls in SECTIONS.items()

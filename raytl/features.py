@@ -37,7 +37,7 @@ from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.models import create_model, package_weights_path, pooled_features
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
-from raytl.storage import Storage
+from raytl.storage import Storage, join_location
 from raytl.strategies import STRATEGIES
 
 CACHE_VERSION = 1  # bump when the way features are computed changes
@@ -102,7 +102,7 @@ def feature_key(backbone: str, pretrained: str, data: ImageData, pre: Preprocess
 
 def entry_path(root: str, key: FeatureKey) -> str:
     """Where the cache for ``key`` lives under ``root``: ``ROOT/<digest>/features.parquet``."""
-    return Storage(root).uri_of(key.digest(), FEATURES_FILE)
+    return join_location(root, key.digest(), FEATURES_FILE)
 
 
 def read_features(root: str, key: FeatureKey) -> np.ndarray | None:
@@ -208,7 +208,7 @@ FeatureRefs = dict[str, Any]  # backbone -> ray.ObjectRef of its (N, D) feature 
 
 
 def prepare_feature_cache(
-    config: SpaceConfig, data_ref: Any, storage: str, echo: Callable[[str], None]
+    config: SpaceConfig, data_ref: Any, root: str, echo: Callable[[str], None]
 ) -> FeatureRefs:
     """Compute (or read) the frozen features once per backbone, before any trial starts (the
     single producer), on a worker-sized Ray task; trials get them through the object store."""
@@ -217,7 +217,6 @@ def prepare_feature_cache(
     task: Any = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, num_returns=2)(
         features_task
     )
-    root = Storage(storage).uri_of("feature_cache")
     refs = {}
     for backbone in backbones:
         features_ref, info_ref = task.remote(

@@ -26,7 +26,7 @@ from raytl.models import create_model, save_model, to_json
 from raytl.preprocess import Preprocessing
 from raytl.results import sampled_values
 from raytl.space import Hyperparameters
-from raytl.storage import atomic_write
+from raytl.storage import atomic_folder, atomic_write
 from raytl.tensorboard import write_refit_images
 from raytl.trial import SearchInputs
 from raytl.unit import UnitTrainer
@@ -126,7 +126,6 @@ def refit_best(
     )
     model = create_model(hp.backbone_name, len(data.class_names), "none")
     model.load_state_dict(result.state or {})
-    best_dir = output / "best"
     summary = {
         "trial_id": best["trial_id"],
         "hyperparameters": dataclasses.asdict(hp),
@@ -134,15 +133,16 @@ def refit_best(
         "search_value": float(best[f"{config.search.metric}_mean"]),
         **result.figures(),
     }
-    save_model(
-        best_dir,
-        model,
-        backbone=hp.backbone_name,
-        class_names=list(data.class_names),
-        preprocessing=result.preprocessing,
-        extra={"hyperparameters": dataclasses.asdict(hp)},
-    )
-    atomic_write(best_dir / "metrics.json", to_json(summary))
+    with atomic_folder(output / "best") as staging:  # a full disk leaves no half a best/
+        save_model(
+            staging,
+            model,
+            backbone=hp.backbone_name,
+            class_names=list(data.class_names),
+            preprocessing=result.preprocessing,
+            extra={"hyperparameters": dataclasses.asdict(hp)},
+        )
+        atomic_write(staging / "metrics.json", to_json(summary))
     _, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
     write_refit_images(
         output / "tensorboard",
@@ -153,6 +153,6 @@ def refit_best(
     )
     echo(
         f"best configuration: test accuracy {result.test_accuracy:.4f} on "
-        f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {best_dir}"
+        f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {output / 'best'}"
     )
     return summary

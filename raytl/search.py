@@ -23,8 +23,16 @@ from raytl.features import prepare_feature_cache
 from raytl.refit import refit_best
 from raytl.report import write_report
 from raytl.results import best_row, format_top, history_table, results_table, write_results
-from raytl.rundir import check_same_data, publish, read_trial_clock, write_skipped, write_space
-from raytl.storage import Storage
+from raytl.rundir import (
+    check_free_space,
+    check_same_data,
+    ensure_marker,
+    publish,
+    read_trial_clock,
+    write_skipped,
+    write_space,
+)
+from raytl.storage import join_location
 from raytl.trial import SearchInputs, scheme_units
 from raytl.tune import echo_line, make_tuner
 
@@ -38,6 +46,7 @@ def run_search(
     address: str | None = None,
     echo: Echo = echo_line,
     resume: bool = False,
+    trust_storage: bool = False,
 ) -> pd.DataFrame:
     """Run the whole search into ``output`` and return the results table.
 
@@ -48,18 +57,20 @@ def run_search(
     """
     started = time.perf_counter()
     output = Path(output).resolve()
+    echo(f"run {config.name}-{ensure_marker(output).run_id}: output in {output}")
+    check_free_space(output)
     if not resume:
         write_space(output, config)
     data = config.data.load()
     record_data(config, output, data, resume=resume, echo=echo)
     with ray_session(address):
         check_resources(config)
-        inputs = share_inputs(config, data, storage_for(config, output), echo)
-        table = tune_search(inputs, output, resume=resume, echo=echo)
+        inputs = share_inputs(config, data, output, echo)
+        table = tune_search(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
         best = best_row(table, config.search.metric)
         if best is not None:
             refit_best(inputs, data, best, output, echo)
-        report = finish_run(config, output)
+        report = finish_run(config, output, inputs.storage)
     echo(
         f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
         f"report in {report}"
@@ -69,8 +80,18 @@ def run_search(
 
 
 def storage_for(config: SpaceConfig, output: Path) -> str:
-    """Where the Tune experiment and the checkpoints go: ``search.storage``, else ``OUTPUT/ray``."""
-    return Storage(config.search.storage or Path(output) / "ray").uri
+    """Where the Tune experiment and the checkpoints go: ``OUTPUT/ray``, or on ``search.storage``
+    a folder of this run's own, ``<storage>/<name>-<run id>`` (the run id is in the output
+    folder's marker), so that two runs on one storage never mix."""
+    if not config.search.storage:
+        return join_location(Path(output) / "ray")
+    return join_location(config.search.storage, f"{config.name}-{ensure_marker(output).run_id}")
+
+
+def cache_root(config: SpaceConfig, output: Path) -> str:
+    """Where the frozen features are cached: beside the experiments, shared by every run on the
+    storage (an entry is keyed by everything the features depend on)."""
+    return join_location(config.search.storage or Path(output) / "ray", "feature_cache")
 
 
 def record_data(
@@ -89,19 +110,22 @@ def record_data(
     )
 
 
-def share_inputs(config: SpaceConfig, data: ImageData, storage: str, echo: Echo) -> SearchInputs:
+def share_inputs(config: SpaceConfig, data: ImageData, output: Path, echo: Echo) -> SearchInputs:
     """One copy of the data in the object store, and the frozen features computed (or read)
-    once per backbone, for every trial of one or more searches."""
+    once per backbone, for every trial of one or more searches writing to ``output``."""
     data_ref = ray.put(data)
-    features = prepare_feature_cache(config, data_ref, storage, echo)
-    return SearchInputs(config, data_ref, storage, features)
+    features = prepare_feature_cache(config, data_ref, cache_root(config, output), echo)
+    return SearchInputs(config, data_ref, storage_for(config, output), features)
 
 
-def tune_search(inputs: SearchInputs, output: Path, *, resume: bool, echo: Echo) -> pd.DataFrame:
+def tune_search(
+    inputs: SearchInputs, output: Path, *, resume: bool, echo: Echo, trust_storage: bool = False
+) -> pd.DataFrame:
     """Run the Tuner and write ``results.parquet`` and ``history.parquet``; a search whose every
     trial failed is an error (after its results are written)."""
     config = inputs.config
-    grid = make_tuner(inputs, output, resume=resume, echo=echo).fit()
+    tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
+    grid = tuner.fit()
     table = results_table(grid, config, clock=read_trial_clock(output))
     write_results(output, table, history_table(grid))
     if len(table) and (table["status"] == "error").all():
@@ -116,9 +140,10 @@ def tune_search(inputs: SearchInputs, output: Path, *, resume: bool, echo: Echo)
     return table
 
 
-def finish_run(config: SpaceConfig, output: Path) -> Path:
-    """The report, and the reviewable outputs copied to ``search.storage`` when it is set."""
+def finish_run(config: SpaceConfig, output: Path, storage: str) -> Path:
+    """The report, and the reviewable outputs copied beside the experiment in ``storage`` when the
+    search writes to a ``search.storage``."""
     report = write_report(output)
     if config.search.storage:
-        publish(output, config.search.storage)
+        publish(output, storage)
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,16 @@ Content = str | bytes | Callable[[str], object]  # a writer is called with the t
 def is_uri(location: str | os.PathLike[str]) -> bool:
     """Whether ``location`` names a filesystem by scheme (``s3://``, ``file://``) rather than a path."""
     return "://" in str(location)
+
+
+def join_location(location: str | os.PathLike[str], *parts: str) -> str:
+    """``parts`` under ``location``, as an absolute path or a URI like the one given (its query,
+    such as ``?endpoint_override=...``, kept at the end). Names only: touches no filesystem."""
+    text = str(location)
+    if not is_uri(text):
+        return str(Path(text).resolve().joinpath(*parts))
+    base, sep, query = text.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (sep + query if sep else "")
 
 
 @contextlib.contextmanager
@@ -55,6 +66,26 @@ def atomic_write(path: str | os.PathLike[str], content: Content) -> Path:
         tmp.replace(target)
     _fsync_folder(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A folder of several files that appears whole or not at all: the block fills a temporary
+    folder beside ``path``, which then replaces ``path`` (an earlier one is removed only after)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        _fsync_folder(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -93,19 +124,10 @@ class Storage:
 
     def uri_of(self, *parts: str) -> str:
         """The location of ``parts`` under this folder, as a path or URI like the one given."""
-        if not is_uri(self.uri):
-            return self.path(*parts)
-        base, sep, query = self.uri.partition("?")
-        return "/".join([base, *parts]) + (sep + query if sep else "")
-
-    def child(self, *parts: str) -> Storage:
-        return Storage(self.uri_of(*parts))
+        return join_location(self.uri, *parts)
 
     def is_file(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.File
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def makedirs(self, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts), recursive=True)
@@ -137,10 +159,9 @@ class Storage:
         for name in names:
             source = Path(local_folder) / name
             if source.is_dir():
+                # copy_files makes no folders on a local filesystem: make them first
                 for folder in [source, *(p for p in source.rglob("*") if p.is_dir())]:
-                    self.makedirs(
-                        folder.relative_to(local_folder).as_posix()
-                    )  # local fs needs them
+                    self.makedirs(folder.relative_to(local_folder).as_posix())
                 pafs.copy_files(
                     str(source.resolve()),
                     self.path(name),

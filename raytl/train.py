@@ -40,6 +40,17 @@ def _progress_bar(
     return update, bar.close
 
 
+# what ``raytl train --overwrite`` clears (in a folder raytl made, see raytl.rundir)
+TRAIN_OUTPUTS = (
+    "model.safetensors",
+    "config.json",
+    "class_names.json",
+    "metrics.json",
+    "space.yaml",
+    "skipped.txt",
+)
+
+
 def train_single(
     config: SpaceConfig,
     output: Path,

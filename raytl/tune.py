@@ -9,6 +9,7 @@ by Tune would be one Ray Train cannot get: Tune stages placement groups for upco
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from raytl.config import SpaceConfig
 from raytl.errors import RaytlError
 from raytl.rundir import read_trial_clock, tick_trial_clock
 from raytl.space import DefineByRun
+from raytl.storage import is_uri, join_location
 from raytl.tensorboard import tensorboard_callback
 from raytl.trial import SearchInputs, run_trial
 
@@ -128,25 +130,64 @@ class ProgressLine(tune.Callback):
         self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
 
 
+def check_trusted(experiment: str, trust_storage: bool) -> None:
+    """Resuming unpickles Tune's experiment state (``tuner.pkl``, the searcher's state): whoever
+    can write those files can run code in this process. So a local experiment must belong to this
+    user and be writable by nobody else, and one on a URI needs ``--trust-storage``."""
+    if is_uri(experiment):
+        if not trust_storage:
+            raise RaytlError(
+                f"{experiment}: resuming unpickles the experiment's state, which runs code as you; "
+                "pass --trust-storage if only you (and those you trust) can write that storage"
+            )
+        return
+    folder = Path(experiment)
+    for path in [folder, *folder.glob("*.pkl"), *folder.glob("*.json")]:
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise RaytlError(
+                f"{path}: resuming unpickles the experiment's state, which runs code as you, and "
+                "this file belongs to someone else or others can write it; refusing to load it"
+            )
+
+
 def make_tuner(
-    inputs: SearchInputs, output: Path, *, resume: bool, echo: Callable[[str], None]
+    inputs: SearchInputs,
+    output: Path,
+    *,
+    resume: bool,
+    echo: Callable[[str], None],
+    trust_storage: bool = False,
 ) -> tune.Tuner:
     """A new Tuner for the search, or (``resume``) the one restored from its experiment folder:
     finished trials kept, unfinished ones resumed from their checkpoints, the Optuna study with it."""
     config = inputs.config
     trainable = tune.with_resources(tune.with_parameters(run_trial, inputs=inputs), TRIAL_RESOURCES)
-    experiment = f"{inputs.storage.rstrip('/')}/{EXPERIMENT}"
+    experiment = join_location(inputs.storage, EXPERIMENT)
+    s = config.search
+    callbacks = [
+        ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
+        tensorboard_callback(output / "tensorboard", config.space, config.name),
+    ]
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise RaytlError(
                 f"{output}: no interrupted search to resume (no Tune experiment at {experiment})"
             )
+        check_trusted(experiment, trust_storage)
         echo(f"resuming the search in {experiment}")
-        # the run config (callbacks included) and the searcher's state come from the experiment
-        return tune.Tuner.restore(
+        tuner = tune.Tuner.restore(
             experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    s = config.search
+        # raytl's own callbacks are built anew, not taken from the pickle (theirs hold the paths
+        # of the run that wrote it); Tuner.restore takes no run config, hence the inner object
+        tuner._local_tuner._run_config.callbacks = callbacks  # type: ignore[union-attr]
+        return tuner
+    if tune.Tuner.can_restore(experiment):
+        raise RaytlError(
+            f"{experiment} already holds a search; `raytl resume {output}` continues it, or "
+            "choose another --output"
+        )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -161,10 +202,7 @@ def make_tuner(
             name=EXPERIMENT,
             storage_path=inputs.storage,
             verbose=0,
-            callbacks=[
-                ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
-                tensorboard_callback(output / "tensorboard", config.space, config.name),
-            ],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
         ),
     )

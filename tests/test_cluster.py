@@ -7,6 +7,7 @@ raylet) and ``ray start --head --block`` as a process group the test owns and ki
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -23,7 +24,8 @@ import pytest
 import yaml
 
 from raytl.errors import RaytlError
-from raytl.jobs import entrypoint, find_token
+from raytl.jobs import entrypoint, find_token, run_location
+from raytl.rundir import new_run_id
 
 TINY = {
     "name": "tiny",
@@ -71,10 +73,22 @@ def test_find_token_follows_rays_precedence(tmp_path):
 
 
 def test_entrypoint_sends_uri_outputs_to_storage():
-    line = entrypoint("s3://bucket/runs/x", ["data.limit=500"], 4)
+    line = entrypoint("s3://bucket/runs/x", ["data.limit=500"], 4, name="tiny", run_id="r1")
     assert "--set search.storage=s3://bucket/runs/x" in line and "--address auto" in line
     assert "--num-samples 4" in line and "--set data.limit=500" in line
-    assert "--output /shared/runs/x" in entrypoint("/shared/runs/x", [], None)
+    assert "--run-id r1" in line and "--output raytl-output/tiny-r1" in line
+    local = entrypoint("/shared/runs", [], None, name="tiny", run_id="r2")
+    assert "--output /shared/runs/tiny-r2" in local
+
+
+def test_every_job_gets_a_run_folder_of_its_own():
+    """Two submits of one space file once shared runs/NAME and --overwrite deleted each other's
+    results, possibly mid-run."""
+    lines = [entrypoint("/shared/runs", [], None, name="tiny", run_id=new_run_id()) for _ in "ab"]
+    assert all("--overwrite" not in line for line in lines)
+    outputs = [line.split("--output ", 1)[1].split()[0] for line in lines]
+    assert outputs[0] != outputs[1] and all(o.startswith("/shared/runs/tiny-") for o in outputs)
+    assert run_location("s3://b/runs?scheme=http", "tiny-r3") == "s3://b/runs/tiny-r3?scheme=http"
 
 
 def test_submit_without_address_is_one_clear_line(tmp_path):
@@ -178,7 +192,10 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkey
         units = list(row["unit_nodes"])
         assert len(units) == 2 and set(units) == worker_ids  # one segment on each worker node
         assert set(row["nodes"].split(",")) == worker_ids
-    # everything a reviewer needs is on the shared storage, not in a node-local folder
+    # everything a reviewer needs is on the shared storage, not in a node-local folder, in the
+    # run's own folder there
+    run_id = json.loads((out / ".raytl-run.json").read_text())["run_id"]
+    storage = storage / f"tiny-{run_id}"
     assert (storage / "results.parquet").is_file() and (storage / "report.md").is_file()
     assert len(pd.read_parquet(storage / "results.parquet")) == 2
     runs = [p for p in (storage / "tensorboard").iterdir() if p.name.startswith("trial_")]
@@ -310,12 +327,22 @@ def test_submit_runs_the_search_as_a_job(head, tmp_path):
     space.write_text(
         yaml.safe_dump({**TINY, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}})
     )
-    out = tmp_path / "job-output"  # the head is this machine, so the folder is readable here
+    runs = tmp_path / "job-output"  # the head is this machine, so the folder is readable here
     run = _raytl(
-        "submit", str(space), "--address", address, "--output", str(out), token=token, home=tmp_path
+        "submit",
+        str(space),
+        "--address",
+        address,
+        "--output",
+        str(runs),
+        token=token,
+        home=tmp_path,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     job_id = run.stdout.split("submitted job ", 1)[1].split()[0]
+    out = Path(run.stdout.split("results: ", 1)[1].split()[0])  # the job's own run folder
+    assert out.parent == runs and out.name.startswith("tiny-")
+    assert f"run {out.name}: output in {out}" in run.stdout  # named in the job's log
     assert f"job {job_id}: SUCCEEDED" in run.stdout
     assert "search finished" in run.stdout  # the job's own log lines were followed
     results = pd.read_parquet(out / "results.parquet")
@@ -324,6 +351,7 @@ def test_submit_runs_the_search_as_a_job(head, tmp_path):
 
     listed = _raytl("jobs", "--address", address, token=token, home=tmp_path, timeout=120)
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    assert str(out) in listed.stdout
     logs = _raytl("logs", job_id, "--address", address, token=token, home=tmp_path, timeout=120)
     assert logs.returncode == 0 and "search finished" in logs.stdout
 
@@ -371,3 +399,39 @@ def test_search_on_a_token_cluster_without_a_token_fails_clearly(head, tmp_path)
         f"the Ray cluster at {gcs} uses token authentication and no token was found" in run.stderr
     )
     assert "Traceback" not in run.stderr
+
+
+def test_the_token_never_travels_in_plain_http_to_another_machine():
+    from raytl.cluster import Token
+    from raytl.jobs import check_transport
+
+    token = Token("t" * 64, "RAY_AUTH_TOKEN")
+    with pytest.raises(RaytlError, match="refusing to send the Ray auth token.*--insecure-http"):
+        check_transport("http://ray-head.example:8265", token, insecure_http=False)
+    with pytest.raises(RaytlError, match="plain http"):
+        check_transport("http://10.0.0.5:8265", token, insecure_http=False)
+    for fine in (
+        "http://127.0.0.1:8265",
+        "http://localhost:8265",
+        "http://[::1]:8265",
+        "https://ray-head.example",
+    ):
+        check_transport(fine, token, insecure_http=False)
+    check_transport("http://ray-head.example:8265", None, insecure_http=False)  # no token to leak
+    check_transport("http://ray-head.example:8265", token, insecure_http=True)  # the user's call
+
+
+def test_the_local_token_file_is_made_private(tmp_path):
+    from raytl.cluster import restrict_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("t" * 64)
+    token.chmod(0o644)  # as Ray writes it, with the default umask
+    restrict_token_file({"RAY_AUTH_TOKEN_PATH": str(token)})
+    assert token.stat().st_mode & 0o777 == 0o600
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("t" * 64)
+    (home / ".ray" / "auth_token").chmod(0o640)
+    restrict_token_file({}, home)
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600

@@ -180,3 +180,10 @@ def test_cli_user_error_is_one_line_without_traceback(space_file):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "data.image_sise" in lines[0] and "did you mean 'image_size'" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["../../etc", "runs/x", "a b", "", ".hidden"])
+def test_name_is_a_folder_name(space_file, name):
+    """The name names folders (runs/NAME, NAME-RUN_ID on storage): no path may hide in it."""
+    message = _error(space_file, {"name": name})
+    assert ": name: " in message and "it names folders" in message

@@ -106,16 +106,20 @@ def test_a_killed_writer_leaves_no_readable_partial_cache(tmp_path):
     from raytl.features import FeatureKey
 
     key = FeatureKey("b", "w", 48, "d", "p")
+    folder = Path(entry_path(str(tmp_path), key)).parent
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert writer.stdout.readline().strip() == "ready"
-        time.sleep(0.05)  # kill it inside its first write, before any rename
-        os.kill(writer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in folder.glob(".*.tmp")):  # its first write began
+            assert time.monotonic() < deadline, "the writer never started writing"
+            time.sleep(0.001)
+        os.kill(writer.pid, signal.SIGKILL)  # inside that write: ~60 MB take far longer than this
     finally:
         writer.wait()
-    folder = Path(entry_path(str(tmp_path), key)).parent
+    assert list(folder.glob(".*.tmp")), "the kill did not land inside a write"
     assert not (folder / "features.parquet").exists()
     assert read_features(str(tmp_path), key) is None  # the partial .tmp file is never read
 

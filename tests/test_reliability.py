@@ -72,14 +72,23 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> list[st
 
 
 def _kill_train_workers_after(driver: subprocess.Popen, pattern: str) -> list[str]:
-    """kill -9 every Ray Train worker once the driver prints a line matching ``pattern``."""
+    """kill -9 the Ray Train workers of this driver's own Ray (its session: the driver runs in a
+    new session, and the Ray it starts, workers included, stays in it) once the driver prints a
+    line matching ``pattern``. Nobody else's Ray is touched."""
+    import psutil
+
     lines = _read_until(driver, pattern, timeout=600)
-    workers = subprocess.run(
-        ["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True
-    ).stdout.split()
-    assert workers, "no Ray Train worker process found"
+    workers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            mine = os.getsid(proc.pid) == driver.pid
+        except (ProcessLookupError, PermissionError):
+            continue
+        if mine and any("ray::RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            workers.append(proc.pid)
+    assert workers, "no Ray Train worker process of this search found"
     for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     return lines
 
 
@@ -259,7 +268,7 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
             """Kill the node (no graceful drain) once some trial has a first-epoch checkpoint."""
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
-                if list(storage.glob("train_*/checkpoint_epoch_0001")):
+                if list(storage.glob("*/train_*/checkpoint_epoch_0001")):  # the run's folder
                     cluster.remove_node(doomed, allow_graceful=False)
                     removed.append(doomed.node_id)
                     return
@@ -298,6 +307,21 @@ def test_a_checkpoint_holding_a_pickle_payload_is_refused(tmp_path):
         torch.load(path, weights_only=True)
     with pytest.raises(RaytlError, match="not a plain state dict"):
         load_checkpoint_weights(torch.nn.Linear(1, 1), path)
+    # the way a restarted trial reads its units back: the trial's own checkpoint loader
+    from raytl.trial import resume_attempt
+
+    class Checkpoint:  # the interface of ray.train.Checkpoint that resume_attempt uses
+        def as_directory(self):
+            return contextlib.nullcontext(str(tmp_path))
+
+    class Unit:  # what resume_attempt hands the loaded state to
+        def load_state_dict(self, state):
+            raise AssertionError("the payload was loaded")
+
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        resume_attempt(
+            Checkpoint(), {0: Unit()}, torch.device("cpu"), entered=0.0, startup_seconds=0.0
+        )
     assert not (tmp_path / "pwned").exists()
 
 
@@ -363,3 +387,27 @@ def test_a_search_whose_every_trial_fails_keeps_its_results_and_says_so(tmp_path
     results = pd.read_parquet(out / "results.parquet")
     assert list(results["status"]) == ["error"] and results["error"].notna().all()
     assert int(results["epochs"].iloc[0]) == 1  # what it had trained is kept
+
+
+def test_resume_loads_no_pickle_that_others_could_have_written(tmp_path):
+    """Resuming unpickles tuner.pkl and the searcher's state: a shared or foreign folder, or a
+    URI the user has not vouched for, is refused before anything is loaded."""
+    from raytl.errors import RaytlError
+    from raytl.tune import check_trusted
+
+    experiment = tmp_path / "tune"
+    experiment.mkdir(mode=0o755)
+    (experiment / "tuner.pkl").write_bytes(b"pickle")
+    (experiment / "tuner.pkl").chmod(0o644)
+    check_trusted(str(experiment), trust_storage=False)  # the user's own, writable by them alone
+    (experiment / "tuner.pkl").chmod(0o666)
+    with pytest.raises(RaytlError, match="tuner.pkl: resuming unpickles.*others can write it"):
+        check_trusted(str(experiment), trust_storage=False)
+    (experiment / "tuner.pkl").chmod(0o644)
+    experiment.chmod(0o777)
+    with pytest.raises(RaytlError, match="refusing to load it"):
+        check_trusted(str(experiment), trust_storage=False)
+    experiment.chmod(0o755)
+    with pytest.raises(RaytlError, match="--trust-storage"):
+        check_trusted("s3://bucket/runs/x/tune", trust_storage=False)
+    check_trusted("s3://bucket/runs/x/tune", trust_storage=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -50,16 +51,35 @@ def search(tmp_path_factory):
     space = {**SPACE, "search": {**SPACE["search"], "storage": str(storage)}}
     # a stale pointer to a cluster that is gone (left by an earlier `ray start`): raytl must start
     # and use its own Ray regardless, or ASHA-stopped trials leak their workers' placement groups
+    with current_cluster_file_as("127.0.0.1:9") as pointer:
+        table = run_search(parse_space(space, "e2e.yaml"), out, echo=lambda line: None)
+        after = pointer.read_text() if pointer.is_file() else None
+    return out, table, after
+
+
+@contextlib.contextmanager
+def current_cluster_file_as(content: str | None):
+    """Ray's current-cluster file set to ``content`` (None: absent) for the block; the machine's
+    own file is put back afterwards."""
     import ray._private.utils
 
-    ray._private.utils.write_ray_address("127.0.0.1:9")
-    table = run_search(parse_space(space, "e2e.yaml"), out, echo=lambda line: None)
-    return out, table
+    pointer = Path(ray._private.utils.get_ray_address_file(None))
+    saved = pointer.read_text() if pointer.is_file() else None
+    try:
+        pointer.unlink(missing_ok=True)
+        if content is not None:
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            pointer.write_text(content)
+        yield pointer
+    finally:
+        pointer.unlink(missing_ok=True)
+        if saved is not None:
+            pointer.write_text(saved)
 
 
 @pytest.mark.slow
 def test_search_end_to_end(search, tmp_path):
-    out, table = search
+    out, table, _ = search
 
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 4 == len(table)
@@ -80,12 +100,15 @@ def test_search_end_to_end(search, tmp_path):
         assert row["worker_seconds"] > 0 and row["wall_seconds"] > 0
     assert results["val_accuracy_mean"].max() > 0.4  # 10 classes: chance is 0.1
     storage = Path(results["path"].iloc[0]).parents[1]
-    assert (storage / "tune").is_dir()  # the Ray experiment lives on search.storage, for resuming
+    # the Ray experiment lives on search.storage, for resuming, in a folder of this run's own
+    run_id = json.loads((out / ".raytl-run.json").read_text())["run_id"]
+    assert storage.name == f"e2e-{run_id}" and (storage / "tune").is_dir()
     assert list(storage.glob("train_*/checkpoint_epoch_*/unit_0.pt"))  # every epoch, every unit
     assert list(storage.glob("train_*/checkpoint_epoch_*/unit_1.pt"))
     assert (storage / "tensorboard").is_dir() and (storage / "results.parquet").is_file()
     # the frozen features were computed once for the search, and the probes trained on them alone
-    assert len(list(storage.glob("feature_cache/*/features.parquet"))) == 1
+    # (beside the runs' folders: an entry is keyed by content, so every run on the storage shares it)
+    assert len(list(storage.parent.glob("feature_cache/*/features.parquet"))) == 1
     assert probes["head_only"].all() and not tunes["head_only"].any()
     assert (probes["overhead_seconds"] < tunes["overhead_seconds"].min()).all()  # no worker group
     assert (results["trial_seconds"] > 0).all() and (results["overhead_seconds"] > 0).all()
@@ -126,7 +149,7 @@ def _plugin_data(accumulator):
 def test_tensorboard_scalars_and_hparams_read_back(search):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, _ = search
+    out, _, _ = search
     results = pd.read_parquet(out / "results.parquet")
     logdir = out / "tensorboard"
     root = EventAccumulator(str(logdir))
@@ -194,7 +217,7 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 def test_tensorboard_server_serves_the_hparams_plugin(search):
-    out, _ = search
+    out, _, _ = search
     results = pd.read_parquet(out / "results.parquet")
     port = _free_port()
     tensorboard = Path(sys.executable).parent / "tensorboard"
@@ -252,7 +275,7 @@ def test_tensorboard_server_serves_the_hparams_plugin(search):
 
 @pytest.mark.slow
 def test_report_has_sections_and_valid_plots(search):
-    out, _ = search
+    out, _, _ = search
     report = (out / "report.md").read_text()
     for heading in ("## Best configuration", "## Trials", "## Plots", "tensorboard --logdir"):
         assert heading in report
@@ -276,3 +299,52 @@ def test_report_has_sections_and_valid_plots(search):
         timeout=120,
     )
     assert proc.returncode == 0 and "tensorboard --logdir" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_current_cluster_file_is_given_back_as_found(search):
+    """raytl points Ray's current-cluster file at its own Ray while the search runs, and puts back
+    what was there when that Ray stops (here the stale pointer the fixture left)."""
+    _, _, after = search
+    assert after == "127.0.0.1:9"
+
+
+@pytest.mark.slow
+def test_plain_ray_init_in_another_program_works_after_a_search(tmp_path, space_file):
+    """No file before the search, none after: another program's ``ray.init()`` starts its own
+    Ray instead of waiting on the search's dead one."""
+    space = space_file(
+        {
+            "data": {"source": "digits", "image_size": 32, "limit": 200},
+            "search": {"num_samples": 1, "max_epochs": 1},
+            "space": {"strategy": "linear_probe"},  # a lean trial on cached features: quick
+        }
+    )
+    with current_cluster_file_as(None) as pointer:
+        search = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "raytl",
+                "search",
+                str(space),
+                "--output",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert search.returncode == 0, search.stderr[-2000:]
+        assert not pointer.exists()
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import ray; ray.init(num_cpus=1); print(ray.cluster_resources()['CPU']); ray.shutdown()",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert other.returncode == 0 and other.stdout.strip().endswith("1.0"), other.stderr[-2000:]

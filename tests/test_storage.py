@@ -52,3 +52,42 @@ def test_uri_of_keeps_the_query_of_an_s3_uri(monkeypatch):
     assert s3.uri_of("feature_cache") == (
         "s3://bucket/runs/feature_cache?endpoint_override=127.0.0.1:9&scheme=http"
     )
+
+
+def test_a_folder_of_files_appears_whole_or_keeps_the_old_one(tmp_path):
+    from raytl.storage import atomic_folder
+
+    best = tmp_path / "best"
+    with atomic_folder(best) as staging:
+        (staging / "model.safetensors").write_bytes(b"old model")
+        (staging / "metrics.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"), atomic_folder(best) as staging:
+        (staging / "model.safetensors").write_bytes(b"new model")
+        raise OSError("disk full")  # before metrics.json: a best/ without it must never show
+    assert sorted(p.name for p in best.iterdir()) == ["metrics.json", "model.safetensors"]
+    assert (best / "model.safetensors").read_bytes() == b"old model"
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]  # no staging folder left
+
+
+def test_bookkeeping_that_cannot_be_written_is_a_warning(tmp_path):
+    """A full disk (here a file-size limit, RLIMIT_FSIZE) once ended the search on the trial
+    clock's write; now the clock is a warning and the search goes on."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys, warnings\n"
+        "from raytl.rundir import tick_trial_clock\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    tick_trial_clock({str(tmp_path)!r}, 'a' * 64, 'launched_at')\n"
+        "print(seen[0].message if seen else 'no warning')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot record the trial clock" in proc.stdout and "search goes on" in proc.stdout
+    assert not (tmp_path / ".trial_clock.json").exists()  # nothing half-written either
