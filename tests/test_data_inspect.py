@@ -123,3 +123,48 @@ def test_inspect_parquet_and_builtin(tmp_path):
 
     with pytest.raises(DataError, match="valid sources"):
         inspect_source("nonsense")
+
+
+def test_inspect_counts_and_lists_byte_identical_copies(tmp_path):
+    root = tmp_path / "data"
+    ant = png(root / "ant" / "a.png", colour=(1, 2, 3))
+    png(root / "ant" / "b.png", colour=(4, 5, 6))
+    png(root / "bee" / "c.png", colour=(7, 8, 9))
+    for copy in (root / "ant" / "a_copy.png", root / "bee" / "stolen.png"):
+        copy.write_bytes(ant.read_bytes())
+    report = inspect_source("imagefolder", path=str(root))
+    assert report.total == 5 and report.duplicates == 2
+    assert report.duplicate_files == [
+        (str(root / "ant" / "a_copy.png"), str(ant)),
+        (str(root / "bee" / "stolen.png"), str(ant)),
+    ]
+    text = report.format()
+    assert "Duplicates: 2 file(s) byte-identical to another file" in text
+    assert f"  {root / 'bee' / 'stolen.png'} = {ant}" in text
+
+    clean = tmp_path / "clean"
+    png(clean / "x" / "1.png", colour=(1, 1, 1))
+    png(clean / "y" / "1.png", colour=(2, 2, 2))
+    assert "Duplicates: 0 file(s)" in inspect_source("imagefolder", path=str(clean)).format()
+    digits = inspect_source("digits")  # built-in sets are not files: not checked
+    assert digits.duplicates is None and "Duplicates" not in digits.format()
+
+
+def test_inspect_counts_copies_in_parquet_shards(tmp_path):
+    one = png(tmp_path / "one.png", colour=(1, 2, 3)).read_bytes()
+    two = png(tmp_path / "two.png", colour=(3, 2, 1)).read_bytes()
+    table = pa.table(
+        {
+            "image": pa.array([one, two, one, one], pa.binary()),
+            "label": pa.array([0, 1, 1, 0], pa.int64()),
+        }
+    ).replace_schema_metadata({"class_names": json.dumps(["x", "y"])})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(table, shards / "part-00000.parquet")
+    report = inspect_source("parquet", path=str(shards))
+    assert report.duplicates == 2
+    assert [copy for copy, _ in report.duplicate_files] == [
+        f"{shards / 'part-00000.parquet'}#row=2",
+        f"{shards / 'part-00000.parquet'}#row=3",
+    ]

@@ -507,6 +507,45 @@ def test_image_data_validation():
         ImageData(images, np.array([0, 1, 1]), ("a", "b"), "test")
 
 
+def test_image_data_groups_of_byte_identical_files():
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    labels = np.array([0, 1, 0, 1])
+    alone = ImageData(images, labels, ("a", "b"), "test")
+    np.testing.assert_array_equal(alone.groups, [0, 1, 2, 3])
+    assert alone.duplicates == 0
+    paired = ImageData(images, labels, ("a", "b"), "test", groups=np.array([0, 1, 0, 3]))
+    assert paired.duplicates == 1
+    assert paired.fingerprint != alone.fingerprint  # the groups decide the splits
+    np.testing.assert_array_equal(paired.subset(np.array([2, 3])).groups, [0, 3])
+    assert paired.subset(np.array([0, 2])).duplicates == 1
+    assert ImageData(images, labels, ("a", "b"), "test", groups=np.arange(4)).fingerprint == (
+        alone.fingerprint
+    )
+    table = paired.to_arrow()
+    assert table.column_names == ["image", "label", "group"]
+    back = ImageData.from_arrow(table, source="copy")
+    np.testing.assert_array_equal(back.groups, paired.groups)
+    assert back.fingerprint == paired.fingerprint
+    with pytest.raises(DataError, match="groups must be a 1-D integer array"):
+        ImageData(images, labels, ("a", "b"), "test", groups=np.array([0, 1]))
+
+
+def test_loaders_group_byte_identical_files(tmp_path):
+    src = make_folder(tmp_path / "folder", per_class=3)
+    first = (src / "cat" / "000.png").read_bytes()
+    (src / "cat" / "copy.png").write_bytes(first)
+    (src / "dog" / "copy.png").write_bytes(first)
+    folder = load_data("imagefolder", path=str(src), image_size=8)
+    assert folder.duplicates == 1
+    # cat: 000, 001, 002, copy; dog: 000, 001, 002, copy: the copy in cat shares file 0's group;
+    # the one filed under dog is a labelling question, not a split one, and keeps its own group
+    np.testing.assert_array_equal(folder.groups, [0, 1, 2, 0, 4, 5, 6, 7])
+    convert_imagefolder(str(src), str(tmp_path / "shards"))
+    shards = load_data("parquet", path=str(tmp_path / "shards"), image_size=8)
+    np.testing.assert_array_equal(shards.groups, folder.groups)
+    assert shards.fingerprint == folder.fingerprint
+
+
 def test_unknown_source_lists_valid_ones():
     with pytest.raises(DataError) as info:
         load_data("cifar-11")

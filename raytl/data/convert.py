@@ -18,7 +18,13 @@ import pyarrow.parquet as pq
 
 from raytl.data.dataset import DataError, SkippedFile
 from raytl.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image
-from raytl.data.sources.decode import DecodeTask, ordered_map, warn_skipped
+from raytl.data.sources.decode import (
+    DECODE_BUDGET,
+    DecodeTask,
+    ordered_map,
+    read_task,
+    warn_skipped,
+)
 from raytl.data.sources.imagefolder import FolderScan, folder_tasks, scan_imagefolder, warn_ignored
 from raytl.data.sources.parquet import CONVERTED_MARKER, MANIFEST_NAME
 from raytl.storage import atomic_write
@@ -61,12 +67,12 @@ def convert_imagefolder(
     kept_per_class = np.zeros(len(scan.class_names), dtype=np.int64)
     results = ordered_map(partial(_validate, max_pixels=max_pixels), tasks)
     try:
-        for task, file, result in zip(tasks, scan.files, results, strict=True):
+        for task, result in zip(tasks, results, strict=True):
             if isinstance(result, SkippedFile):
                 skipped.append(result)
                 skipped_labels.append(task.label)
                 continue
-            writer.add(result, task.label, file.relative_to(scan.root).as_posix())
+            writer.add(result, task.label, Path(task.name).relative_to(scan.root).as_posix())
             kept_per_class[task.label] += 1
         writer.flush()
         if not writer.written:
@@ -123,12 +129,11 @@ def _shard_schema(class_names: Sequence[str]) -> pa.Schema:
 
 def _validate(task: DecodeTask, *, max_pixels: int) -> bytes | SkippedFile:
     """The file's bytes if they decode (at a small size, cheaply), else why they do not."""
+    data = read_task(task)
+    if isinstance(data, SkippedFile):
+        return data
     try:
-        data = task.read()
-    except OSError as exc:
-        return SkippedFile(task.name, f"cannot read file ({type(exc).__name__}: {exc})")
-    try:
-        decode_image(data, size=_VALIDATE_SIZE, max_pixels=max_pixels)
+        decode_image(data, size=_VALIDATE_SIZE, max_pixels=max_pixels, budget=DECODE_BUDGET)
     except UnreadableImage as exc:
         return SkippedFile(task.name, exc.reason)
     return data

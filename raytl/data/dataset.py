@@ -40,6 +40,8 @@ class ImageData:
         class_names: Names of the classes, indexed by label.
         source: Human description of where the data came from (shown in reports).
         skipped: Files that were found but could not be decoded.
+        groups: ``int64`` array of shape ``(N,)``: images from byte-identical files of one class share a
+            group id (splits keep a group on one side); by default each image is its own group.
     """
 
     images: np.ndarray
@@ -47,6 +49,7 @@ class ImageData:
     class_names: tuple[str, ...]
     source: str
     skipped: tuple[SkippedFile, ...] = field(default=())
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Validate once here so no consumer has to re-check shapes and label ranges."""
@@ -83,6 +86,30 @@ class ImageData:
         object.__setattr__(self, "labels", np.ascontiguousarray(labels, dtype=np.int64))
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "skipped", tuple(self.skipped))
+        object.__setattr__(self, "groups", self._checked_groups())
+
+    def _checked_groups(self) -> np.ndarray:
+        """The group of every image: the given ids, or each image on its own."""
+        if self.groups is None:
+            return np.arange(len(self.images), dtype=np.int64)
+        groups = np.asarray(self.groups)
+        if groups.shape != (len(self.images),) or not np.issubdtype(groups.dtype, np.integer):
+            raise DataError(
+                f"{self.source}: groups must be a 1-D integer array with one id per image, "
+                f"got dtype {groups.dtype} shape {groups.shape}"
+            )
+        return np.ascontiguousarray(groups, dtype=np.int64)
+
+    @property
+    def group_ids(self) -> np.ndarray:
+        """:attr:`groups`, typed as the array it always is after construction."""
+        assert self.groups is not None
+        return self.groups
+
+    @cached_property
+    def duplicates(self) -> int:
+        """How many images are byte-identical copies of another image's file in their class."""
+        return len(self) - len(np.unique(self.group_ids))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -92,6 +119,8 @@ class ImageData:
         digest.update(self.images.data.cast("B"))
         digest.update(self.labels.astype("<i8", copy=False).tobytes())
         digest.update(json.dumps(list(self.class_names)).encode())
+        if self.duplicates:  # the groups decide the splits; without copies they are trivial
+            digest.update(self.group_ids.astype("<i8", copy=False).tobytes())
         return digest.hexdigest()[:16]
 
     @property
@@ -124,6 +153,7 @@ class ImageData:
             class_names=self.class_names,
             source=self.source,
             skipped=self.skipped,
+            groups=self.group_ids[idx],
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -144,11 +174,12 @@ class ImageData:
             "width": str(width),
             "fingerprint": self.fingerprint,
         }
-        schema = pa.schema(
-            [pa.field("image", pa.binary(width_bytes)), pa.field("label", pa.int64())],
-            metadata=metadata,
-        )
-        return pa.Table.from_arrays([image_col, pa.array(self.labels, pa.int64())], schema=schema)
+        fields = [pa.field("image", pa.binary(width_bytes)), pa.field("label", pa.int64())]
+        columns = [image_col, pa.array(self.labels, pa.int64())]
+        if self.duplicates:  # a "group" column only when some images are copies
+            fields.append(pa.field("group", pa.int64()))
+            columns.append(pa.array(self.group_ids, pa.int64()))
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=metadata))
 
     @classmethod
     def from_arrow(cls, table: pa.Table, source: str) -> ImageData:
@@ -165,38 +196,18 @@ class ImageData:
             height, width = int(meta["height"]), int(meta["width"])
         except (ValueError, TypeError) as exc:
             raise DataError(f"{source}: bad Arrow schema metadata ({exc})") from exc
-        n = table.num_rows
-        row_bytes = height * width * 3
         image_col = table.column("image")
         label_col = table.column("label")
         if image_col.null_count or label_col.null_count:
             raise DataError(f"{source}: Arrow table has missing (null) images or labels")
-        if pa.types.is_fixed_size_binary(image_col.type):
-            if image_col.type.byte_width != row_bytes:
-                raise DataError(
-                    f"{source}: image column holds {image_col.type.byte_width} bytes per row, "
-                    f"expected {height}x{width}x3 = {row_bytes}"
-                )
-            pixels = np.empty(n * row_bytes, dtype=np.uint8)
-            pos = 0
-            for chunk in image_col.chunks:
-                buf = chunk.buffers()[1]
-                count = len(chunk) * row_bytes
-                start = chunk.offset * row_bytes
-                pixels[pos : pos + count] = np.frombuffer(buf, np.uint8, count, start)
-                pos += count
-        else:
-            values = image_col.to_pylist()
-            if any(len(v) != row_bytes for v in values):
-                raise DataError(
-                    f"{source}: every image must hold {height}x{width}x3 = {row_bytes} bytes"
-                )
-            pixels = np.frombuffer(b"".join(values), dtype=np.uint8).copy()
+        pixels = _arrow_pixels(image_col, height, width, source)
+        groups = table.column("group") if "group" in table.column_names else None
         data = cls(
-            images=pixels.reshape(n, height, width, 3),
+            images=pixels.reshape(table.num_rows, height, width, 3),
             labels=label_col.to_numpy().astype(np.int64),
             class_names=class_names,
             source=source,
+            groups=None if groups is None else groups.to_numpy().astype(np.int64),
         )
         expected = meta.get("fingerprint")
         if expected and data.fingerprint != expected:
@@ -205,3 +216,28 @@ class ImageData:
                 f"when the table was written ({expected}); the data was altered or corrupted"
             )
         return data
+
+
+def _arrow_pixels(image_col: pa.ChunkedArray, height: int, width: int, source: str) -> np.ndarray:
+    """The raw pixels of an Arrow image column (fixed-size or variable binary), flat."""
+    n = len(image_col)
+    row_bytes = height * width * 3
+    if pa.types.is_fixed_size_binary(image_col.type):
+        if image_col.type.byte_width != row_bytes:
+            raise DataError(
+                f"{source}: image column holds {image_col.type.byte_width} bytes per row, "
+                f"expected {height}x{width}x3 = {row_bytes}"
+            )
+        pixels = np.empty(n * row_bytes, dtype=np.uint8)
+        pos = 0
+        for chunk in image_col.chunks:
+            buf = chunk.buffers()[1]
+            count = len(chunk) * row_bytes
+            start = chunk.offset * row_bytes
+            pixels[pos : pos + count] = np.frombuffer(buf, np.uint8, count, start)
+            pos += count
+        return pixels
+    values = image_col.to_pylist()
+    if any(len(v) != row_bytes for v in values):
+        raise DataError(f"{source}: every image must hold {height}x{width}x3 = {row_bytes} bytes")
+    return np.frombuffer(b"".join(values), dtype=np.uint8).copy()

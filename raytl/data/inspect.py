@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from raytl.data.dataset import DataError, SkippedFile
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources import SOURCES, load_data
-from raytl.data.sources.decode import DecodeTask, decode_task, ordered_map
+from raytl.data.sources.decode import DecodedImage, DecodeTask, decode_task, ordered_map
 from raytl.data.sources.imagefolder import folder_tasks, scan_imagefolder
 from raytl.data.sources.parquet import parquet_tasks, scan_parquet
 
@@ -31,6 +31,8 @@ class InspectReport:
         size_range: Smallest and largest ``(H, W)`` by area, for files of varying size.
         ignored: Files that were not considered (not images, or outside class folders).
         problems: Layout problems that would stop training (e.g. an empty class folder).
+        duplicates: Readable files byte-identical to an earlier one (None: not checked, for
+            the built-in sets); ``duplicate_files`` pairs each with the file it copies.
     """
 
     source: str
@@ -42,6 +44,8 @@ class InspectReport:
     size_range: tuple[tuple[int, int], tuple[int, int]] | None = None
     ignored: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    duplicates: int | None = None
+    duplicate_files: list[tuple[str, str]] = field(default_factory=list)
 
     def format(self) -> str:
         """A readable multi-line report listing every class and every unreadable file."""
@@ -65,6 +69,12 @@ class InspectReport:
                 f"Image sizes vary from {h0}x{w0} to {h1}x{w1} (HxW); "
                 "they are resized to data.image_size when loaded"
             )
+        if self.duplicates is not None:
+            lines.append(
+                f"Duplicates: {self.duplicates} file(s) byte-identical to another file "
+                "(a copy on both sides of a split inflates the test score)"
+            )
+            lines.extend(f"  {copy} = {original}" for copy, original in self.duplicate_files)
         if self.skipped:
             lines.append(f"Unreadable files ({len(self.skipped)}):")
             lines.extend(f"  {s.path}: {s.reason}" for s in self.skipped)
@@ -106,44 +116,63 @@ def inspect_source(
     )
 
 
+@dataclass
+class _Tally:
+    """What decoding every task found, gathered in task order."""
+
+    readable: Counter[int] = field(default_factory=Counter)
+    bad: Counter[int] = field(default_factory=Counter)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    sizes: set[tuple[int, int]] = field(default_factory=set)
+    originals: dict[bytes, str] = field(default_factory=dict)
+    copies: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, task: DecodeTask, result: tuple[int, int, bytes] | SkippedFile) -> None:
+        if isinstance(result, SkippedFile):
+            self.skipped.append(result)
+            self.bad[task.label] += 1
+            return
+        height, width, digest = result
+        self.readable[task.label] += 1
+        self.sizes.add((height, width))
+        original = self.originals.setdefault(digest, task.name)
+        if original != task.name:
+            self.copies.append((task.name, original))
+
+
 def _inspect_tasks(
     tasks: list[DecodeTask], class_names: tuple[str, ...], source: str, max_pixels: int
 ) -> InspectReport:
     """Decode every task at full size, counting readable images and collecting failures."""
 
-    def probe(task: DecodeTask) -> tuple[int, int] | SkippedFile:
+    def probe(task: DecodeTask) -> tuple[int, int, bytes] | SkippedFile:
         result = decode_task(task, size=None, max_pixels=max_pixels)
-        if isinstance(result, SkippedFile):
+        if not isinstance(result, DecodedImage):
             return result
-        height, width = result.shape[:2]
-        return height, width
+        height, width = result.pixels.shape[:2]
+        return height, width, result.digest
 
-    readable: Counter[int] = Counter()
-    bad: Counter[int] = Counter()
-    skipped: list[SkippedFile] = []
-    sizes: set[tuple[int, int]] = set()
+    tally = _Tally()
     for task, result in zip(tasks, ordered_map(probe, tasks), strict=True):
-        if isinstance(result, SkippedFile):
-            skipped.append(result)
-            bad[task.label] += 1
-        else:
-            readable[task.label] += 1
-            sizes.add(result)
+        tally.add(task, result)
+    readable, bad = tally.readable, tally.bad
     problems = [
         f"class {name!r} has no readable images"
         for label, name in enumerate(class_names)
         if not readable[label]
     ]
-    by_area = sorted(sizes, key=lambda hw: (hw[0] * hw[1], hw))
+    by_area = sorted(tally.sizes, key=lambda hw: (hw[0] * hw[1], hw))
     return InspectReport(
         source=source,
         class_counts={name: readable[label] for label, name in enumerate(class_names)},
-        skipped=skipped,
+        skipped=tally.skipped,
         skipped_per_class={
             name: bad[label] for label, name in enumerate(class_names) if bad[label]
         },
         total=sum(readable.values()),
-        image_shape=(*by_area[0], 3) if len(sizes) == 1 else None,
-        size_range=(by_area[0], by_area[-1]) if sizes else None,
+        image_shape=(*by_area[0], 3) if len(tally.sizes) == 1 else None,
+        size_range=(by_area[0], by_area[-1]) if tally.sizes else None,
         problems=problems,
+        duplicates=len(tally.copies),
+        duplicate_files=tally.copies,
     )

@@ -2,12 +2,17 @@
 
 Everything here returns index arrays into one :class:`~raytl.data.ImageData`; the same seed and
 the same data always give the same indices (scikit-learn's stratified splitters, seeded).
+
+Given ``groups`` (``ImageData.groups``: byte-identical files share a group), every split keeps a
+group on one side, so no copy of a test image is trained on: the groups are split, stratified by
+the label of each group's first image, and expanded back to images. Without copies among the
+indices the split is the plain one, index for index.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from raytl.data.dataset import DataError
 
@@ -36,8 +41,34 @@ def stratified_split(
     seed: int,
     class_names: tuple[str, ...],
     why: str,
+    *,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` into (rest, part), ``fraction`` of each class in ``part``; both sorted."""
+    """Split ``indices`` into (rest, part), ``fraction`` of each class in ``part``; both sorted.
+
+    With ``groups`` (one id per image of the dataset), the images of a group end up on one side.
+    """
+    if not has_copies(groups, indices):
+        return _plain_split(labels, indices, fraction, seed, class_names, why)
+    assert groups is not None
+    indices = np.asarray(indices)
+    firsts = first_of_groups(groups, indices)
+    _, part_firsts = _plain_split(
+        labels, firsts, fraction, seed, class_names, f"{why} (byte-identical copies count once)"
+    )
+    in_part = np.isin(groups[indices], groups[part_firsts])
+    return np.sort(indices[~in_part]), np.sort(indices[in_part])
+
+
+def _plain_split(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    fraction: float,
+    seed: int,
+    class_names: tuple[str, ...],
+    why: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified split of single images (scikit-learn's, seeded)."""
     check_class_sizes(labels, indices, 2, class_names, why)
     n_classes = len(np.unique(labels[indices]))
     n_part = max(int(round(fraction * len(indices))), n_classes)
@@ -52,13 +83,64 @@ def stratified_split(
     return np.sort(rest), np.sort(part)
 
 
+def has_copies(groups: np.ndarray | None, indices: np.ndarray) -> bool:
+    """Whether two of ``indices`` share a group (are copies of one file)."""
+    if groups is None:
+        return False
+    members = np.asarray(groups)[np.asarray(indices)]
+    return len(np.unique(members)) < len(members)
+
+
+def first_of_groups(groups: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The first index of every group among ``indices``, sorted (one image per group)."""
+    indices = np.asarray(indices)
+    _, first = np.unique(groups[indices], return_index=True)
+    return np.sort(indices[first])
+
+
+def stratified_folds(
+    labels: np.ndarray,
+    pool: np.ndarray,
+    k: int,
+    seed: int,
+    *,
+    groups: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` stratified (train, val) folds of ``pool``, sorted; a group stays in one fold.
+
+    Without copies in ``pool`` these are scikit-learn's ``StratifiedKFold`` folds (shuffled,
+    seeded), as the cv and segments schemes cut them; with copies, ``StratifiedGroupKFold``'s.
+    """
+    pool = np.asarray(pool)
+    if has_copies(groups, pool):
+        assert groups is not None
+        cutter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        folds = cutter.split(pool, labels[pool], groups[pool])
+    else:
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            pool, labels[pool]
+        )
+    return [(np.sort(pool[train]), np.sort(pool[val])) for train, val in folds]
+
+
 def carve_test(
     labels: np.ndarray,
     test_fraction: float,
     seed: int,
     class_names: tuple[str, ...],
+    *,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(pool, test): the untouched test split, carved once per dataset and seed."""
+    """(pool, test): the untouched test split, carved once per dataset and seed.
+
+    Pass ``groups=data.groups`` so that no byte-identical copy of a test image is in the pool.
+    """
     return stratified_split(
-        labels, np.arange(len(labels)), test_fraction, seed, class_names, "the test split"
+        labels,
+        np.arange(len(labels)),
+        test_fraction,
+        seed,
+        class_names,
+        "the test split",
+        groups=groups,
     )

@@ -3,25 +3,32 @@
 A source turns its input into :class:`DecodeTask` objects (a name, a label and a way to read
 the encoded bytes); :func:`decode_tasks` decodes them on a thread pool and applies the
 bad-file policy in one place, so every source skips, reports and refuses the same way.
+All decoding threads share :data:`DECODE_BUDGET`, so the pixels decoded at once stay bounded,
+and every file's bytes are hashed, so byte-identical copies share a group in ``ImageData``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
+from raytl.data.budget import PixelBudget
 from raytl.data.dataset import DataError, ImageData, SkippedFile
-from raytl.data.images import UnreadableImage, decode_image
+from raytl.data.images import DECODE_PIXEL_BUDGET, UnreadableImage, decode_image
 
 WARN_NAMES = 5
 """How many files a warning or error names before it says "and N more"."""
+
+DECODE_BUDGET = PixelBudget(DECODE_PIXEL_BUDGET)
+"""The one pixel budget of this process's decoding threads (loading, inspecting, converting)."""
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -51,23 +58,56 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Generator[_R, No
 
 @dataclass(frozen=True)
 class DecodeTask:
-    """One encoded image to decode: where it came from, its label, and how to get its bytes."""
+    """One encoded image to decode: where it came from, its label, and how to get its bytes.
+
+    ``refused`` is set for a file found but not to be read (a link leaving the data folder,
+    a second path to a file already used): it becomes a SkippedFile with that reason.
+    """
 
     name: str
     label: int
     read: Callable[[], bytes]
+    refused: str | None = None
 
 
-def decode_task(task: DecodeTask, *, size: int | None, max_pixels: int) -> np.ndarray | SkippedFile:
-    """Decode one task, turning every failure into a SkippedFile (never raising for bad data)."""
+class DecodedImage(NamedTuple):
+    """A decoded image and a digest of its file bytes (equal digests: byte-identical files)."""
+
+    pixels: np.ndarray
+    digest: bytes
+
+
+def read_task(task: DecodeTask) -> bytes | SkippedFile:
+    """The task's encoded bytes, or the SkippedFile saying why there are none."""
+    if task.refused is not None:
+        return SkippedFile(task.name, task.refused)
     try:
-        data = task.read()
+        return task.read()
     except OSError as exc:
         return SkippedFile(task.name, f"cannot read file ({type(exc).__name__}: {exc})")
+
+
+def file_digest(data: bytes) -> bytes:
+    """The digest that identifies byte-identical files (BLAKE2b, 128 bits)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def decode_task(
+    task: DecodeTask, *, size: int | None, max_pixels: int, budget: PixelBudget | None = None
+) -> DecodedImage | SkippedFile:
+    """Decode one task, turning every failure into a SkippedFile (never raising for bad data).
+
+    The pixels are reserved from ``budget`` while decoding (default :data:`DECODE_BUDGET`).
+    """
+    data = read_task(task)
+    if isinstance(data, SkippedFile):
+        return data
     try:
-        return decode_image(data, size=size, max_pixels=max_pixels)
+        budget = DECODE_BUDGET if budget is None else budget
+        pixels = decode_image(data, size=size, max_pixels=max_pixels, budget=budget)
     except UnreadableImage as exc:
         return SkippedFile(task.name, exc.reason)
+    return DecodedImage(pixels, file_digest(data))
 
 
 @dataclass
@@ -78,6 +118,18 @@ class _Decoded:
     keep: np.ndarray
     skipped: list[SkippedFile]
     skipped_labels: list[int]
+    digests: list[bytes] = field(default_factory=list)
+
+
+def copy_groups(digests: Sequence[bytes], labels: Sequence[int]) -> np.ndarray:
+    """Group ids for files by digest within a class: each file's id is the position of its first
+    copy with the same label. (The same bytes filed under two classes is a labelling question,
+    not a split one: those stay separate groups, so each class keeps its own images.)"""
+    first: dict[tuple[bytes, int], int] = {}
+    keys = zip(digests, (int(label) for label in labels), strict=True)
+    return np.fromiter(
+        (first.setdefault(key, i) for i, key in enumerate(keys)), dtype=np.int64, count=len(digests)
+    )
 
 
 def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int) -> _Decoded:
@@ -89,7 +141,7 @@ def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int
         skipped_labels=[],
     )
 
-    def work(task: DecodeTask) -> np.ndarray | SkippedFile:
+    def work(task: DecodeTask) -> DecodedImage | SkippedFile:
         return decode_task(task, size=image_size, max_pixels=max_pixels)
 
     results = ordered_map(work, tasks)
@@ -99,8 +151,9 @@ def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int
                 decoded.skipped.append(result)
                 decoded.skipped_labels.append(task.label)
             else:
-                decoded.images[i] = result
+                decoded.images[i] = result.pixels
                 decoded.keep[i] = True
+                decoded.digests.append(result.digest)
     finally:
         results.close()
     return decoded
@@ -152,6 +205,7 @@ def decode_tasks(
         class_names=tuple(class_names),
         source=source,
         skipped=tuple(skipped),
+        groups=copy_groups(decoded.digests, kept_labels),
     )
 
 

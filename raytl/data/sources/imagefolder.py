@@ -2,6 +2,8 @@
 
 :func:`scan_imagefolder` validates the layout and lists the files without decoding any, so
 ``inspect_source`` and ``convert_imagefolder`` see exactly the files that loading would use.
+Links are followed only inside the folder (:mod:`.walk`); what is refused is reported like
+an unreadable file.
 """
 
 from __future__ import annotations
@@ -11,20 +13,27 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from raytl.data.dataset import DataError, ImageData
-from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_path
+from raytl.data.dataset import DataError, ImageData, SkippedFile
+from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks
+from raytl.data.sources.walk import FolderWalk
 
 
 @dataclass(frozen=True)
 class FolderScan:
-    """What an image folder holds, before any decoding."""
+    """What an image folder holds, before any decoding.
+
+    ``refused`` are files (or linked folders) found but not used, with the reason: links out
+    of the folder, loops, a second path to a file already used; ``refused_labels`` their class.
+    """
 
     root: Path
     class_names: tuple[str, ...]
     files: tuple[Path, ...]
     labels: tuple[int, ...]
     ignored: tuple[Path, ...]
+    refused: tuple[SkippedFile, ...] = ()
+    refused_labels: tuple[int, ...] = ()
 
 
 def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True) -> FolderScan:
@@ -52,30 +61,29 @@ def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True
         raise DataError(
             f"image folder {root} is not a directory (expected one sub-folder per class)"
         )
-    ignored: list[Path] = []
-    class_dirs = _class_folders(root, ignored)
-    files: list[Path] = []
-    labels: list[int] = []
+    walk = FolderWalk(root, os.path.realpath(root))
+    class_dirs = _class_folders(root, walk.ignored)
     for label, class_dir in enumerate(class_dirs):
-        found = _class_images(class_dir, ignored)
-        if not found and strict:
+        if not walk.walk_class(class_dir, label) and strict:
             raise DataError(
                 f"class folder {class_dir} contains no image files "
                 f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}, in any case)"
             )
-        files.extend(found)
-        labels.extend([label] * len(found))
     if len(class_dirs) < 2 and strict:
         raise DataError(
             f"image folder {root} has only one class folder ({class_dirs[0].name}); "
             "classification needs at least 2 classes"
         )
+    class_names = tuple(d.name for d in class_dirs)
+    used = walk.used_once(class_names)
     return FolderScan(
         root=root,
-        class_names=tuple(d.name for d in class_dirs),
-        files=tuple(files),
-        labels=tuple(labels),
-        ignored=tuple(ignored),
+        class_names=class_names,
+        files=tuple(f.path for f in used),
+        labels=tuple(f.label for f in used),
+        ignored=tuple(walk.ignored),
+        refused=tuple(skipped for skipped, _ in walk.refused),
+        refused_labels=tuple(label for _, label in walk.refused),
     )
 
 
@@ -98,26 +106,6 @@ def _class_folders(root: Path, ignored: list[Path]) -> list[Path]:
     return class_dirs
 
 
-def _class_images(class_dir: Path, ignored: list[Path]) -> list[Path]:
-    """The image files anywhere under ``class_dir``, sorted; non-images go to ``ignored``."""
-    found: list[Path] = []
-    seen = {os.path.realpath(class_dir)}  # symlinked folders are followed, cycles are not
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if not d.startswith(".") and real not in seen:
-                seen.add(real)
-                keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            (found if is_image_path(name) else ignored).append(Path(dirpath) / name)
-    found.sort()
-    return found
-
-
 def warn_ignored(scan: FolderScan) -> None:
     """Say which non-image or misplaced files were not used, so nothing vanishes unnoticed."""
     if not scan.ignored:
@@ -132,11 +120,17 @@ def warn_ignored(scan: FolderScan) -> None:
 
 
 def folder_tasks(scan: FolderScan) -> list[DecodeTask]:
-    """Decode tasks that read each file in the worker thread (I/O overlaps decoding)."""
-    return [
+    """Decode tasks that read each file in the worker thread (I/O overlaps decoding); the
+    refused files come last, as tasks that become SkippedFiles with their reason."""
+    tasks = [
         DecodeTask(name=str(file), label=label, read=file.read_bytes)
         for file, label in zip(scan.files, scan.labels, strict=True)
     ]
+    tasks += [
+        DecodeTask(name=skipped.path, label=label, read=bytes, refused=skipped.reason)
+        for skipped, label in zip(scan.refused, scan.refused_labels, strict=True)
+    ]
+    return tasks
 
 
 def load_imagefolder(
