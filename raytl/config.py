@@ -15,16 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 
 from raytl.data.dataset import ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources import SOURCES, load_data
+from raytl.data.splits import carve_test
 from raytl.errors import ConfigError, RaytlError
 from raytl.models import check_pretrained, count_blocks
 from raytl.schema import (
     InvalidValue,
     OneOf,
+    apply_overrides,
     base_type,
     build_dataclass,
     hints,
@@ -87,6 +90,13 @@ class DataConfig:
             self.source not in ("imagefolder", "parquet") or bool(self.path),
             "path",
             f"the {self.source} source needs a path",
+        )
+
+    def split_test(self, data: ImageData) -> tuple[np.ndarray, np.ndarray]:
+        """(pool, test): the untouched test split of ``data``, carved once for this seed, every
+        byte-identical copy on the same side as its original."""
+        return carve_test(
+            data.labels, self.test_fraction, self.seed, data.class_names, groups=data.groups
         )
 
     def load(self) -> ImageData:
@@ -281,33 +291,8 @@ def load_space(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, "<top level>", f"expected a mapping, got {type(raw).__name__}")
-    apply_overrides(raw, overrides or [], source)
+    apply_overrides(raw, overrides or [], source, bare={n: "space" for n in HYPERPARAMETER_NAMES})
     return parse_space(raw, source, local_paths=local_paths)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:
-    """Apply ``key=value`` overrides in place; a bare hyperparameter name fixes ``space.NAME``."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(source, f"--set {item}", "expected key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        parts = key.split(".")
-        if len(parts) == 1 and parts[0] in HYPERPARAMETER_NAMES:
-            parts = ["space", parts[0]]
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(source, f"--set {key}", f"{part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
 
 
 def _mapping(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:

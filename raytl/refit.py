@@ -21,7 +21,6 @@ import torch
 
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
-from raytl.data.splits import carve_test
 from raytl.models import create_model, save_model, to_json
 from raytl.preprocess import Preprocessing
 from raytl.results import sampled_values
@@ -70,9 +69,7 @@ def refit(
     ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
     """
     started = time.perf_counter()
-    pool, test = carve_test(
-        data.labels, config.data.test_fraction, config.data.seed, data.class_names
-    )
+    pool, test = config.data.split_test(data)
     no_val = np.array([], dtype=np.int64)
     trainer = UnitTrainer.for_space(config, hp, data, pool, no_val, features=features)
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
@@ -143,7 +140,7 @@ def refit_best(
             extra={"hyperparameters": dataclasses.asdict(hp)},
         )
         atomic_write(staging / "metrics.json", to_json(summary))
-    _, test = carve_test(data.labels, config.data.test_fraction, config.data.seed, data.class_names)
+    _, test = config.data.split_test(data)
     write_refit_images(
         output / "tensorboard",
         list(data.class_names),

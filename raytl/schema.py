@@ -14,8 +14,11 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+
+import yaml
 
 from raytl.errors import ConfigError
 
@@ -138,3 +141,31 @@ def build_dataclass(cls: type[T], values: dict[str, Any], source: str, prefix: s
         raise ConfigError(
             source, f"{prefix}.{exc.key}" if prefix else exc.key, exc.message
         ) from None
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], source: str, bare: Mapping[str, str]
+) -> None:
+    """Apply ``key=value`` overrides (``--set``) to a YAML mapping in place; each value is read as
+    YAML. A bare name listed in ``bare`` lives in that section (``strategy`` -> ``space.strategy``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(source, f"--set {item}", "expected key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in bare:
+            parts = [bare[parts[0]], parts[0]]
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(source, f"--set {key}", f"{part!r} is not a section")
+            node = child
+        node[parts[-1]] = value

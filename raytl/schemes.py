@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from raytl.data.splits import check_class_sizes, stratified_split
+from raytl.data.splits import (
+    check_class_sizes,
+    first_of_groups,
+    has_copies,
+    stratified_folds,
+    stratified_split,
+)
 from raytl.errors import RaytlError
 
 
@@ -41,30 +47,46 @@ class SplitSpec:
     val_fraction: float
     seed: int
     class_names: tuple[str, ...]
+    groups: np.ndarray | None = None  # byte-identical copies share a group: kept on one side
+
+    @property
+    def distinct(self) -> np.ndarray:
+        """One image per group of the pool: what class sizes count (a copy adds no image)."""
+        if not has_copies(self.groups, self.pool):
+            return self.pool
+        assert self.groups is not None
+        return first_of_groups(self.groups, self.pool)
 
 
 def _holdout(size: int, s: SplitSpec) -> list[Unit]:
     train, val = stratified_split(
-        s.labels, s.pool, s.val_fraction, s.seed, s.class_names, "the holdout split"
+        s.labels,
+        s.pool,
+        s.val_fraction,
+        s.seed,
+        s.class_names,
+        "the holdout split",
+        groups=s.groups,
     )
     return [Unit("holdout", train, val)]
 
 
 def _cv(k: int, s: SplitSpec) -> list[Unit]:
-    check_class_sizes(s.labels, s.pool, k, s.class_names, f"cross-validation with {k} folds")
-    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=s.seed)
-    return [
-        Unit(f"fold_{i}", np.sort(s.pool[train]), np.sort(s.pool[val]))
-        for i, (train, val) in enumerate(folds.split(s.pool, s.labels[s.pool]))
-    ]
+    check_class_sizes(s.labels, s.distinct, k, s.class_names, f"cross-validation with {k} folds")
+    folds = stratified_folds(s.labels, s.pool, k, s.seed, groups=s.groups)
+    return [Unit(f"fold_{i}", train, val) for i, (train, val) in enumerate(folds)]
 
 
 def _segments(count: int, s: SplitSpec) -> list[Unit]:
     # each segment needs two images per class of its own to split into train and val
-    check_class_sizes(s.labels, s.pool, 2 * count, s.class_names, f"{count} segments")
+    check_class_sizes(s.labels, s.distinct, 2 * count, s.class_names, f"{count} segments")
     if count == 1:
         parts = [s.pool]
-    else:
+    elif has_copies(s.groups, s.pool):  # StratifiedGroupKFold's parts: a group in one segment
+        parts = [
+            part for _, part in stratified_folds(s.labels, s.pool, count, s.seed, groups=s.groups)
+        ]
+    else:  # the parts in StratifiedKFold's own order, as every seeded result so far was cut
         cutter = StratifiedKFold(n_splits=count, shuffle=True, random_state=s.seed)
         parts = [s.pool[part] for _, part in cutter.split(s.pool, s.labels[s.pool])]
     units = []
@@ -76,6 +98,7 @@ def _segments(count: int, s: SplitSpec) -> list[Unit]:
             s.seed + i,
             s.class_names,
             f"segment {i}'s validation split",
+            groups=s.groups,
         )
         units.append(Unit(f"segment_{i}", train, val))
     return units
@@ -107,9 +130,11 @@ def make_units(
     val_fraction: float,
     seed: int,
     class_names: tuple[str, ...],
+    groups: np.ndarray | None = None,
 ) -> list[Unit]:
-    """The scheme's ``size`` units over ``pool``; deterministic for a given seed."""
-    spec = SplitSpec(labels, np.asarray(pool), val_fraction, seed, class_names)
+    """The scheme's ``size`` units over ``pool``; deterministic for a given seed. ``groups``
+    (``ImageData.groups``) keeps every byte-identical copy in the same unit and split."""
+    spec = SplitSpec(labels, np.asarray(pool), val_fraction, seed, class_names, groups)
     return SCHEMES[kind].cut(size, spec)
 
 

@@ -108,6 +108,11 @@ def record_data(
         f"({config.scheme.size} unit(s)); {config.search.num_samples} trials, "
         f"{config.resources.workers_per_trial} worker(s) each"
     )
+    if data.duplicates:
+        echo(
+            f"data: {data.duplicates} file(s) byte-identical to another: each kept on the same "
+            "side of every split as its original (raytl data inspect lists them)"
+        )
 
 
 def share_inputs(config: SpaceConfig, data: ImageData, output: Path, echo: Echo) -> SearchInputs:

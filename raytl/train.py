@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
-from raytl.data.splits import carve_test, stratified_split
+from raytl.data.splits import stratified_split
 from raytl.models import save_model, to_json
 from raytl.rundir import write_skipped, write_space
 from raytl.storage import atomic_write
@@ -115,9 +115,15 @@ def train_single(
 def holdout_split(config: SpaceConfig, data: ImageData) -> tuple[np.ndarray, ...]:
     """(train, val, test): the test split carved first, then the holdout validation split."""
     seed = config.data.seed
-    pool, test_idx = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    pool, test_idx = config.data.split_test(data)
     train_idx, val_idx = stratified_split(
-        data.labels, pool, config.data.val_fraction, seed, data.class_names, "the validation split"
+        data.labels,
+        pool,
+        config.data.val_fraction,
+        seed,
+        data.class_names,
+        "the validation split",
+        groups=data.groups,
     )
     return train_idx, val_idx, test_idx
 

@@ -44,7 +44,6 @@ from raytl.attempts import (
 )
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
-from raytl.data.splits import carve_test
 from raytl.schemes import Assignment, Unit, assign_units, make_units
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES
@@ -105,7 +104,7 @@ def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
     """The scheme's units on the training pool (the test split carved off first). Raises a
     DataError naming the class when one is too small for the folds or segments."""
     seed = config.data.seed
-    pool, _test = carve_test(data.labels, config.data.test_fraction, seed, data.class_names)
+    pool, _test = config.data.split_test(data)
     return make_units(
         config.scheme.kind,
         config.scheme.size,
@@ -114,6 +113,7 @@ def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
         val_fraction=config.data.val_fraction,
         seed=seed,
         class_names=data.class_names,
+        groups=data.groups,
     )
 
 

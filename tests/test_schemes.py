@@ -101,3 +101,30 @@ def test_data_parallel_when_workers_are_a_multiple_of_units():
     assert assign_units(1, 1) == [[Assignment(0, 0, 1)]]
     with pytest.raises(RaytlError, match="cannot share 2 units evenly"):
         assign_units(2, 3)
+
+
+@pytest.mark.parametrize(("kind", "size"), [("holdout", 1), ("cv", 3), ("segments", 2)])
+def test_byte_identical_copies_stay_in_one_unit_and_one_side(kind, size):
+    """Copies of one file share a group: no unit trains on an image whose copy it validates on."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    groups = np.arange(len(labels))
+    for original in rng.choice(len(labels), 30, replace=False):  # 30 files copied once or more
+        copy = rng.choice(np.flatnonzero(labels == labels[original]))
+        groups[groups == groups[copy]] = groups[original]
+    units = make_units(
+        kind,
+        size,
+        labels,
+        np.arange(len(labels)),
+        val_fraction=0.25,
+        seed=0,
+        class_names=("a", "b", "c"),
+        groups=groups,
+    )
+    assert len(units) == size
+    for unit in units:
+        assert not set(groups[unit.train]) & set(groups[unit.val])
+    if kind == "segments":  # and a group never spans two segments
+        seen = [set(groups[np.concatenate([u.train, u.val])]) for u in units]
+        assert not seen[0] & seen[1]
