@@ -24,6 +24,7 @@ from raytl.data import (
     ImageData,
     SkippedFile,
     convert_imagefolder,
+    inspect_source,
     load_data,
 )
 from raytl.data.images import UnreadableImage, decode_image
@@ -619,6 +620,20 @@ def test_fashion_mnist_loader_on_small_idx_files(tmp_path):
     assert load_data("fashion-mnist", path=str(tmp_path), limit=10).fingerprint == data.fingerprint
 
 
+def test_fashion_mnist_float_labels_are_refused_not_truncated(tmp_path):
+    """IDX labels stored as floats were cast to int: 2.7 became class 2, silently."""
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 28, 28)), gz=False)
+    labels = np.array([0.0, 1.0, 2.7], dtype=">f4")  # IDX type 0x0D: big-endian float32
+    header = bytes([0, 0, 0x0D, 1]) + np.array([3], dtype=">u4").tobytes()
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((1, 28, 28)), gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(1), gz=False)
+    with pytest.raises(
+        DataError, match="train-labels-idx1-ubyte: expected integer labels, got float32"
+    ):
+        load_fashion_mnist(path=str(tmp_path))
+
+
 def test_fashion_mnist_missing_files_explain_the_fix(tmp_path):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((1, 28, 28)), gz=True)
     with pytest.raises(DataError) as info:
@@ -745,3 +760,36 @@ def test_parquet_bad_rows_are_named_by_shard_and_row(tmp_path):
     write_shard(bad_label / "s.parquet", columns, meta)
     with pytest.raises(DataError, match=r"s.parquet#row=1: label 7 is outside"):
         load_data("parquet", path=str(bad_label))
+
+
+def test_a_damaged_page_in_a_shard_is_one_line_naming_it(tmp_path):
+    """A corrupt data page (the footer still reads) once surfaced as a raw OSError
+    ("Corrupt snappy compressed data") from search and data inspect."""
+    src = make_folder(tmp_path / "folder", per_class=6)
+    convert_imagefolder(str(src), str(tmp_path / "shards"), shard_size=100)
+    shard = sorted((tmp_path / "shards").glob("*.parquet"))[0]
+    import pyarrow.parquet as pq
+
+    page = pq.ParquetFile(shard).metadata.row_group(0).column(0).data_page_offset
+    damaged = bytearray(shard.read_bytes())
+    damaged[page : page + 16] = b"\x13" * 16  # the first page's header; the footer stays intact
+    shard.write_bytes(bytes(damaged))
+    for attempt in (
+        lambda: load_data("parquet", path=str(tmp_path / "shards"), image_size=8),
+        lambda: inspect_source("parquet", path=str(tmp_path / "shards")),
+    ):
+        with pytest.raises(DataError, match=rf"{shard.name}: a data page cannot be read"):
+            attempt()
+
+
+def test_convert_keeps_a_file_whose_name_is_not_utf8(tmp_path):
+    """A Latin-1 file name once broke `data convert` (UnicodeEncodeError from pyarrow)."""
+    import os
+
+    src = make_folder(tmp_path / "folder", per_class=3)
+    odd = os.fsdecode(bytes(src / "cat") + b"/caf\xe9.png")
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(odd)
+    shards = convert_imagefolder(str(src), str(tmp_path / "shards"))
+    paths = [p for s in shards for p in pq.read_table(s).column("path").to_pylist()]
+    assert "cat/caf\\xe9.png" in paths  # the byte shown, nothing lost or replaced by "?"
+    assert len(load_data("parquet", path=str(tmp_path / "shards"), image_size=8)) == 7

@@ -8,6 +8,7 @@ the data: the ``parquet`` source refuses converted shards without their manifest
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,12 @@ from raytl.storage import atomic_write
 
 _VALIDATE_SIZE = 32
 """Decode size used to validate files during conversion (JPEG draft mode makes it cheap)."""
+
+
+def printable_path(path: str) -> str:
+    """A file name as UTF-8 text, its non-UTF-8 bytes written as ``\\xe9`` (a Parquet string
+    column and JSON hold only valid UTF-8; a name from a Latin-1 disk is not)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def convert_imagefolder(
@@ -156,7 +163,7 @@ class _ShardWriter:
         """Buffer one row, writing a shard when the buffer is full."""
         self._images.append(image)
         self._labels.append(label)
-        self._paths.append(path)
+        self._paths.append(printable_path(path))
         if len(self._images) >= self.shard_size:
             self.flush()
 
@@ -199,7 +206,7 @@ def _write_manifest(
             {"file": p.name, "rows": rows}
             for p, rows in zip(writer.written, writer.rows, strict=True)
         ],
-        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "skipped": [{"path": printable_path(s.path), "reason": s.reason} for s in skipped],
     }
     text = json.dumps(manifest, indent=2)
     atomic_write(out / MANIFEST_NAME, text)

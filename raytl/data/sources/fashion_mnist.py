@@ -146,6 +146,10 @@ def _read_split(files: dict[str, Path], split: str) -> tuple[np.ndarray, np.ndar
         )
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{labels_file}: expected {len(x)} labels, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):  # 2.7 must not quietly become class 2
+        raise DataError(f"{labels_file}: expected integer labels, got {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{labels_file}: label {int(y.min())} is not a Fashion-MNIST class (0-9)")
     if len(y) and int(y.max()) >= len(FASHION_MNIST_CLASSES):
         raise DataError(f"{labels_file}: label {int(y.max())} is not a Fashion-MNIST class (0-9)")
     return x, y.astype(np.int64)

@@ -166,7 +166,13 @@ def parquet_tasks(shards: ParquetShards) -> list[DecodeTask]:
     tasks: list[DecodeTask] = []
     n_classes = len(shards.class_names)
     for fragment in dataset.get_fragments():
-        table = fragment.to_table(columns=["image", "label"])
+        try:
+            table = fragment.to_table(columns=["image", "label"])
+        except (OSError, pa.ArrowException) as exc:  # a damaged page: the footer read fine
+            raise DataError(
+                f"{fragment.path}: a data page cannot be read ({str(exc).splitlines()[0]}); the "
+                "shard is damaged: convert it again or remove it"
+            ) from None
         labels = table.column("label")
         if labels.null_count:
             row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
