@@ -242,6 +242,9 @@ def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path):
 # ------------------------------------------------------------------ raytl submit, token auth
 
 
+HEAD_LOGS: dict[str, Path] = {}  # the dashboard's address -> the head's own log file
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """``ray start --head --block`` with token auth on and the dashboard on 127.0.0.1."""
@@ -257,6 +260,7 @@ def head(tmp_path_factory):
         "PATH": path,
     }
     logs = tmp_path_factory.mktemp("head") / "head.log"
+    HEAD_LOGS[f"http://127.0.0.1:{dashboard}"] = logs
     with logs.open("w") as log:
         process = subprocess.Popen(
             [
@@ -354,6 +358,15 @@ def test_submit_runs_the_search_as_a_job(head, tmp_path):
     assert str(out) in listed.stdout
     logs = _raytl("logs", job_id, "--address", address, token=token, home=tmp_path, timeout=120)
     assert logs.returncode == 0 and "search finished" in logs.stdout
+    # the token appears in nothing raytl wrote or printed: results, reports, TensorBoard events,
+    # checkpoints, the job's log, the head's log
+    secret = token.encode()
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("events.out.tfevents") for p in written)
+    leaks = [str(p) for p in written if secret in p.read_bytes()]
+    printed = run.stdout + run.stderr + listed.stdout + logs.stdout + logs.stderr
+    assert leaks == [] and token not in printed
+    assert secret not in HEAD_LOGS[address].read_bytes()
 
 
 @pytest.mark.slow

@@ -93,3 +93,19 @@ def test_only_cached_linear_probes_run_lean():
     assert not is_lean(hp({"strategy": "linear_probe", "augment": True}), cached)
     assert not is_lean(hp({"strategy": "lp_ft"}), cached)  # its fine-tuning phase needs Ray Train
     assert not is_lean(hp({"strategy": "linear_probe"}), ())
+
+
+def test_a_new_search_refuses_an_experiment_folder_that_holds_one(tmp_path):
+    """Two runs writing one Tune experiment would mix their trials: only `raytl resume` may."""
+    import pytest
+
+    from raytl.errors import RaytlError
+    from raytl.trial import SearchInputs
+    from raytl.tune import make_tuner
+
+    config = parse_space({"name": "t", "data": {"source": "digits"}})
+    (tmp_path / "exp" / "tune").mkdir(parents=True)
+    (tmp_path / "exp" / "tune" / "tuner.pkl").write_bytes(b"an earlier search's state")
+    inputs = SearchInputs(config, data=None, storage=str(tmp_path / "exp"))
+    with pytest.raises(RaytlError, match="already holds a search; `raytl resume"):
+        make_tuner(inputs, tmp_path / "out", resume=False, echo=print)
