@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,11 @@ from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
 from raytl.rundir import write_skipped, write_space
 from raytl.schemes import SCHEMES
-from raytl.search import finish_run, record_data, share_inputs, tune_search
+from raytl.search import Echo, finish_run, record_data, share_inputs, tune_search
 from raytl.storage import atomic_write, join_location
 from raytl.trial import SearchInputs
 from raytl.tune import echo_line
 
-Echo = Callable[[str], None]
 # what ``raytl compare --overwrite`` clears (in a folder raytl made, see raytl.rundir)
 COMPARE_OUTPUTS = (
     "runs",

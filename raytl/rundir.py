@@ -83,13 +83,17 @@ def read_marker(output: Path) -> RunMarker | None:
         raise RaytlError(f"{path}: not a raytl run marker ({exc})") from None
 
 
+def write_marker(output: Path, marker: RunMarker) -> RunMarker:
+    atomic_write(Path(output) / MARKER, json.dumps(dataclasses.asdict(marker)) + "\n")
+    return marker
+
+
 def ensure_marker(output: Path) -> RunMarker:
     """The output folder's run marker, written now if the folder has none (a library caller
     that did not go through :func:`prepare_output`)."""
     marker = read_marker(output)
     if marker is None:
-        marker = RunMarker.new()
-        atomic_write(Path(output) / MARKER, json.dumps(dataclasses.asdict(marker)) + "\n")
+        marker = write_marker(output, RunMarker.new())
     return marker
 
 
@@ -127,8 +131,7 @@ def prepare_output(
                 path.unlink()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        marker = RunMarker.new(run_id)
-        atomic_write(output / MARKER, json.dumps(dataclasses.asdict(marker)) + "\n")
+        write_marker(output, RunMarker.new(run_id))
     except OSError as exc:
         raise RaytlError(f"{output}: cannot write there ({exc.strerror or exc})") from None
     return output
