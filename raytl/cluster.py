@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,13 +86,8 @@ def cluster_wants_token(address: str, wait_s: float = 10.0) -> bool | None:
     return answer[0] if answer else None
 
 
-def init_ray(address: str | None) -> bool:
-    """Connect to a cluster (``--address``), or start a local Ray bound to 127.0.0.1.
-
-    Returns whether this call started Ray (and so should shut it down).
-    """
-    if ray.is_initialized():
-        return False
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster (``--address``), or start a local Ray (its dashboard on 127.0.0.1)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
     if address:
@@ -117,12 +115,12 @@ def init_ray(address: str | None) -> bool:
                 "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or put it in ~/.ray/auth_token)"
             )
             raise RaytlError(f"cannot reach the Ray cluster at {address}: {exc}{hint}") from None
-        return True
+        return
     # The dashboard (bound to 127.0.0.1, never 0.0.0.0) serves the State API, which Ray Train V2's
     # placement-group cleaner needs: without it, a trial that ASHA stops leaks its workers'
     # placement group and the next trial waits for CPUs forever (ray-project/ray#54305).
     # address="local": always a new Ray of our own. With None, ray.init joins whatever cluster
-    # /tmp/ray/ray_current_cluster names (another search's, or a dead one it then waits for).
+    # the current-cluster file names (a `ray start` cluster, or a dead one it then waits for).
     ray.init(
         address="local",
         include_dashboard=True,
@@ -131,7 +129,6 @@ def init_ray(address: str | None) -> bool:
         **kwargs,
     )
     restrict_token_file()
-    return True
 
 
 def restrict_token_file(environ: dict[str, str] | None = None, home: Path | None = None) -> None:
@@ -149,15 +146,26 @@ def restrict_token_file(environ: dict[str, str] | None = None, home: Path | None
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Ray for the duration of a command: a cluster joined or a local Ray started (and then shut
-    down: only what this started), with Ray's current-cluster file pointing at a local Ray while
-    it runs and given back afterwards."""
-    owns_ray = init_ray(address)
-    try:
-        with current_cluster_file(None if address else local_gcs_address()):
+    """Ray for the duration of a command: a cluster joined, or a local Ray of this command's own
+    (started in a private temp folder, see :func:`private_ray_temp_dir`, and shut down after)."""
+    if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it, leave it be
+        yield
+        return
+    if address:
+        init_ray(address)
+        try:
             yield
-    finally:
-        if owns_ray:
+        finally:
+            ray.shutdown()
+        return
+    with private_ray_temp_dir():
+        init_ray(None)
+        try:
+            # Train V2's placement-group cleaner finds its cluster through this file; here it is
+            # this search's own (RAY_TMPDIR), so nobody else reads it and it names nobody else
+            ray._private.utils.write_ray_address(local_gcs_address())
+            yield
+        finally:
             ray.shutdown()
 
 
@@ -167,31 +175,37 @@ def local_gcs_address() -> str:
 
 
 @contextlib.contextmanager
-def current_cluster_file(gcs_address: str | None) -> Iterator[None]:
-    """Point Ray's current-cluster file (``ray_current_cluster`` in Ray's temp folder) at
-    ``gcs_address`` while the block runs, then put back what was there (or remove it).
+def private_ray_temp_dir() -> Iterator[Path]:
+    """A Ray temp folder of this search's own (``RAY_TMPDIR``, inherited by every Ray process it
+    starts), removed when the block ends, kept (and named on stderr) when it fails.
 
-    Ray's State API (Train V2's placement-group cleaner calls it inside the cluster) finds the
-    cluster through that file, which only ``ray start`` and ``ray.cluster_utils`` write. Left
-    pointing at a cluster that is gone, every stopped trial's placement group leaks and the search
-    deadlocks; so it must name this Ray while it runs. Left behind afterwards, it makes a plain
-    ``ray.init()`` in any other program join the dead cluster; so it is given back. If another
-    search has pointed it elsewhere meanwhile, that one's pointer is left alone.
+    Ray keeps its current-cluster file (``ray_current_cluster``) in its temp folder, and Train
+    V2's placement-group cleaner finds the cluster through it: in the shared ``/tmp/ray``, two
+    local searches at once would overwrite each other's (the cleaner then asks the wrong Ray, and
+    stopped trials' placement groups leak until the search deadlocks), and one left behind makes a
+    plain ``ray.init()`` in any other program wait for a dead cluster. Ray's own logs of the
+    search live there too; they are what one reads after a failure.
     """
-    if gcs_address is None:
-        yield
-        return
-    path = Path(ray._private.utils.get_ray_address_file(None))
-    previous = path.read_text() if path.is_file() else None
-    ray._private.utils.write_ray_address(gcs_address)
+    previous = os.environ.get("RAY_TMPDIR")
+    folder = Path(tempfile.mkdtemp(prefix="raytl-ray-"))
+    os.environ["RAY_TMPDIR"] = str(folder)
+    failed = False
     try:
-        yield
+        yield folder
+    except RaytlError:  # a clear error of raytl's own: Ray's logs add nothing
+        raise
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if path.is_file() and path.read_text().strip() == gcs_address:
-            if previous is None:
-                path.unlink(missing_ok=True)
-            else:
-                path.write_text(previous)
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        if failed:
+            print(f"raytl: Ray's logs of this run are kept in {folder}/ray", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_port() -> int:

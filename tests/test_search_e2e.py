@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -348,3 +351,57 @@ def test_plain_ray_init_in_another_program_works_after_a_search(tmp_path, space_
             timeout=120,
         )
         assert other.returncode == 0 and other.stdout.strip().endswith("1.0"), other.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_searches_at_once_each_keep_their_own_ray(tmp_path, space_file):
+    """Two local searches on one machine at the same time, ASHA stopping trials in both: each
+    runs on its own Ray (its own temp folder and current-cluster file), both finish with every
+    trial, the machine's current-cluster file is never touched, and both temp folders are gone."""
+    body = {
+        "data": {"source": "digits", "image_size": 32, "limit": 300},
+        "scheme": {"kind": "holdout"},
+        "search": {
+            "num_samples": 4,
+            "max_concurrent": 1,
+            "max_epochs": 3,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "scheduler": "asha",
+        },
+        "space": {
+            "strategy": {"choice": ["linear_probe", "fine_tune"]},
+            "freeze_depth": 6,
+            "head_lr": {"loguniform": [1.0e-3, 3.0e-2]},
+        },
+    }
+    before = set(Path(tempfile.gettempdir()).glob("raytl-ray-*"))
+    with current_cluster_file_as("127.0.0.1:9") as pointer:
+        searches = [
+            subprocess.Popen(
+                [sys.executable, "-m", "raytl", "search"]
+                + [str(space_file({**body, "name": f"twin{i}"}, f"twin{i}.yaml"))]
+                + ["--output", str(tmp_path / f"out{i}")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # each search and the Ray it starts, to stop on a hang
+            )
+            for i in (1, 2)
+        ]
+        try:  # before raytl kept its own Ray temp folder, one of the two hung here (its refit)
+            outputs = [search.communicate(timeout=600)[0] for search in searches]
+        finally:
+            for search in searches:
+                if search.poll() is None:
+                    os.killpg(search.pid, signal.SIGKILL)
+                    search.wait()
+        assert pointer.read_text() == "127.0.0.1:9"
+    for search, output in zip(searches, outputs, strict=True):
+        assert search.returncode == 0, output[-3000:]
+    for i in (1, 2):
+        results = pd.read_parquet(tmp_path / f"out{i}" / "results.parquet")
+        assert len(results) == 4 and results["trial_id"].is_unique
+        assert set(results["status"]) <= {"completed", "stopped"}, results[["status", "error"]]
+    after = set(Path(tempfile.gettempdir()).glob("raytl-ray-*"))
+    assert after <= before
