@@ -368,7 +368,10 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from raytl.data import convert_imagefolder
 
     paths = convert_imagefolder(args.imagefolder, args.out_dir, shard_size=args.shard_size)
-    print(f"wrote {len(paths)} shard(s) to {os.path.abspath(args.out_dir)}")
+    where = (
+        args.out_dir.partition("?")[0] if "://" in args.out_dir else os.path.abspath(args.out_dir)
+    )
+    print(f"wrote {len(paths)} shard(s) to {where}")
     return 0
 
 

@@ -42,6 +42,7 @@ from raytl.space import (
     check_positive,
     parse_params,
 )
+from raytl.storage import is_uri
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name: no "/", no "..", no spaces
 SourceName = Annotated[str, OneOf(tuple(SOURCES))]
@@ -332,6 +333,14 @@ def parse_space(
     return config
 
 
+def require_uri_source(src: str, d: DataConfig) -> None:
+    """Only the parquet source reads from a URI (``s3://``, ``gs://``)."""
+    if d.path and is_uri(d.path) and d.source != "parquet":
+        raise ConfigError(
+            src, "data.path", f"the {d.source} source reads local paths only; got {d.path}"
+        )
+
+
 def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
     """The checks that span sections: paths exist, backbones and weights fit, freeze depth and
     probe epochs are within bounds."""
@@ -339,8 +348,9 @@ def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
     needs_path = d.source in ("imagefolder", "parquet") or (
         d.source == "fashion-mnist" and not d.download
     )
-    if local_paths and d.path and needs_path and not Path(d.path).exists():
+    if local_paths and d.path and needs_path and not is_uri(d.path) and not Path(d.path).exists():
         raise ConfigError(src, "data.path", f"no such file or folder: {d.path}")
+    require_uri_source(src, d)
     backbone_key = "space.backbone" if "backbone" in config.space else "model.backbone"
     depths = {}
     for backbone in config.options("backbone", config.model.backbone):

@@ -28,6 +28,7 @@ from raytl.data import (
     load_data,
 )
 from raytl.data.images import UnreadableImage, decode_image
+from raytl.data.sources import stratified_subset
 from raytl.data.sources.fashion_mnist import (
     DEFAULT_FASHION_MNIST_PATH,
     FASHION_MNIST_CLASSES,
@@ -445,6 +446,46 @@ def test_synthetic_is_learnable():
     model.fit(train.images.reshape(len(train), -1) / 255.0, train.labels)
     accuracy = model.score(test.images.reshape(len(test), -1) / 255.0, test.labels)
     assert accuracy > 0.9
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
+def test_limit_samples_the_files_before_decoding_any(tmp_path, source):
+    """``data.limit`` picks the sample on the labels alone, so only the sampled files are read and
+    decoded: what was kept plus what was skipped is exactly the limit (a full decode would have
+    met all three broken files), and a clean folder gives the same sample as decoding everything
+    and subsampling after."""
+    root = make_folder(tmp_path / "folder", per_class=12, classes=("a", "b", "c"))
+    for name in ("a", "b", "c"):
+        truncated_jpeg(root / name / "zz_broken.jpg")
+    if source == "parquet":
+        rows = sorted(p for p in root.rglob("*.*"))
+        classes = ["a", "b", "c"]
+        table = pa.table(
+            {
+                "image": pa.array([p.read_bytes() for p in rows], pa.binary()),
+                "label": pa.array([classes.index(p.parent.name) for p in rows], pa.int64()),
+            }
+        ).replace_schema_metadata({"class_names": json.dumps(classes)})
+        pq.write_table(table, tmp_path / "shard.parquet")
+        path = str(tmp_path / "shard.parquet")
+    else:
+        path = str(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        everything = load_data(source, path=path, image_size=16)
+        sampled = load_data(source, path=path, image_size=16, limit=9, seed=3)
+    assert len(everything.skipped) == 3
+    assert len(sampled) + len(sampled.skipped) == 9
+
+    clean = make_folder(tmp_path / "clean", per_class=12, classes=("a", "b", "c"))
+    full = load_data("imagefolder", path=str(clean), image_size=16)
+    early = load_data("imagefolder", path=str(clean), image_size=16, limit=9, seed=3)
+    late = stratified_subset(full, 9, seed=3)
+    assert early.fingerprint == late.fingerprint and early.class_counts() == {
+        "a": 3,
+        "b": 3,
+        "c": 3,
+    }
 
 
 def test_stratified_limit():

@@ -1,12 +1,15 @@
 """Turn an image folder into Parquet shards of the original encoded bytes.
 
-Shards are each written atomically (temporary file, fsync, rename), and a manifest is
-written last, so that a crashed conversion is detected instead of silently loading part of
-the data: the ``parquet`` source refuses converted shards without their manifest.
+Shards are each written atomically (temporary file, fsync, rename; on an object store a
+temporary key, then a move), and a manifest is written last, so that a crashed conversion is
+detected instead of silently loading part of the data: the ``parquet`` source refuses converted
+shards without their manifest. The output may be a local folder or a pyarrow filesystem URI
+(``s3://bucket/prefix``), written through :class:`raytl.storage.Storage`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytl.data.dataset import DataError, SkippedFile
@@ -28,7 +32,7 @@ from raytl.data.sources.decode import (
 )
 from raytl.data.sources.imagefolder import FolderScan, folder_tasks, scan_imagefolder, warn_ignored
 from raytl.data.sources.parquet import CONVERTED_MARKER, MANIFEST_NAME
-from raytl.storage import atomic_write
+from raytl.storage import Storage, is_uri
 
 _VALIDATE_SIZE = 32
 """Decode size used to validate files during conversion (JPEG draft mode makes it cheap)."""
@@ -56,7 +60,7 @@ def convert_imagefolder(
     failure the shards written so far are removed, so ``out_dir`` is never left half-done.
 
     Returns:
-        The paths of the written shards.
+        The written shards, as paths or URIs like ``out_dir``.
 
     Raises:
         DataError: Bad image folder, ``out_dir`` already holding shards, no readable images,
@@ -97,25 +101,34 @@ def convert_imagefolder(
         raise
     if skipped:
         warn_skipped(skipped, skipped_labels, scan.class_names, str(scan.root))
-    return [str(p) for p in writer.written]
+    return [out.uri_of(name) for name in writer.written]
 
 
-def _empty_output_folder(out_dir: str) -> Path:
+def _empty_output_folder(out_dir: str) -> Storage:
     """Create ``out_dir`` if needed; refuse one that already holds shards or a manifest.
 
     Raises:
-        DataError: ``out_dir`` is a file, or already holds shards, so they would be mixed.
+        DataError: ``out_dir`` is a file, already holds shards (so they would be mixed), or
+            cannot be reached (a URI whose server or credentials fail).
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in out.glob("*.parquet")) + (
-        [MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else []
+    location = out_dir if is_uri(out_dir) else os.path.expanduser(out_dir)
+    shown = location.partition("?")[0]
+    try:
+        out = Storage(location)
+        kind = out.fs.get_file_info(out.root).type
+        if kind == pafs.FileType.File:
+            raise DataError(f"output {shown} exists and is not a directory")
+        out.makedirs()
+        names = [i.base_name for i in out.fs.get_file_info(pafs.FileSelector(out.root))]
+    except (OSError, pa.ArrowException) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot write to {shown}: {reason}") from None
+    existing = sorted(n for n in names if n.endswith(".parquet")) + (
+        [MANIFEST_NAME] if MANIFEST_NAME in names else []
     )
     if existing:
         raise DataError(
-            f"output folder {out} already holds {', '.join(existing[:5])}; "
+            f"output folder {shown} already holds {', '.join(existing[:5])}; "
             "convert into an empty folder (or delete those files) so shards are never mixed"
         )
     return out
@@ -149,11 +162,11 @@ def _validate(task: DecodeTask, *, max_pixels: int) -> bytes | SkippedFile:
 class _ShardWriter:
     """Buffers rows and writes every ``shard_size`` of them as the next numbered shard."""
 
-    def __init__(self, out: Path, schema: pa.Schema, shard_size: int) -> None:
+    def __init__(self, out: Storage, schema: pa.Schema, shard_size: int) -> None:
         self.out = out
         self.schema = schema
         self.shard_size = shard_size
-        self.written: list[Path] = []
+        self.written: list[str] = []  # shard names, in the output folder
         self.rows: list[int] = []
         self._images: list[bytes] = []
         self._labels: list[int] = []
@@ -179,21 +192,22 @@ class _ShardWriter:
             ],
             schema=self.schema,
         )
-        target = self.out / f"part-{len(self.written):05d}.parquet"
-        atomic_write(target, lambda tmp: pq.write_table(table, tmp))
-        self.written.append(target)
+        name = f"part-{len(self.written):05d}.parquet"
+        self.out.write(name, lambda tmp: pq.write_table(table, tmp))
+        self.written.append(name)
         self.rows.append(len(self._images))
         for column in (self._images, self._labels, self._paths):
             column.clear()
 
     def remove_all(self) -> None:
         """Delete every shard written so far (after a failure)."""
-        for path in self.written:
-            path.unlink(missing_ok=True)
+        for name in self.written:
+            with contextlib.suppress(OSError):
+                self.out.fs.delete_file(self.out.path(name))
 
 
 def _write_manifest(
-    out: Path, scan: FolderScan, writer: _ShardWriter, skipped: Sequence[SkippedFile]
+    out: Storage, scan: FolderScan, writer: _ShardWriter, skipped: Sequence[SkippedFile]
 ) -> None:
     """Write the manifest last: it lists every shard, so its presence proves completion."""
     manifest = {
@@ -203,10 +217,10 @@ def _write_manifest(
         "class_names": list(scan.class_names),
         "rows": int(sum(writer.rows)),
         "shards": [
-            {"file": p.name, "rows": rows}
-            for p, rows in zip(writer.written, writer.rows, strict=True)
+            {"file": name, "rows": rows}
+            for name, rows in zip(writer.written, writer.rows, strict=True)
         ],
         "skipped": [{"path": printable_path(s.path), "reason": s.reason} for s in skipped],
     }
     text = json.dumps(manifest, indent=2)
-    atomic_write(out / MANIFEST_NAME, text)
+    out.write(MANIFEST_NAME, text)

@@ -17,6 +17,32 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from raytl.data.dataset import DataError
 
 
+def stratified_indices(labels: np.ndarray, limit: int, *, seed: int) -> np.ndarray:
+    """The sorted indices of a deterministic, class-stratified sample of ``limit`` of ``labels``
+    (all of them when there are no more than ``limit``). Works on labels alone, so a source can
+    take it before decoding anything."""
+    everything = np.arange(len(labels))
+    if limit >= len(labels):
+        return everything
+    present = int(np.count_nonzero(np.bincount(labels)))
+    if limit < present:
+        raise DataError(
+            f"limit={limit} is smaller than the number of classes ({present}); "
+            "a stratified subsample needs at least one image per class"
+        )
+    if len(labels) - limit < present:
+        # sklearn needs the left-out part to hold every class too; dropping fewer images than
+        # there are classes cannot be stratified anyway, so drop a seeded random few.
+        rng = np.random.default_rng(seed)
+        dropped = rng.choice(everything, size=len(labels) - limit, replace=False)
+        return np.setdiff1d(everything, dropped)
+    try:
+        kept, _ = train_test_split(everything, train_size=limit, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise DataError(f"cannot take a stratified sample of {limit} images: {exc}") from exc
+    return np.sort(kept)
+
+
 def check_class_sizes(
     labels: np.ndarray,
     indices: np.ndarray,

@@ -16,14 +16,13 @@ import inspect
 import warnings
 from collections.abc import Callable
 
-import numpy as np
-
 from raytl.data.dataset import DataError, ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources.builtin import load_digits, load_synthetic
 from raytl.data.sources.fashion_mnist import load_fashion_mnist
 from raytl.data.sources.imagefolder import load_imagefolder
 from raytl.data.sources.parquet import load_parquet
+from raytl.data.splits import stratified_indices
 
 ON_BAD_FILE = ("skip", "error")
 
@@ -77,6 +76,7 @@ def load_data(
         "path": path,
         "image_size": image_size,
         "seed": seed,
+        "limit": limit,  # the file sources sample their index before decoding anything
         "on_bad_file": on_bad_file,
         "max_pixels": max_pixels,
         "download": download,
@@ -111,26 +111,4 @@ def _check_options(
 
 def stratified_subset(data: ImageData, limit: int, *, seed: int) -> ImageData:
     """A deterministic, class-stratified subsample of ``limit`` images, in original order."""
-    from sklearn.model_selection import train_test_split
-
-    present = int(np.count_nonzero(np.bincount(data.labels)))
-    if limit < present:
-        raise DataError(
-            f"limit={limit} is smaller than the number of classes ({present}); "
-            "a stratified subsample needs at least one image per class"
-        )
-    everything = np.arange(len(data))
-    if len(data) - limit < present:
-        # sklearn needs the left-out part to hold every class too; dropping fewer images than
-        # there are classes cannot be stratified anyway, so drop a seeded random few.
-        rng = np.random.default_rng(seed)
-        dropped = rng.choice(everything, size=len(data) - limit, replace=False)
-        kept = np.setdiff1d(everything, dropped)
-    else:
-        try:
-            kept, _ = train_test_split(
-                everything, train_size=limit, stratify=data.labels, random_state=seed
-            )
-        except ValueError as exc:
-            raise DataError(f"cannot take a stratified sample of {limit} images: {exc}") from exc
-    return data.subset(np.sort(kept))
+    return data.subset(stratified_indices(data.labels, limit, seed=seed))

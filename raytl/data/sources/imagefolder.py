@@ -13,10 +13,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from raytl.data.dataset import DataError, ImageData, SkippedFile
 from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks
 from raytl.data.sources.walk import FolderWalk
+from raytl.data.splits import stratified_indices
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,19 @@ def load_imagefolder(
     image_size: int = 64,
     on_bad_file: str = "skip",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    limit: int | None = None,
+    seed: int = 0,
 ) -> ImageData:
-    """Load ``path/<class>/**/<image>`` with every image resized to ``image_size`` squared."""
+    """Load ``path/<class>/**/<image>`` with every image resized to ``image_size`` squared;
+    with ``limit``, a stratified sample of the files is taken first and only it is decoded."""
     scan = scan_imagefolder(path)
     warn_ignored(scan)
+    tasks = folder_tasks(scan)
+    if limit is not None:
+        labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
+        tasks = [tasks[i] for i in stratified_indices(labels, limit, seed=seed)]
     return decode_tasks(
-        folder_tasks(scan),
+        tasks,
         class_names=scan.class_names,
         source=str(scan.root),
         image_size=image_size,

@@ -4,24 +4,30 @@ Each shard has a binary ``image`` column (the encoded file bytes), an integer ``
 column and a JSON list ``class_names`` in its schema metadata. A folder of shards written by
 ``convert_imagefolder`` also holds :data:`MANIFEST_NAME`, checked so that a half-finished or
 mixed conversion is refused instead of silently training on part of the data.
+
+The shards may be a local folder or any pyarrow filesystem URI (``s3://bucket/prefix``, with
+``?endpoint_override=...`` for an S3-compatible server; ``gs://``): they are listed and read
+through :class:`raytl.storage.Storage`, and named in messages by their URI.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytl.data.dataset import DataError, ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources.decode import DecodeTask, decode_tasks
+from raytl.data.splits import stratified_indices
+from raytl.storage import Storage, is_uri
 
 MANIFEST_NAME = "_raytl_manifest.json"
 """Written last by ``convert_imagefolder``: its presence proves the conversion finished."""
@@ -31,69 +37,98 @@ CONVERTED_MARKER = "raytl_converted"
 
 @dataclass(frozen=True)
 class ParquetShards:
-    """Validated Parquet shards: their files and the class names they agree on."""
+    """Validated Parquet shards: their files (paths on ``fs``) and the class names they agree on."""
 
-    files: tuple[Path, ...]
+    files: tuple[str, ...]
     class_names: tuple[str, ...]
-    source: str
+    source: str  # the folder or file as the user named it (a URI's query left out)
+    fs: pafs.FileSystem
+    uri_prefix: str = ""  # "s3://" for a URI source: a file's name in messages is prefix + path
+
+    def name(self, file: str) -> str:
+        """How messages name ``file``: its local path, or its URI without the query."""
+        return self.uri_prefix + file
 
 
 def scan_parquet(path: str | os.PathLike[str] | None) -> ParquetShards:
     """Find and validate the shards (columns, metadata, completeness) without reading images.
 
     Raises:
-        DataError: Missing path or shards, a missing column or metadata key (naming the file
-            and the key), shards that disagree on class names, or an unfinished conversion.
+        DataError: Missing path or shards, a storage that cannot be reached (naming the URI), a
+            missing column or metadata key (naming the file and the key), shards that disagree
+            on class names, or an unfinished conversion.
     """
     if path is None:
         raise DataError(
             "the parquet source needs data.path: a folder of *.parquet shards or one file"
         )
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"parquet path {root} does not exist")
-    files = _shard_files(root)
+    text = str(path)
+    location = text if is_uri(text) else os.path.expanduser(text)
+    shown = location.partition("?")[0]
+    try:
+        storage = Storage(location)
+        kind = storage.fs.get_file_info(storage.root).type
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"parquet path {shown} cannot be read: {first_line(exc)}") from None
+    if kind == pafs.FileType.NotFound:
+        raise DataError(f"parquet path {shown} does not exist")
+    prefix = shown.partition("://")[0] + "://" if is_uri(location) else ""
+    shards = ParquetShards((), (), shown, storage.fs, prefix)
+    files = _shard_files(storage, shards) if kind == pafs.FileType.Directory else (storage.root,)
     class_names: tuple[str, ...] | None = None
     converted = False
     for file in files:
-        names, marked = _read_shard_schema(file)
+        names, marked = _read_shard_schema(file, shards)
         if class_names is None:
             class_names = tuple(names)
         elif tuple(names) != class_names:
             raise DataError(
-                f"{file}: class_names {names} differ from those of {files[0]} ({list(class_names)})"
+                f"{shards.name(file)}: class_names {names} differ from those of "
+                f"{shards.name(files[0])} ({list(class_names)})"
             )
         converted = converted or marked
     assert class_names is not None
-    if root.is_dir():
-        _check_manifest(root, files, converted)
-    return ParquetShards(files=files, class_names=class_names, source=str(root))
+    shards = ParquetShards(files, class_names, shown, storage.fs, prefix)
+    if kind == pafs.FileType.Directory:
+        _check_manifest(storage, shards, converted)
+    return shards
 
 
-def _shard_files(root: Path) -> tuple[Path, ...]:
-    """The visible ``*.parquet`` files of a folder, sorted, or the one file ``root`` itself."""
-    if not root.is_dir():
-        return (root,)
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _shard_files(storage: Storage, shards: ParquetShards) -> tuple[str, ...]:
+    """The visible ``*.parquet`` files of the folder, sorted."""
+    try:
+        infos = storage.fs.get_file_info(pafs.FileSelector(storage.root))
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cannot list {shards.source}: {first_line(exc)}") from None
     files = tuple(
         sorted(
-            p for p in root.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_"))
+            info.path
+            for info in infos
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(".parquet")
+            and not info.base_name.startswith((".", "_"))
         )
     )
     if not files:
-        raise DataError(f"no *.parquet files in {root}")
+        raise DataError(f"no *.parquet files in {shards.source}")
     return files
 
 
-def _read_shard_schema(file: Path) -> tuple[list[str], bool]:
+def _read_shard_schema(path: str, shards: ParquetShards) -> tuple[list[str], bool]:
     """Validate one shard's columns and metadata; its class names and whether we wrote it.
 
     Raises:
         DataError: Unreadable file, a missing or mistyped column, or bad ``class_names``.
     """
+    file = shards.name(path)
     try:
-        schema = pq.read_schema(file)
+        schema = pq.read_schema(path, filesystem=shards.fs)
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{file} is not a readable Parquet file ({exc})") from exc
+        raise DataError(f"{file} is not a readable Parquet file ({first_line(exc)})") from None
     for column, expected in (("image", "binary: encoded image file bytes"), ("label", "int64")):
         if column not in schema.names:
             raise DataError(
@@ -124,10 +159,10 @@ def _read_shard_schema(file: Path) -> tuple[list[str], bool]:
     return names, CONVERTED_MARKER.encode() in metadata
 
 
-def _check_manifest(root: Path, files: Sequence[Path], converted: bool) -> None:
+def _check_manifest(storage: Storage, shards: ParquetShards, converted: bool) -> None:
     """Refuse a half-finished or mixed conversion instead of silently training on part of it."""
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.exists():
+    root, manifest_name = shards.source, shards.name(storage.path(MANIFEST_NAME))
+    if not storage.is_file(MANIFEST_NAME):
         if converted:
             raise DataError(
                 f"{root} holds shards from convert_imagefolder but no {MANIFEST_NAME}: the "
@@ -135,13 +170,13 @@ def _check_manifest(root: Path, files: Sequence[Path], converted: bool) -> None:
             )
         return
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
         listed = {entry["file"]: int(entry["rows"]) for entry in manifest["shards"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{manifest_path} is unreadable ({exc}); run the conversion again") from exc
-    present = {f.name for f in files}
-    missing = sorted(set(listed) - present)
-    extra = sorted(present - set(listed))
+        raise DataError(f"{manifest_name} is unreadable ({exc}); run the conversion again") from exc
+    present = {f.rpartition("/")[2]: f for f in shards.files}
+    missing = sorted(set(listed) - set(present))
+    extra = sorted(set(present) - set(listed))
     if missing:
         raise DataError(
             f"{root}: shard(s) listed in {MANIFEST_NAME} are missing: {', '.join(missing)}"
@@ -151,51 +186,80 @@ def _check_manifest(root: Path, files: Sequence[Path], converted: bool) -> None:
             f"{root}: shard(s) not listed in {MANIFEST_NAME} (left from another conversion?): "
             f"{', '.join(extra)}"
         )
-    for file in files:
-        rows = pq.read_metadata(file).num_rows
-        if rows != listed[file.name]:
+    for name, file in present.items():
+        rows = pq.read_metadata(file, filesystem=shards.fs).num_rows
+        if rows != listed[name]:
             raise DataError(
-                f"{file} has {rows} rows but {MANIFEST_NAME} says {listed[file.name]}; "
+                f"{shards.name(file)} has {rows} rows but {MANIFEST_NAME} says {listed[name]}; "
                 "the shard was altered or truncated"
             )
 
 
-def parquet_tasks(shards: ParquetShards) -> list[DecodeTask]:
-    """One decode task per row, named ``shard.parquet#row=N``; bad labels raise DataError."""
-    dataset = ds.dataset([str(f) for f in shards.files], format="parquet")
+def parquet_tasks(
+    shards: ParquetShards, limit: int | None = None, seed: int = 0
+) -> list[DecodeTask]:
+    """One decode task per row, named ``shard.parquet#row=N``; bad labels raise DataError.
+
+    The labels are read first (a small column); with ``limit``, a stratified sample of the rows
+    is chosen on them, and only those rows' image bytes are kept, one shard read at a time.
+    """
+    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.fs)
+    fragments = list(dataset.get_fragments())
+    labels = [_shard_labels(fragment, shards) for fragment in fragments]
+    everything = np.concatenate(labels)
+    chosen = (
+        np.arange(len(everything))
+        if limit is None
+        else stratified_indices(everything, limit, seed=seed)
+    )
     tasks: list[DecodeTask] = []
-    n_classes = len(shards.class_names)
-    for fragment in dataset.get_fragments():
-        try:
-            table = fragment.to_table(columns=["image", "label"])
-        except (OSError, pa.ArrowException) as exc:  # a damaged page: the footer read fine
-            raise DataError(
-                f"{fragment.path}: a data page cannot be read ({str(exc).splitlines()[0]}); the "
-                "shard is damaged: convert it again or remove it"
-            ) from None
-        labels = table.column("label")
-        if labels.null_count:
-            row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{fragment.path}#row={row}: label is missing (null)")
-        label_values = labels.to_numpy().astype(np.int64)
-        bad = np.flatnonzero((label_values < 0) | (label_values >= n_classes))
-        if len(bad):
-            row = int(bad[0])
-            raise DataError(
-                f"{fragment.path}#row={row}: label {label_values[row]} is outside "
-                f"[0, {n_classes}) for class_names {list(shards.class_names)}"
-            )
-        for row, (blob, label) in enumerate(
-            zip(table.column("image").to_pylist(), label_values, strict=True)
-        ):
+    start = 0
+    for fragment, shard_labels in zip(fragments, labels, strict=True):
+        rows = chosen[(chosen >= start) & (chosen < start + len(shard_labels))] - start
+        start += len(shard_labels)
+        if not len(rows):
+            continue
+        name = shards.name(fragment.path)
+        images = _read_column(fragment, "image", name).take(rows).to_pylist()
+        for row, blob in zip(rows.tolist(), images, strict=True):
             tasks.append(
                 DecodeTask(
-                    name=f"{fragment.path}#row={row}",
-                    label=int(label),
+                    name=f"{name}#row={row}",
+                    label=int(shard_labels[row]),
                     read=_in_memory(blob or b""),
                 )
             )
     return tasks
+
+
+def _read_column(fragment: ds.Fragment, column: str, name: str) -> pa.ChunkedArray:
+    """One column of a shard; a damaged page (the footer read fine) is one clear line."""
+    try:
+        return fragment.to_table(columns=[column]).column(column)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(
+            f"{name}: a data page cannot be read ({first_line(exc)}); the "
+            "shard is damaged: convert it again or remove it"
+        ) from None
+
+
+def _shard_labels(fragment: ds.Fragment, shards: ParquetShards) -> np.ndarray:
+    """A shard's labels, checked: none missing, each a class of ``class_names``."""
+    name = shards.name(fragment.path)
+    labels = _read_column(fragment, "label", name)
+    if labels.null_count:
+        row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{name}#row={row}: label is missing (null)")
+    values = labels.to_numpy().astype(np.int64)
+    n_classes = len(shards.class_names)
+    bad = np.flatnonzero((values < 0) | (values >= n_classes))
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(
+            f"{name}#row={row}: label {values[row]} is outside "
+            f"[0, {n_classes}) for class_names {list(shards.class_names)}"
+        )
+    return values
 
 
 def _in_memory(data: bytes) -> Callable[[], bytes]:
@@ -209,11 +273,14 @@ def load_parquet(
     image_size: int = 64,
     on_bad_file: str = "skip",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    limit: int | None = None,
+    seed: int = 0,
 ) -> ImageData:
-    """Load Parquet shards of encoded images (``image``, ``label``, metadata ``class_names``)."""
+    """Load Parquet shards of encoded images (``image``, ``label``, metadata ``class_names``);
+    with ``limit``, only a stratified sample of the rows is read and decoded."""
     shards = scan_parquet(path)
     return decode_tasks(
-        parquet_tasks(shards),
+        parquet_tasks(shards, limit, seed),
         class_names=shards.class_names,
         source=shards.source,
         image_size=image_size,
