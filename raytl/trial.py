@@ -6,9 +6,11 @@ references to the data and the cached features) and hands it to :func:`train_uni
 in one of two places, told apart only by how a report leaves (the :class:`TrialSession`):
 
 - in the workers of a Ray Train ``TorchTrainer`` (:class:`RayTrainSession`): each rank trains the
-  units :func:`~raytl.schemes.assign_units` gives it; every epoch the ranks gather their units'
-  metrics and report mean and std with a checkpoint holding every unit (each unit's owner writes
-  its own file; Ray Train merges them), and ``TuneReportCallback`` forwards rank 0's report to Tune;
+  units :func:`~raytl.schemes.assign_units` gives it (ranks that share a unit train it as one
+  ``DistributedDataParallel`` model, :mod:`raytl.unit_group`); every epoch the ranks gather their
+  units' metrics and report mean and std with a checkpoint holding every unit (each unit's owner
+  writes its own file; Ray Train merges them), and ``TuneReportCallback`` forwards rank 0's report
+  to Tune;
 - in the Tune trial's own process (:class:`TuneSession`) for a linear probe on cached features,
   which needs no worker group (whose start-up costs far more than training a head).
 """
@@ -47,7 +49,8 @@ from raytl.data.dataset import ImageData
 from raytl.schemes import Assignment, Unit, assign_units, make_units
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES
-from raytl.unit import GradientSync, UnitTrainer
+from raytl.unit import UnitTrainer
+from raytl.unit_group import UnitGroup, groups_for_rank
 
 UNIT_STATE = "unit_{}.pt"
 
@@ -117,36 +120,6 @@ def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
     )
 
 
-class GroupSync:
-    """Gradient averaging among the ranks that share one unit (a torch.distributed subgroup)."""
-
-    def __init__(self, group: Any, ranks: list[int]) -> None:
-        self.group = group
-        self.ranks = ranks
-        self.rank = ranks.index(dist.get_rank())
-        self.world_size = len(ranks)
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce, not one per tensor
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.world_size
-        for grad, synced in zip(
-            grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
-        ):
-            grad.copy_(synced)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(values, group=self.group)
-        return values
-
-    def broadcast_model(self, model: torch.nn.Module) -> None:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, self.ranks[0], group=self.group)
-
-
 class TrialSession(Protocol):
     """Where :func:`train_units` runs: its rank among the trial's processes, and how a report
     (with its checkpoint folder) leaves. Contract: :meth:`gather` and :meth:`report` are called by
@@ -159,7 +132,7 @@ class TrialSession(Protocol):
     saves_heads_only: bool  # checkpoints hold only the heads (the backbone is the pretrained one)
 
     def checkpoint(self) -> Any: ...
-    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]: ...
+    def unit_groups(self, plan: list[list[Assignment]]) -> dict[int, UnitGroup]: ...
     def gather(self, share: WorkerShare) -> list[WorkerShare]: ...
     def report(self, metrics: dict[str, Any], folder: str | None, epoch: int) -> None: ...
 
@@ -178,16 +151,9 @@ class RayTrainSession:
     def checkpoint(self) -> Any:
         return ray.train.get_checkpoint()
 
-    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]:
-        """Subgroups for data-parallel units; every rank creates every group, in the same order."""
-        syncs: dict[int, GradientSync] = {}
-        per = plan[0][0].ranks_per_unit
-        for unit in range(len(plan) // per if per > 1 else 0):
-            ranks = list(range(unit * per, (unit + 1) * per))
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                syncs[unit] = GroupSync(group, ranks)
-        return syncs
+    def unit_groups(self, plan: list[list[Assignment]]) -> dict[int, UnitGroup]:
+        """The groups of the units this rank trains with others (data-parallel units only)."""
+        return groups_for_rank(plan, self.rank)
 
     def gather(self, share: WorkerShare) -> list[WorkerShare]:
         shares: list[Any] = [None] * self.world
@@ -215,7 +181,7 @@ class TuneSession:
     def checkpoint(self) -> Any:
         return tune.get_checkpoint()
 
-    def unit_syncs(self, plan: list[list[Assignment]]) -> dict[int, GradientSync]:
+    def unit_groups(self, plan: list[list[Assignment]]) -> dict[int, UnitGroup]:
         return {}
 
     def gather(self, share: WorkerShare) -> list[WorkerShare]:
@@ -255,7 +221,7 @@ def unit_trainers(
     data: ImageData = ray.get(ctx.data)
     units = scheme_units(ctx.config, data)
     plan = assign_units(len(units), session.world)
-    syncs = session.unit_syncs(plan)
+    groups = session.unit_groups(plan)
     features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
     trainers = {
         a.unit: UnitTrainer.for_space(
@@ -266,7 +232,7 @@ def unit_trainers(
             units[a.unit].val,
             unit=a.unit,
             device=session.device,
-            sync=syncs.get(a.unit),
+            group=groups.get(a.unit),
             features=features,
         )
         for a in plan[session.rank]

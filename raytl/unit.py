@@ -1,8 +1,10 @@
 """One unit's trainer: a :class:`UnitTrainer` trains one independent model of a scheme.
 
 It runs without Ray (``raytl train``, the refit, GPU checks) and inside a trial (:mod:`raytl.trial`),
-where a process may own several units, or share one unit with other Ray Train workers through a
-:class:`GradientSync`. On a GPU it uses bf16 autocast, channels_last and pinned, non-blocking copies.
+where a process may own several units, or share one unit with other Ray Train workers: a
+:class:`~raytl.unit_group.UnitGroup`, whose ranks train one ``DistributedDataParallel`` model, each
+taking its share of every global batch. On a GPU it uses bf16 autocast, channels_last and pinned,
+non-blocking copies.
 
 Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
 through the backbone every epoch: the pooled features are computed once in eval mode and only the
@@ -16,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,22 +37,9 @@ from raytl.models import (
 from raytl.preprocess import BatchPreparer, default_device, preprocessing_for
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
+from raytl.unit_group import UnitGroup, learning_rate_scale
 
 EVAL_BATCH = 256
-
-
-class GradientSync(Protocol):
-    """Data parallelism inside one unit: the ranks that share it average gradients and sum counts.
-
-    Contract: every rank of the unit calls each method the same number of times, in the same order.
-    """
-
-    rank: int
-    world_size: int
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None: ...
-    def sum(self, values: torch.Tensor) -> torch.Tensor: ...
-    def broadcast_model(self, model: torch.nn.Module) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +63,7 @@ class UnitTrainer:
         *,
         unit: int = 0,
         device: torch.device | None = None,
-        sync: GradientSync | None = None,
+        group: UnitGroup | None = None,
         features: np.ndarray | None = None,
     ) -> UnitTrainer:
         """A trainer with the space file's weights, image size, seed (plus the unit's index) and
@@ -88,7 +77,7 @@ class UnitTrainer:
             image_size=config.data.image_size,
             device=device,
             seed=config.search.seed + unit,
-            sync=sync,
+            group=group,
             features=features,
             compile=config.model.compile,
         )
@@ -104,7 +93,7 @@ class UnitTrainer:
         image_size: int,
         device: torch.device | None = None,
         seed: int = 0,
-        sync: GradientSync | None = None,
+        group: UnitGroup | None = None,
         features: np.ndarray | None = None,
         compile: bool = False,
     ) -> None:
@@ -114,7 +103,7 @@ class UnitTrainer:
         self.val_idx = np.asarray(val_idx)
         self.device = device or default_device()
         self.seed = seed
-        self.sync = sync
+        self.group = group
         self.strategy = STRATEGIES[hp.strategy]
         torch.manual_seed(seed)
         self.model = create_model(
@@ -131,10 +120,12 @@ class UnitTrainer:
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        if sync is not None:
-            sync.broadcast_model(self.model)  # one starting point for every rank of the unit
+        if group is not None:  # one starting point for every rank of the unit
+            self.model = group.share_model(self.model, self.device)
         # torch.compile wraps the module for the forward passes; state_dict keys stay the same
+        self.compile = compile
         self.forward = torch.compile(self.model) if compile else self.model
+        self.train_forward: Callable[[torch.Tensor], torch.Tensor] = self.forward  # per phase
         self.epoch = 0  # epochs completed
         self.phase_index: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -165,28 +156,50 @@ class UnitTrainer:
     def _head_only(self, phase: Phase) -> bool:
         return phase.freeze_depth >= len(self.blocks) and not phase.augment
 
-    def _my_train_positions(self, epoch: int) -> np.ndarray:
-        """This rank's shuffled share of positions into ``train_idx`` (every rank shuffles alike).
+    @property
+    def _ranks(self) -> int:
+        return self.group.world_size if self.group else 1
 
-        Equal contiguous shares of one seeded numpy permutation keep the ranks' all-reduces in step.
-        Kept by hand rather than ``DistributedSampler`` (whose torch permutation differs) so every
-        seeded result so far reproduces; the within-unit DDP work (issue 13) replaces it.
+    def _my_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of positions into ``train_idx`` for ``epoch``.
+
+        One seeded numpy permutation (alike on every rank) is cut into global batches of
+        ``ranks * batch_size``, and rank ``r`` takes the ``r``-th equal part of each: so a unit on
+        ``k`` ranks sees exactly the batches one process with batch ``k * batch_size`` sees. The
+        last ``len % ranks`` positions are dropped, so every part of the last (short) global batch
+        is equally long: the ranks take the same number of steps and DDP's mean of their means is
+        the global batch's mean. A single process keeps every position (the seeded results from
+        before DDP reproduce). Not ``DistributedSampler``: it shards image by image, not batch by
+        batch, and its torch permutation would change every seeded result.
         """
-        rng = np.random.default_rng((self.seed, epoch))
-        order = rng.permutation(len(self.train_idx))
-        if self.sync is None:
-            return order
-        per_rank = len(order) // self.sync.world_size
-        return order[self.sync.rank * per_rank : (self.sync.rank + 1) * per_rank]
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.train_idx))
+        ranks, rank = self._ranks, self.group.rank if self.group else 0
+        order = order[: len(order) - len(order) % ranks]
+        step = ranks * self.hp.batch_size
+        return [
+            np.array_split(order[start : start + step], ranks)[rank]
+            for start in range(0, len(order), step)
+        ]
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.train_idx) // (self.sync.world_size if self.sync else 1)
-        return max(1, math.ceil(n / self.hp.batch_size))
+        n = len(self.train_idx) - len(self.train_idx) % self._ranks  # as _my_batches cuts them
+        return max(1, math.ceil(n / (self._ranks * self.hp.batch_size)))
+
+    def _wrap_for_training(self, head_only: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward that trains this phase: the classifier alone on cached features, else the
+        model; over the unit's ranks, wrapped in DDP (rebuilt per phase: the frozen set changed)."""
+        if self.group is None:
+            return self.classifier if head_only else self.forward  # compiled, when asked for
+        module = self.group.data_parallel(self.classifier if head_only else self.model, self.device)
+        return torch.compile(module) if self.compile and not head_only else module
 
     def _enter_phase(self, index: int) -> None:
         phase = self.phases[index]
         apply_freeze(self.model, self.blocks, phase.freeze_depth)
         groups = param_groups(self.model, self.blocks, self.head, phase, self.hp.weight_decay)
+        for settings in groups:  # the effective batch is ranks * batch_size (learning_rate_scale)
+            settings["lr"] *= learning_rate_scale(self._ranks)
+        self.train_forward = self._wrap_for_training(self._head_only(phase))
         self.optimizer = torch.optim.AdamW(groups)
         total = phase.epochs * self._steps_per_epoch()
         warmup = min(max(1, total // 20), total)  # linear warm-up over 5% of the phase's steps,
@@ -228,41 +241,41 @@ class UnitTrainer:
         self, phase: Phase, head_only: bool, progress: Callable[[int, int], None] | None
     ) -> tuple[torch.Tensor, int]:
         """One pass over this rank's share of the train indices; the summed loss, the correct
-        count and the images seen (as one tensor, summed over the unit's ranks), and the steps."""
+        count and the images seen (as one tensor, summed over the unit's ranks), and the images
+        this rank saw."""
         optimizer, scheduler = self.optimizer, self.scheduler
         assert optimizer is not None and scheduler is not None  # _enter_phase ran
-        order = self._my_train_positions(self.epoch)
+        batches = self._my_batches(self.epoch)
         labels = torch.from_numpy(self.data.labels[self.train_idx])
         # the cached feature matrix has one row per train index, in train_idx order
         features = self._cached("train", self.train_idx) if head_only else None
         set_train_mode(self.model)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        steps = math.ceil(len(order) / self.hp.batch_size)
-        for step in range(steps):
-            batch = order[step * self.hp.batch_size : (step + 1) * self.hp.batch_size]
+        for step, batch in enumerate(batches):
             y = labels[batch].to(self.device, non_blocking=True)
             with self._autocast():
                 if features is not None:
-                    logits = self.classifier(features[torch.from_numpy(batch).to(self.device)])
+                    x = features[torch.from_numpy(batch).to(self.device)]
                 else:
-                    images = self.data.images[self.train_idx[batch]]
-                    logits = self.forward(self.prepare(images, augment=phase.augment))
+                    x = self.prepare(self.data.images[self.train_idx[batch]], augment=phase.augment)
+                logits = self.train_forward(x)
                 loss = self._loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.sync is not None:
-                self.sync.average_gradients(trainable)
+            loss.backward()  # over a unit's ranks, DDP averages the gradients here
             optimizer.step()
             scheduler.step()
             total_loss += loss.detach() * len(batch)
             correct += (logits.argmax(1) == y).sum()
             if progress:
-                progress(step + 1, steps)
-        seen = torch.tensor(float(len(order)), device=self.device)
+                progress(step + 1, len(batches))
+        images = sum(len(batch) for batch in batches)
+        seen = torch.tensor(float(images), device=self.device)
         sums = torch.stack([total_loss.float(), correct.float(), seen])
-        return (self.sync.sum(sums) if self.sync is not None else sums), len(order)
+        if self.group is None:
+            return sums, images
+        self.group.broadcast_buffers(self.model)  # one set of BatchNorm statistics per unit
+        return self.group.sum(sums), images
 
     def run_epoch(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Train one epoch and validate; returns the epoch's metrics."""
@@ -303,11 +316,11 @@ class UnitTrainer:
         """
         indices = np.asarray(indices)
         mine = indices
-        if self.sync is not None:
-            mine = indices[self.sync.rank :: self.sync.world_size]
+        if self.group is not None:
+            mine = indices[self.group.rank :: self.group.world_size]
         self.model.eval()
         labels = torch.from_numpy(self.data.labels[mine]).to(self.device)
-        if head_only and self.sync is None:
+        if head_only and self.group is None:
             logits = self.classifier(self._cached("val", indices)).float()
         else:
             chunks = []
@@ -327,8 +340,8 @@ class UnitTrainer:
                 torch.tensor(float(len(mine)), device=self.device),
             ]
         )
-        if self.sync is not None:
-            sums = self.sync.sum(sums)
+        if self.group is not None:
+            sums = self.group.sum(sums)
         n = max(1.0, float(sums[2]))
         return EvalResult(float(sums[0]) / n, float(sums[1]) / n, predictions.cpu().numpy())
 
