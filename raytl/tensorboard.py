@@ -39,7 +39,9 @@ from raytl.space import ParamSpec
 TRIAL_SCALARS = tuple(c for c in HISTORY_COLUMNS if c not in ("epoch", "phase", "timestamp"))
 UNIT_SCALARS = ("train_loss", "val_accuracy", "val_loss", "images_per_second")
 # status as a number, so the HParams views can colour and filter by it
-STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0}
+# "lost": a trial whose run was written but that Tune never recorded (the driver was killed first);
+# the resumed search ran another in its place
+STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0, "lost": -1.0}
 FINAL_METRICS = (
     "final/val_accuracy",
     "final/val_accuracy_std",
@@ -102,7 +104,7 @@ def session_start_summary(values: dict[str, Any], group: str) -> Summary:
 
 def session_end_summary(status: str) -> Summary:
     """The session's end (TensorBoard's v2 API has no writer for it: built from its protos)."""
-    code = api_pb2.STATUS_FAILURE if status == "error" else api_pb2.STATUS_SUCCESS
+    code = api_pb2.STATUS_FAILURE if status in ("error", "lost") else api_pb2.STATUS_SUCCESS
     end = plugin_data_pb2.SessionEndInfo(status=code, end_time_secs=time.time())
     meta = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end))
     return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
@@ -214,6 +216,13 @@ class TensorBoardCallback(Callback):
         self.board.end(trial.trial_id, "error")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Close the writers; after a resume, end the runs of trials Tune no longer knows as lost
+        (they started after its last saved state, then the driver died), so that every session
+        on the HParams dashboard has an end and none passes for a finished trial."""
+        known = {run_name(trial.trial_id) for trial in trials}
+        for run in sorted(Path(self.logdir).glob("trial_*")):
+            if run.is_dir() and run.name not in known:
+                self.board.end(run.name.removeprefix("trial_"), "lost")
         if self._board is not None:
             self._board.close()
 

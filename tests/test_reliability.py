@@ -99,12 +99,19 @@ def _drain(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_path):
-    space, out = _write(tmp_path, SPACE), tmp_path / "out"
+@pytest.mark.parametrize("max_concurrent", [1, 2])
+def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(
+    tmp_path, max_concurrent
+):
+    space = _write(
+        tmp_path, {**SPACE, "search": {**SPACE["search"], "max_concurrent": max_concurrent}}
+    )
+    out = tmp_path / "out"
     driver = _raytl("search", str(space), "--output", str(out))
     # kill it the moment the fourth trial reports its last epoch: three trials are finished, the
     # fourth has written its final checkpoint but Tune has not yet saved it as finished, so the
-    # resume must close that trial from its checkpoint without training it again
+    # resume must close that trial from its checkpoint without training it again; with two at
+    # once, a fifth is mid-way and must go on from its own checkpoint (or start over), once
     _read_until(driver, r"epoch 2/2 .*\| 3/6 done", timeout=600)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
@@ -141,9 +148,19 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(tmp_
     assert history.groupby("trial_id")["epoch"].apply(list).to_dict() == {
         t: [1, 2] for t in results["trial_id"]
     }
-    # TensorBoard has one run per trial after the resume, too
-    runs = [p.name for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")]
-    assert sorted(runs) == sorted(f"trial_{t}" for t in results["trial_id"])
+    # TensorBoard has one run per trial after the resume, too; with two at once, a trial that
+    # started after Tune's last saved state (so the resume ran another in its place) keeps its
+    # run, ended as lost (status -1), never passing for a finished trial
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {p.name for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")}
+    assert runs >= {f"trial_{t}" for t in results["trial_id"]}
+    lost = runs - {f"trial_{t}" for t in results["trial_id"]}
+    assert len(lost) <= max_concurrent - 1
+    for run in lost:
+        events = EventAccumulator(str(out / "tensorboard" / run))
+        events.Reload()
+        assert [e.value for e in events.Scalars("final/status")] == [-1.0]
 
 
 def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
@@ -241,15 +258,15 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         },
     )
     try:
-        doomed = cluster.add_node(num_cpus=1)
-        cluster.add_node(num_cpus=1)
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         raw = {
             **SPACE,
             "search": {
                 **SPACE["search"],
                 "num_samples": 3,
-                "max_concurrent": 2,
+                "max_concurrent": 1,
                 "max_epochs": 3,
                 "storage": str(tmp_path / "shared"),
             },
@@ -264,17 +281,27 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         storage = tmp_path / "shared"
         removed: list[str] = []
 
-        def remove_when_a_checkpoint_exists() -> None:
-            """Kill the node (no graceful drain) once some trial has a first-epoch checkpoint."""
+        def remove_the_node_of_a_checkpointed_trial() -> None:
+            """Kill (no graceful drain) the node that runs the Train worker of the trial that has
+            just written its first-epoch checkpoint: one trial runs at a time, so that trial's
+            worker is the only live one, and its node is known from Ray's own state."""
+            from ray.util.state import list_actors
+
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 if list(storage.glob("*/train_*/checkpoint_epoch_0001")):  # the run's folder
+                    workers = list_actors(
+                        address=cluster.address,
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                    )
+                    nodes = {w.node_id for w in workers}
+                    doomed = next(n for n in cluster.worker_nodes if n.node_id in nodes)
                     cluster.remove_node(doomed, allow_graceful=False)
                     removed.append(doomed.node_id)
                     return
                 time.sleep(0.2)
 
-        watcher = threading.Thread(target=remove_when_a_checkpoint_exists, daemon=True)
+        watcher = threading.Thread(target=remove_the_node_of_a_checkpointed_trial, daemon=True)
         watcher.start()
         (tmp_path / "out").mkdir()
         table = run_search(
@@ -288,8 +315,11 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         ray.shutdown()
         cluster.shutdown()
     assert removed, "the node was never removed"
-    assert len(table) == 3 and set(table["status"]) == {"completed"}, table[["status", "error"]]
+    assert len(table) == 3 and table["trial_id"].is_unique  # no trial lost, none duplicated
+    assert set(table["status"]) == {"completed"}, table[["status", "error"]]
     assert (table["epochs"] == 3).all()
+    # the trial on the removed node went on from its checkpoint on the other node
+    assert table["restarts"].sum() >= 1, table[["trial_id", "restarts"]]
 
 
 def test_a_checkpoint_holding_a_pickle_payload_is_refused(tmp_path):
