@@ -37,7 +37,7 @@ from raytl.errors import RaytlError
 from raytl.refit import RefitResult, remote_refit
 from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
-from raytl.rundir import write_skipped, write_space
+from raytl.rundir import check_storage, write_skipped, write_space
 from raytl.schemes import SCHEMES
 from raytl.search import Echo, finish_run, record_data, share_inputs, tune_search
 from raytl.storage import atomic_write, join_location
@@ -108,6 +108,7 @@ def run_compare(
         raise RaytlError(f"--repeats: expected 1 or more, got {repeats}")
     started = time.perf_counter()
     output = Path(output).resolve()
+    check_storage(config.search.storage)
     write_space(output, config)
     data = config.data.load()
     write_skipped(output, data)

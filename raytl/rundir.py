@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import yaml
 
 from raytl import __version__
@@ -210,6 +211,21 @@ def tick_trial_clock(output: Path, trial_id: str, event: str) -> None:
             "the search goes on, its overhead_seconds may be missing",
             stacklevel=2,
         )
+
+
+def check_storage(location: str | None) -> None:
+    """Before anything is computed: ``search.storage`` can be written (a probe file made and
+    removed); else one line naming the location and what failed, instead of a traceback from
+    the first trial."""
+    if not location:
+        return
+    try:
+        Storage(location).probe()
+    except (OSError, pa.ArrowException) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RaytlError(
+            f"search.storage {location.partition('?')[0]} cannot be written: {reason}"
+        ) from None
 
 
 def check_free_space(output: Path, needed_bytes: int = MIN_FREE_BYTES) -> None:

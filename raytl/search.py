@@ -26,6 +26,7 @@ from raytl.results import best_row, format_top, history_table, results_table, wr
 from raytl.rundir import (
     check_free_space,
     check_same_data,
+    check_storage,
     ensure_marker,
     publish,
     read_trial_clock,
@@ -59,6 +60,7 @@ def run_search(
     output = Path(output).resolve()
     echo(f"run {config.name}-{ensure_marker(output).run_id}: output in {output}")
     check_free_space(output)
+    check_storage(config.search.storage)
     if not resume:
         write_space(output, config)
     data = config.data.load()

@@ -153,6 +153,13 @@ class Storage:
         self.fs.move(tmp, target)
         return target
 
+    def probe(self) -> None:
+        """Make this folder and write and delete a small file in it: raises ``OSError`` (or a
+        pyarrow error) when the storage cannot be reached or refuses the credentials."""
+        self.makedirs()
+        name = f".raytl-probe-{uuid.uuid4().hex[:8]}"
+        self.fs.delete_file(self.write(name, b"raytl"))
+
     def upload(self, local_folder: Path, names: list[str]) -> None:
         """Copy these files and folders of ``local_folder`` here (``pyarrow.fs.copy_files``)."""
         self.makedirs()

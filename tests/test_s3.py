@@ -195,3 +195,39 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
     assert {"report.md", "tuner.pkl"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard runs
     assert join_location(storage, runs[0].base_name).startswith("s3://raytl-test/e2e/runs/s3e2e-")
+
+
+@pytest.mark.parametrize("where", ["unreachable", "no such bucket"])
+def test_storage_that_cannot_be_written_is_one_line_before_any_work(s3, tmp_path, where):
+    """``search.storage`` is probed (a file written and removed) before the data is loaded or Ray
+    starts: a server that does not answer, or a bucket that does not exist, is one line naming
+    the location, exit 2."""
+    storage = (
+        f"s3://raytl-test/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+        if where == "unreachable"
+        else s3("runs").replace("raytl-test", "no-such-bucket")
+    )
+    space = {
+        "name": "probe",
+        "data": {"source": "digits", "image_size": 32, "limit": 200},
+        "search": {"num_samples": 1, "max_epochs": 1, "storage": storage},
+        "space": {"strategy": "linear_probe"},
+    }
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    done = _raytl(
+        "search",
+        str(space_file),
+        "--output",
+        str(tmp_path / "out"),
+        timeout=120,
+        env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    shown = storage.partition("?")[0]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"raytl: error: search.storage {shown} cannot be written: ")
+    )
+    assert "Traceback" not in done.stderr
