@@ -1,12 +1,16 @@
 """Pixels to model input: the backbone's own normalisation, resizing and batch preparation.
 
 Images are stored as uint8 ``(N, H, W, 3)``; :class:`BatchPreparer` turns a batch of them into
-normalised float input at the model's size, on the trainer's device (pinned, non-blocking copies
-and channels_last on a GPU), with optional per-image augmentation.
+normalised float input at the model's size on the trainer's device, in two steps: ``load`` copies
+the uint8 batch to the device (gathered into pinned memory, non-blocking, on a GPU) and draws no
+random numbers, so it can run ahead of the training step (:mod:`raytl.prefetch`); ``finish``
+augments, resizes and normalises the batch where it lies, the augmentation batched
+(:func:`crop_and_flip`: one ``roi_align`` for every image's own crop).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,9 +18,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
+from torchvision.ops import roi_align
 
 AUGMENT_SCALE = (0.35, 1.0)  # RandomResizedCrop's area range: small images lose little
+AUGMENT_RATIO = (3 / 4, 4 / 3)  # its aspect-ratio range (torchvision's default)
+CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params, before the centre-crop fallback
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,61 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU ``tensor`` on ``device``; to a GPU pinned and non-blocking (a copy from pageable
+    memory could wait for the work queued before it)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def random_resized_boxes(n: int, height: int, width: int) -> torch.Tensor:
+    """``n`` crop boxes ``(x1, y1, x2, y2)`` in pixels of a ``height x width`` image, each drawn
+    as torchvision's ``RandomResizedCrop.get_params`` draws one (``AUGMENT_SCALE`` of the area, a
+    log-uniform aspect ratio in ``AUGMENT_RATIO``, the first of ``CROP_TRIES`` tries that fits,
+    else the centre crop clamped to the ratio range), all at once from torch's CPU generator."""
+    area = height * width
+    target = area * torch.empty(n, CROP_TRIES, dtype=torch.float64).uniform_(*AUGMENT_SCALE)
+    log_ratio = (math.log(AUGMENT_RATIO[0]), math.log(AUGMENT_RATIO[1]))
+    aspect = torch.empty(n, CROP_TRIES, dtype=torch.float64).uniform_(*log_ratio).exp()
+    w, h = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first of equal values
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    fallback_w, fallback_h = width, height  # no try fitted: the largest centred crop in range
+    if width / height < AUGMENT_RATIO[0]:
+        fallback_h = round(width / AUGMENT_RATIO[0])
+    elif width / height > AUGMENT_RATIO[1]:
+        fallback_w = round(height * AUGMENT_RATIO[1])
+    none = ~fits.any(1)
+    w, h = torch.where(none, fallback_w, w), torch.where(none, fallback_h, h)
+    top = (torch.rand(n, dtype=torch.float64) * (height - h + 1)).floor()
+    left = (torch.rand(n, dtype=torch.float64) * (width - w + 1)).floor()
+    top = torch.where(none, (height - fallback_h) // 2, top)
+    left = torch.where(none, (width - fallback_w) // 2, left)
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def crop_and_flip(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Every image of the float batch ``x`` (N, C, H, W) gets its own random resized crop
+    (:func:`random_resized_boxes`), resized to ``size x size``, and a horizontal flip with
+    probability 1/2: ``RandomResizedCrop`` + ``RandomHorizontalFlip`` per image, as one batched
+    ``roi_align`` on ``x``'s device. The draws come from torch's CPU generator (so a seed gives the
+    same crops on every device) and are made before anything is queued on the device."""
+    n, _, height, width = x.shape
+    boxes = random_resized_boxes(n, height, width)
+    flipped = torch.nonzero(torch.rand(n) < 0.5).squeeze(1)  # on the CPU: no device sync
+    rois = torch.cat([torch.arange(n, dtype=torch.float64)[:, None], boxes], dim=1)
+    # aligned: pixel centres at +0.5, as interpolate(align_corners=False) (bilinear, the
+    # RandomResizedCrop default); sampling_ratio -1: ceil(crop / size) samples per output pixel
+    # and axis, averaged, so a crop larger than the output is not aliased
+    rois = to_device(rois.to(x.dtype), x.device)
+    out = roi_align(x, rois, size, sampling_ratio=-1, aligned=True)
+    flipped = to_device(flipped, x.device)
+    out[flipped] = out[flipped].flip(-1)
+    return out
+
+
 class BatchPreparer:
     """Turns stored uint8 images (N, H, W, 3) into normalised model input at the model's size."""
 
@@ -58,22 +119,37 @@ class BatchPreparer:
         self.cuda = device.type == "cuda"
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-        # per image: a random resized crop at the model's size and a horizontal flip
-        self.augment = v2.Compose(
-            [
-                v2.RandomResizedCrop(pre.image_size, scale=AUGMENT_SCALE, antialias=True),
-                v2.RandomHorizontalFlip(),
-            ]
-        )
 
-    def __call__(self, images: np.ndarray, augment: bool = False) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N,3,H,W uint8
-        if augment:  # v2 transforms draw one crop per call, so each image gets its own
-            x = torch.stack([self.augment(img) for img in x])
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU ``tensor`` on the device: pinned and copied non-blocking on a GPU."""
+        return to_device(tensor, self.device)
+
+    def load(self, images: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+        """``images[rows]`` (all of ``images`` if ``rows`` is None) as a uint8 (N, 3, H, W) batch
+        on the device. On a GPU the rows are gathered straight into pinned memory and copied
+        non-blocking. Draws no random numbers, so a prefetch thread may run it ahead of the step."""
+        if rows is None:
+            batch = torch.from_numpy(np.ascontiguousarray(images))
+        elif self.cuda:
+            batch = torch.empty((len(rows), *images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            np.take(images, rows, axis=0, out=batch.numpy(), mode="clip")  # "raise" would buffer
+        else:
+            batch = torch.from_numpy(images[rows])
         if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.float().div_(255.0)
+            batch = (batch if batch.is_pinned() else batch.pin_memory()).to(
+                self.device, non_blocking=True
+            )
+        return batch.permute(0, 3, 1, 2)  # N,3,H,W (channels_last strides)
+
+    def finish(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """A :meth:`load`-ed uint8 batch as normalised float input at the model's size (with a
+        random resized crop and flip per image if ``augment``: torch's RNG, in the caller)."""
         size = self.pre.image_size
+        if augment:  # roi_align reads NCHW-contiguous: convert and lay out in one copy
+            x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+            x = crop_and_flip(x, size)
+        else:
+            x = x.float().div_(255.0)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(
                 x,
@@ -83,7 +159,10 @@ class BatchPreparer:
                 align_corners=False if self.pre.interpolation != "nearest" else None,
             )
             x = x.clamp_(0.0, 1.0)  # bicubic overshoots
-        x = (x - self.mean) / self.std
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        x = x.sub_(self.mean).div_(self.std)  # x is this call's own tensor
+        # channels_last on the CPU too: its convolutions run about twice as fast on it (a loaded
+        # batch has these strides already; a crop's output is NCHW-contiguous)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, images: np.ndarray, augment: bool = False) -> torch.Tensor:
+        return self.finish(self.load(images), augment)

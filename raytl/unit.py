@@ -3,8 +3,9 @@
 It runs without Ray (``raytl train``, the refit, GPU checks) and inside a trial (:mod:`raytl.trial`),
 where a process may own several units, or share one unit with other Ray Train workers: a
 :class:`~raytl.unit_group.UnitGroup`, whose ranks train one ``DistributedDataParallel`` model, each
-taking its share of every global batch. On a GPU it uses bf16 autocast, channels_last and pinned,
-non-blocking copies.
+taking its share of every global batch. On a GPU it uses bf16 autocast (fp16 with loss scaling
+where bf16 is missing), channels_last and pinned, non-blocking copies; the next batch is copied
+while the current one trains (:mod:`raytl.prefetch`), and augmented on the device.
 
 Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
 through the backbone every epoch: the pooled features are computed once in eval mode and only the
@@ -34,6 +35,7 @@ from raytl.models import (
     head_parameter_names,
     pooled_features,
 )
+from raytl.prefetch import Prefetcher
 from raytl.preprocess import BatchPreparer, default_device, preprocessing_for
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
@@ -117,6 +119,10 @@ class UnitTrainer:
         self.phases = self.strategy.phases(hp, len(self.blocks))
         self.pre = preprocessing_for(self.model, image_size)
         self.prepare = BatchPreparer(self.pre, self.device)
+        cuda = self.device.type == "cuda"  # bf16 where the GPU has it; fp16 needs loss scaling
+        bf16 = not cuda or torch.cuda.is_bf16_supported(including_emulation=False)
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=not bf16)
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -218,7 +224,7 @@ class UnitTrainer:
 
     def _autocast(self) -> Any:
         return torch.autocast(
-            device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+            device_type="cuda", dtype=self.amp_dtype, enabled=self.device.type == "cuda"
         )
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -252,23 +258,30 @@ class UnitTrainer:
         set_train_mode(self.model)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        for step, batch in enumerate(batches):
-            y = labels[batch].to(self.device, non_blocking=True)
-            with self._autocast():
-                if features is not None:
-                    x = features[torch.from_numpy(batch).to(self.device)]
-                else:
-                    x = self.prepare(self.data.images[self.train_idx[batch]], augment=phase.augment)
-                logits = self.train_forward(x)
-                loss = self._loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # over a unit's ranks, DDP averages the gradients here
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.detach() * len(batch)
-            correct += (logits.argmax(1) == y).sum()
-            if progress:
-                progress(step + 1, len(batches))
+
+        def load(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:  # no random draws here
+            if features is None:  # uint8 pixels on the device
+                x = self.prepare.load(self.data.images, self.train_idx[batch])
+            else:  # rows of the feature matrix
+                x = self.prepare.to_device(torch.from_numpy(batch))
+            return x, self.prepare.to_device(labels[batch])
+
+        # the image path loads the next 2 batches in a thread while this one trains
+        with Prefetcher(batches, load, self.device, depth=2 if features is None else 0) as loaded:
+            for step, (batch, (x, y)) in enumerate(zip(batches, loaded, strict=True)):
+                x = features[x] if features is not None else self.prepare.finish(x, phase.augment)
+                with self._autocast():
+                    logits = self.train_forward(x)
+                    loss = self._loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()  # over a unit's ranks, DDP averages gradients
+                self.scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+                self.scaler.update()
+                scheduler.step()
+                total_loss += loss.detach() * len(batch)
+                correct += (logits.argmax(1) == y).sum()
+                if progress:
+                    progress(step + 1, len(batches))
         images = sum(len(batch) for batch in batches)
         seen = torch.tensor(float(images), device=self.device)
         sums = torch.stack([total_loss.float(), correct.float(), seen])
