@@ -27,7 +27,7 @@ from raytl.results import sampled_values
 from raytl.space import Hyperparameters
 from raytl.storage import atomic_folder, atomic_write
 from raytl.tensorboard import write_refit_images
-from raytl.trial import SearchInputs
+from raytl.trial import SearchInputs, scheme_units
 from raytl.unit import UnitTrainer
 
 
@@ -99,6 +99,15 @@ def remote_refit(config: SpaceConfig) -> Any:
     return ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(refit)
 
 
+def searched_batch(config: SpaceConfig, hp: Hyperparameters, data: ImageData) -> Hyperparameters:
+    """``hp`` with the batch its trials really trained with: a unit on k ranks takes
+    ``batch_size`` per rank, k times that per step (unit_group.learning_rate_scale keeps the
+    learning rate), so the one-process refit takes k times ``batch_size`` to train alike."""
+    units = len(scheme_units(config, data))
+    per_unit = max(1, config.resources.workers_per_trial // units)
+    return dataclasses.replace(hp, batch_size=hp.batch_size * per_unit) if per_unit > 1 else hp
+
+
 def refit_best(
     inputs: SearchInputs,
     data: ImageData,
@@ -108,7 +117,7 @@ def refit_best(
 ) -> dict[str, Any]:
     """Retrain the best configuration on train+val (one unit), test once, write ``best/``."""
     config = inputs.config
-    hp = config.hyperparameters(sampled_values(best))
+    hp = searched_batch(config, config.hyperparameters(sampled_values(best)), data)
     echo(
         f"refitting the best trial {best['trial_id']} on train+val: "
         + ", ".join(

@@ -215,3 +215,24 @@ def test_a_search_trains_its_one_unit_on_two_ranks(tmp_path, space_file):
     assert saved, "no checkpoint of the unit"
     state = torch.load(saved[-1], weights_only=True)
     assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["model"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "workers", "batch"),
+    [("holdout", 1, 16), ("holdout", 2, 32), ("cv", 2, 16), ("cv", 4, 32)],
+)
+def test_the_refit_trains_with_the_batch_the_units_used(digits, kind, workers, batch):
+    """A unit on k ranks steps on k x batch_size images; the one-process refit takes the same."""
+    from raytl.config import parse_space
+    from raytl.refit import searched_batch
+
+    scheme = {"kind": kind, "folds": 2} if kind == "cv" else {"kind": kind}
+    raw = {
+        "name": "refit",
+        "data": {"source": "digits", "image_size": 32},
+        "scheme": scheme,
+        "resources": {"workers_per_trial": workers},
+        "space": {"strategy": "fine_tune", "batch_size": 16},
+    }
+    config = parse_space(raw)
+    assert searched_batch(config, config.hyperparameters({}), digits).batch_size == batch
