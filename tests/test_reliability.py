@@ -92,6 +92,13 @@ def _kill_train_workers_after(driver: subprocess.Popen, pattern: str) -> list[st
     return lines
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _drain(proc: subprocess.Popen, into: list[str]) -> threading.Thread:
     thread = threading.Thread(target=lambda: into.extend(proc.stdout), daemon=True)
     thread.start()
@@ -263,6 +270,7 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         cluster.wait_for_nodes()
         raw = {
             **SPACE,
+            "data": {**SPACE["data"], "limit": 1000},  # epochs long enough to remove a node in
             "search": {
                 **SPACE["search"],
                 "num_samples": 3,
@@ -282,23 +290,43 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path):
         removed: list[str] = []
 
         def remove_the_node_of_a_checkpointed_trial() -> None:
-            """Kill (no graceful drain) the node that runs the Train worker of the trial that has
-            just written its first-epoch checkpoint: one trial runs at a time, so that trial's
-            worker is the only live one, and its node is known from Ray's own state."""
+            """Kill (no graceful drain) the node that runs the Train worker of the trial that has a
+            registered checkpoint and is not finished: one trial runs at a time, so that trial's
+            worker is the only live one, and its node is known from Ray's own state. Tried
+            again until it holds (the State API may be slow to answer on a loaded machine)."""
             from ray.util.state import list_actors
+
+            def mid_trial() -> list[Path]:
+                """The running trial, once Train has registered a checkpoint of it (in its
+                snapshot: a checkpoint folder alone may not be registered yet, and a worker lost
+                before that restarts from scratch) and before its last epoch's is written."""
+                return [
+                    d
+                    for d in storage.glob("*/train_*")  # the run's folder, then the trial's
+                    if "checkpoint_epoch_" in _text(d / "checkpoint_manager_snapshot.json")
+                    and not (d / "checkpoint_epoch_0003").exists()
+                ]
 
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
-                if list(storage.glob("*/train_*/checkpoint_epoch_0001")):  # the run's folder
-                    workers = list_actors(
-                        address=cluster.address,
-                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                    )
+                if mid_trial():
+                    try:
+                        workers = list_actors(
+                            address=cluster.address,
+                            filters=[
+                                ("class_name", "=", "RayTrainWorker"),
+                                ("state", "=", "ALIVE"),
+                            ],
+                            timeout=10,
+                        )
+                    except Exception:  # the State API timed out: look again
+                        continue
                     nodes = {w.node_id for w in workers}
-                    doomed = next(n for n in cluster.worker_nodes if n.node_id in nodes)
-                    cluster.remove_node(doomed, allow_graceful=False)
-                    removed.append(doomed.node_id)
-                    return
+                    doomed = [n for n in cluster.worker_nodes if n.node_id in nodes]
+                    if len(doomed) == 1 and mid_trial():
+                        cluster.remove_node(doomed[0], allow_graceful=False)
+                        removed.append(doomed[0].node_id)
+                        return
                 time.sleep(0.2)
 
         watcher = threading.Thread(target=remove_the_node_of_a_checkpointed_trial, daemon=True)
