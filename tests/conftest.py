@@ -13,6 +13,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def remove_ray_temp_of(pid: int) -> None:
+    """Remove the Ray temp folder (``$TMPDIR/raytl-ray-*``) of a search driver the test killed
+    with SIGKILL (it had no chance to remove it): the one whose Ray session is named after the
+    driver's pid. Nothing else is touched."""
+    import shutil
+    import tempfile
+
+    for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*"):
+        if list(folder.glob(f"ray/session_*_{pid}")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_space(tmp_path: Path, body: dict, name: str = "space.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(body, sort_keys=False))

@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import remove_ray_temp_of
+
 SPACE = {
     "name": "faults",
     "data": {"source": "digits", "image_size": 48, "limit": 400, "test_fraction": 0.2},
@@ -122,6 +124,7 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(
     _read_until(driver, r"epoch 2/2 .*\| 3/6 done", timeout=600)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    remove_ray_temp_of(driver.pid)  # SIGKILL left it behind
     assert not (out / "results.parquet").exists()  # it died before writing them
 
     resumed = subprocess.run(

@@ -24,6 +24,7 @@ from PIL import Image
 
 from raytl.cluster import free_port
 from raytl.storage import join_location
+from tests.conftest import remove_ray_temp_of
 
 KEYS = {"AWS_ACCESS_KEY_ID": "raytl-test", "AWS_SECRET_ACCESS_KEY": "raytl-test-secret"}
 
@@ -172,6 +173,7 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
             break
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    remove_ray_temp_of(driver.pid)  # SIGKILL left it behind
     assert re.search(r"\| [23]/4 done", seen[-1]), "".join(seen[-30:])
 
     refused = _raytl("resume", str(out), timeout=300)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from raytl.config import parse_space
 from raytl.search import run_search
+from tests.conftest import remove_ray_temp_of
 
 SPACE = {
     "name": "e2e",
@@ -396,6 +397,7 @@ def test_two_searches_at_once_each_keep_their_own_ray(tmp_path, space_file):
                 if search.poll() is None:
                     os.killpg(search.pid, signal.SIGKILL)
                     search.wait()
+                    remove_ray_temp_of(search.pid)
         assert pointer.read_text() == "127.0.0.1:9"
     for search, output in zip(searches, outputs, strict=True):
         assert search.returncode == 0, output[-3000:]
