@@ -366,11 +366,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from raytl.data import convert_imagefolder
+    from raytl.storage import is_uri, shown_location
 
     paths = convert_imagefolder(args.imagefolder, args.out_dir, shard_size=args.shard_size)
-    where = (
-        args.out_dir.partition("?")[0] if "://" in args.out_dir else os.path.abspath(args.out_dir)
-    )
+    where = shown_location(args.out_dir) if is_uri(args.out_dir) else os.path.abspath(args.out_dir)
     print(f"wrote {len(paths)} shard(s) to {where}")
     return 0
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), for one-line errors
+    that quote what a library said."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class RaytlError(Exception):
     """An error caused by the user's input (a file, a key, a value), not by a bug in raytl."""
 

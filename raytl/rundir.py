@@ -29,8 +29,8 @@ import yaml
 from raytl import __version__
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
-from raytl.errors import RaytlError
-from raytl.storage import Storage, atomic_write
+from raytl.errors import RaytlError, first_line
+from raytl.storage import Storage, atomic_write, shown_location
 
 FINGERPRINT = ".data_fingerprint"
 TRIAL_CLOCK = ".trial_clock.json"  # the driver's clock per trial: launched, finished
@@ -222,9 +222,8 @@ def check_storage(location: str | None) -> None:
     try:
         Storage(location).probe()
     except (OSError, pa.ArrowException) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RaytlError(
-            f"search.storage {location.partition('?')[0]} cannot be written: {reason}"
+            f"search.storage {shown_location(location)} cannot be written: {first_line(exc)}"
         ) from None
 
 

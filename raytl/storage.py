@@ -27,6 +27,11 @@ def is_uri(location: str | os.PathLike[str]) -> bool:
     return "://" in str(location)
 
 
+def shown_location(location: str) -> str:
+    """A location as messages name it: a URI without its query (endpoint and options)."""
+    return location.partition("?")[0] if is_uri(location) else location
+
+
 def join_location(location: str | os.PathLike[str], *parts: str) -> str:
     """``parts`` under ``location``, as an absolute path or a URI like the one given (its query,
     such as ``?endpoint_override=...``, kept at the end). Names only: touches no filesystem."""

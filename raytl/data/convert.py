@@ -32,7 +32,8 @@ from raytl.data.sources.decode import (
 )
 from raytl.data.sources.imagefolder import FolderScan, folder_tasks, scan_imagefolder, warn_ignored
 from raytl.data.sources.parquet import CONVERTED_MARKER, MANIFEST_NAME
-from raytl.storage import Storage, is_uri
+from raytl.errors import first_line
+from raytl.storage import Storage, is_uri, shown_location
 
 _VALIDATE_SIZE = 32
 """Decode size used to validate files during conversion (JPEG draft mode makes it cheap)."""
@@ -112,7 +113,7 @@ def _empty_output_folder(out_dir: str) -> Storage:
             cannot be reached (a URI whose server or credentials fail).
     """
     location = out_dir if is_uri(out_dir) else os.path.expanduser(out_dir)
-    shown = location.partition("?")[0]
+    shown = shown_location(location)
     try:
         out = Storage(location)
         kind = out.fs.get_file_info(out.root).type
@@ -121,8 +122,7 @@ def _empty_output_folder(out_dir: str) -> Storage:
         out.makedirs()
         names = [i.base_name for i in out.fs.get_file_info(pafs.FileSelector(out.root))]
     except (OSError, pa.ArrowException) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot write to {shown}: {reason}") from None
+        raise DataError(f"cannot write to {shown}: {first_line(exc)}") from None
     existing = sorted(n for n in names if n.endswith(".parquet")) + (
         [MANIFEST_NAME] if MANIFEST_NAME in names else []
     )

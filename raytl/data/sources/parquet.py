@@ -27,7 +27,8 @@ from raytl.data.dataset import DataError, ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources.decode import DecodeTask, decode_tasks
 from raytl.data.splits import stratified_indices
-from raytl.storage import Storage, is_uri
+from raytl.errors import first_line
+from raytl.storage import Storage, is_uri, shown_location
 
 MANIFEST_NAME = "_raytl_manifest.json"
 """Written last by ``convert_imagefolder``: its presence proves the conversion finished."""
@@ -64,7 +65,7 @@ def scan_parquet(path: str | os.PathLike[str] | None) -> ParquetShards:
         )
     text = str(path)
     location = text if is_uri(text) else os.path.expanduser(text)
-    shown = location.partition("?")[0]
+    shown = shown_location(location)
     try:
         storage = Storage(location)
         kind = storage.fs.get_file_info(storage.root).type
@@ -92,10 +93,6 @@ def scan_parquet(path: str | os.PathLike[str] | None) -> ParquetShards:
     if kind == pafs.FileType.Directory:
         _check_manifest(storage, shards, converted)
     return shards
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _shard_files(storage: Storage, shards: ParquetShards) -> tuple[str, ...]:
