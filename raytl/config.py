@@ -65,6 +65,7 @@ class DataConfig:
     download: bool = False
     synthetic_classes: int = 4
     synthetic_per_class: int = 60
+    mode: Literal["auto", "memory", "stream"] = "auto"
 
     def __post_init__(self) -> None:
         require(self.image_size >= 8, "image_size", f"expected >= 8 pixels, got {self.image_size}")
@@ -92,6 +93,11 @@ class DataConfig:
             "path",
             f"the {self.source} source needs a path",
         )
+        require(
+            self.mode != "stream" or self.source in ("imagefolder", "parquet"),
+            "mode",
+            f"stream reads image files: the imagefolder or parquet source, not {self.source}",
+        )
 
     def split_test(self, data: ImageData) -> tuple[np.ndarray, np.ndarray]:
         """(pool, test): the untouched test split of ``data``, carved once for this seed, every
@@ -113,6 +119,7 @@ class DataConfig:
             download=self.download,
             synthetic_classes=self.synthetic_classes,
             synthetic_per_class=self.synthetic_per_class,
+            mode=self.mode,
         )
 
 

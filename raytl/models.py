@@ -22,7 +22,9 @@ from safetensors.torch import save_model as save_safetensors
 from timm.models import group_parameters, load_state_dict
 from torch import nn
 
+from raytl.data.stream import is_streamed
 from raytl.errors import RaytlError
+from raytl.prefetch import Prefetcher
 from raytl.preprocess import Preprocessing
 from raytl.storage import atomic_write
 
@@ -190,22 +192,30 @@ def backbone_blocks(model: nn.Module) -> list[list[str]]:
 def pooled_features(
     model: nn.Module,
     prepare: Callable[[np.ndarray], torch.Tensor],
-    images: np.ndarray,
+    images: Any,
     device: torch.device,
     batch: int = 256,
 ) -> torch.Tensor:
-    """Pre-logit features of the model's backbone in eval mode, float32, one row per image."""
+    """Pre-logit features of the model's backbone in eval mode, float32, one row per image.
+
+    ``images``: a uint8 array, or streamed images (:mod:`raytl.data.stream`), whose next batch
+    is decoded in a thread while this one runs through the backbone: batch inference over the
+    stream, holding two batches of pixels at a time.
+    """
     model.eval()
     chunks = []
-    for start in range(0, len(images), batch):
-        x = prepare(images[start : start + batch])
-        with torch.autocast(
-            device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
-        ):
-            feats = timm_api(model).forward_head(
-                timm_api(model).forward_features(x), pre_logits=True
-            )
-        chunks.append(feats.float())
+    starts = range(0, len(images), batch)
+    depth = 1 if is_streamed(images) else 0
+    with Prefetcher(starts, lambda start: images[start : start + batch], device, depth) as loaded:
+        for pixels in loaded:
+            x = prepare(pixels)
+            with torch.autocast(
+                device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
+            ):
+                feats = timm_api(model).forward_head(
+                    timm_api(model).forward_features(x), pre_logits=True
+                )
+            chunks.append(feats.float())
     return torch.cat(chunks) if chunks else torch.empty(0, device=device)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImage, decode_image
+from raytl.data.sources.decode import ordered_map
 from raytl.errors import RaytlError
 from raytl.models import load_saved_model
 from raytl.preprocess import BatchPreparer, default_device
@@ -41,32 +42,49 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
+PREDICT_BATCH = 64
+
+
+def _decoded(path: Path, size: int) -> np.ndarray | str:
+    """The file's pixels at ``size``, or why it cannot be read."""
+    try:
+        return decode_image(path.read_bytes(), size=size, max_pixels=DEFAULT_MAX_PIXELS)
+    except (UnreadableImage, OSError) as exc:
+        return str(exc)
+
+
 @torch.no_grad()
 def predict_paths(model_dir: Path, paths: list[Path], *, top: int = 3) -> list[Prediction]:
-    """Classify every image (folders are searched recursively); unreadable files get an error."""
+    """Classify every image (folders are searched recursively), :data:`PREDICT_BATCH` at a time:
+    the files decoded on a thread pool (a bounded window ahead), each batch through the model
+    at once; unreadable files get an error instead of a prediction."""
     model, pre, class_names, _ = load_saved_model(model_dir)
     device = default_device()
-    model.to(device)
+    model.to(device).eval()
     prepare = BatchPreparer(pre, device)
+    files = _expand(paths)
     results: list[Prediction] = []
-    for path in _expand(paths):
-        try:
-            image = decode_image(
-                path.read_bytes(), size=pre.image_size, max_pixels=DEFAULT_MAX_PIXELS
+    decoded = ordered_map(lambda path: _decoded(path, pre.image_size), files)
+    for start in range(0, len(files), PREDICT_BATCH):
+        batch = list(zip(files[start : start + PREDICT_BATCH], decoded, strict=False))
+        good = [(path, pixels) for path, pixels in batch if isinstance(pixels, np.ndarray)]
+        probs = torch.empty(0)
+        if good:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(prepare(np.stack([pixels for _, pixels in good])))
+            probs = torch.softmax(logits.float(), 1).cpu()
+        row = iter(range(len(good)))
+        for path, pixels in batch:
+            if not isinstance(pixels, np.ndarray):
+                results.append(Prediction(str(path), [], pixels))
+                continue
+            values, indices = probs[next(row)].topk(min(top, len(class_names)))
+            results.append(
+                Prediction(
+                    str(path),
+                    [(class_names[i], float(v)) for v, i in zip(values, indices, strict=True)],
+                )
             )
-        except (UnreadableImage, OSError) as exc:
-            results.append(Prediction(str(path), [], str(exc)))
-            continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(prepare(image[np.newaxis]))
-        probs = torch.softmax(logits.float(), 1)[0].cpu()
-        values, indices = probs.topk(min(top, len(class_names)))
-        results.append(
-            Prediction(
-                str(path),
-                [(class_names[i], float(v)) for v, i in zip(values, indices, strict=True)],
-            )
-        )
     return results
 
 

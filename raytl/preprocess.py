@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import timm
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
+
+from raytl.data.stream import is_streamed
 
 AUGMENT_SCALE = (0.35, 1.0)  # RandomResizedCrop's area range: small images lose little
 AUGMENT_RATIO = (3 / 4, 4 / 3)  # its aspect-ratio range (torchvision's default)
@@ -140,6 +143,15 @@ class BatchPreparer:
                 self.device, non_blocking=True
             )
         return batch.permute(0, 3, 1, 2)  # N,3,H,W (channels_last strides)
+
+    def load_rows(self, images: Any, rows: np.ndarray) -> tuple[torch.Tensor, Any]:
+        """:meth:`load` of ``images[rows]`` for stored or streamed images (``images`` is then a
+        :class:`~raytl.data.stream.StreamedImages`, decoded here), and which of ``rows`` it
+        holds: all of them, but a streamed row that fails to decode mid-stream is left out."""
+        if not is_streamed(images):
+            return self.load(images, rows), slice(None)
+        pixels, kept = images.take_readable(rows)
+        return self.load(pixels), kept
 
     def finish(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """A :meth:`load`-ed uint8 batch as normalised float input at the model's size (with a

@@ -21,6 +21,7 @@ import torch
 
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
+from raytl.data.stream import rows_of
 from raytl.models import create_model, save_model, to_json
 from raytl.preprocess import Preprocessing
 from raytl.results import sampled_values
@@ -155,7 +156,7 @@ def refit_best(
         list(data.class_names),
         result.test_labels,
         result.test_predictions,
-        data.images[test],
+        rows_of(data.images, test),  # a few are shown: a stream decodes only those
     )
     echo(
         f"best configuration: test accuracy {result.test_accuracy:.4f} on "

@@ -110,6 +110,8 @@ def record_data(
         f"({config.scheme.size} unit(s)); {config.search.num_samples} trials, "
         f"{config.resources.workers_per_trial} worker(s) each"
     )
+    if data.note:
+        echo(f"data: {data.note}")
     if data.duplicates:
         echo(
             f"data: {data.duplicates} file(s) byte-identical to another: each kept on the same "

@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
+from raytl.data.stream import epoch_order, rows_of
 from raytl.models import (
     backbone_blocks,
     classifier_of,
@@ -176,9 +177,11 @@ class UnitTrainer:
         is equally long: the ranks take the same number of steps and DDP's mean of their means is
         the global batch's mean. A single process keeps every position (the seeded results from
         before DDP reproduce). Not ``DistributedSampler``: it shards image by image, not batch by
-        batch, and its torch permutation would change every seeded result.
+        batch, and its torch permutation would change every seeded result. Streamed Parquet rows
+        are block-shuffled instead (:func:`raytl.data.stream.epoch_order`).
         """
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.train_idx))
+        rng = np.random.default_rng((self.seed, epoch))
+        order = epoch_order(self.data.images, self.train_idx, rng)
         ranks, rank = self._ranks, self.group.rank if self.group else 0
         order = order[: len(order) - len(order) % ranks]
         step = ranks * self.hp.batch_size
@@ -239,7 +242,7 @@ class UnitTrainer:
                 self._features[key] = rows.to(self.device, non_blocking=True)
             else:
                 self._features[key] = pooled_features(
-                    self.model, self.prepare, self.data.images[indices], self.device
+                    self.model, self.prepare, rows_of(self.data.images, indices), self.device
                 )
         return self._features[key]
 
@@ -258,17 +261,18 @@ class UnitTrainer:
         set_train_mode(self.model)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
+        images = 0
 
         def load(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:  # no random draws here
-            if features is None:  # uint8 pixels on the device
-                x = self.prepare.load(self.data.images, self.train_idx[batch])
-            else:  # rows of the feature matrix
-                x = self.prepare.to_device(torch.from_numpy(batch))
+            if features is None:  # uint8 pixels on the device (a streamed row may be dropped)
+                x, kept = self.prepare.load_rows(self.data.images, self.train_idx[batch])
+                return x, self.prepare.to_device(labels[batch][kept])
+            x = self.prepare.to_device(torch.from_numpy(batch))  # rows of the feature matrix
             return x, self.prepare.to_device(labels[batch])
 
         # the image path loads the next 2 batches in a thread while this one trains
         with Prefetcher(batches, load, self.device, depth=2 if features is None else 0) as loaded:
-            for step, (batch, (x, y)) in enumerate(zip(batches, loaded, strict=True)):
+            for step, (x, y) in enumerate(loaded):
                 x = features[x] if features is not None else self.prepare.finish(x, phase.augment)
                 with self._autocast():
                     logits = self.train_forward(x)
@@ -278,11 +282,11 @@ class UnitTrainer:
                 self.scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
                 self.scaler.update()
                 scheduler.step()
-                total_loss += loss.detach() * len(batch)
+                total_loss += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
+                images += len(y)
                 if progress:
                     progress(step + 1, len(batches))
-        images = sum(len(batch) for batch in batches)
         seen = torch.tensor(float(images), device=self.device)
         sums = torch.stack([total_loss.float(), correct.float(), seen])
         if self.group is None:

@@ -138,7 +138,13 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
     storage = s3("e2e/runs")
     space = {
         "name": "s3e2e",
-        "data": {"source": "parquet", "path": shards, "image_size": 48, "test_fraction": 0.2},
+        "data": {
+            "source": "parquet",
+            "path": shards,
+            "image_size": 48,
+            "test_fraction": 0.2,
+            "mode": "stream",  # trials, the feature cache and the refit read from the bucket
+        },
         "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
         "scheme": {"kind": "holdout"},
         "search": {
@@ -175,6 +181,7 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
     driver.wait()
     remove_ray_temp_of(driver.pid)  # SIGKILL left it behind
     assert re.search(r"\| [23]/4 done", seen[-1]), "".join(seen[-30:])
+    assert any("data.mode: stream (150 images decoded at 48 px" in line for line in seen)
 
     refused = _raytl("resume", str(out), timeout=300)
     assert refused.returncode != 0 and "--trust-storage" in refused.stderr

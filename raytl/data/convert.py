@@ -159,6 +159,11 @@ def _validate(task: DecodeTask, *, max_pixels: int) -> bytes | SkippedFile:
     return data
 
 
+ROW_GROUP_ROWS = 256
+"""Rows per Parquet row group: a streamed epoch reads a shard one row group at a time
+(:class:`raytl.data.stream.ShardRows`), so groups are kept small enough to cache a few."""
+
+
 class _ShardWriter:
     """Buffers rows and writes every ``shard_size`` of them as the next numbered shard."""
 
@@ -193,7 +198,7 @@ class _ShardWriter:
             schema=self.schema,
         )
         name = f"part-{len(self.written):05d}.parquet"
-        self.out.write(name, lambda tmp: pq.write_table(table, tmp))
+        self.out.write(name, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS))
         self.written.append(name)
         self.rows.append(len(self._images))
         for column in (self._images, self._labels, self._paths):

@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+from raytl.data.stream import StreamedImages, is_streamed, rows_of
 from raytl.errors import RaytlError
 
 
@@ -42,19 +43,29 @@ class ImageData:
         skipped: Files that were found but could not be decoded.
         groups: ``int64`` array of shape ``(N,)``: images from byte-identical files of one class share a
             group id (splits keep a group on one side); by default each image is its own group.
+        note: How the data is held (``data.mode``'s choice, said when a search starts).
+
+    ``images`` may instead be a :class:`~raytl.data.stream.StreamedImages` (``data.mode:
+    stream``): the same ``(N, H, W, 3)`` shape, indexed the same way, decoded when indexed.
     """
 
-    images: np.ndarray
+    images: np.ndarray | StreamedImages
     labels: np.ndarray
     class_names: tuple[str, ...]
     source: str
     skipped: tuple[SkippedFile, ...] = field(default=())
     groups: np.ndarray | None = None
+    note: str = ""
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are decoded when used (``data.mode: stream``), not held."""
+        return is_streamed(self.images)
 
     def __post_init__(self) -> None:
         """Validate once here so no consumer has to re-check shapes and label ranges."""
         images, labels = self.images, self.labels
-        if not isinstance(images, np.ndarray):
+        if not isinstance(images, np.ndarray) and not is_streamed(images):
             raise DataError(f"{self.source}: images must be a numpy array, got {type(images)}")
         if images.dtype != np.uint8:
             raise DataError(f"{self.source}: images must be uint8, got {images.dtype}")
@@ -82,7 +93,8 @@ class ImageData:
                 f"{self.source}: labels must be in [0, {len(names)}) for {len(names)} classes, "
                 f"found values from {labels.min()} to {labels.max()}"
             )
-        object.__setattr__(self, "images", np.ascontiguousarray(images))
+        if not is_streamed(images):
+            object.__setattr__(self, "images", np.ascontiguousarray(images))
         object.__setattr__(self, "labels", np.ascontiguousarray(labels, dtype=np.int64))
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "skipped", tuple(self.skipped))
@@ -116,7 +128,10 @@ class ImageData:
         """Content hash (shape, pixels, labels, class names), so identical data is provable."""
         digest = hashlib.sha256()
         digest.update(repr(tuple(int(d) for d in self.images.shape)).encode())
-        digest.update(self.images.data.cast("B"))
+        if isinstance(self.images, StreamedImages):  # the files' digests, taken when indexed
+            digest.update(b"streamed" + self.images.digests.tobytes())
+        else:
+            digest.update(self.images.data.cast("B"))
         digest.update(self.labels.astype("<i8", copy=False).tobytes())
         digest.update(json.dumps(list(self.class_names)).encode())
         if self.duplicates:  # the groups decide the splits; without copies they are trivial
@@ -148,12 +163,13 @@ class ImageData:
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise DataError(f"subset indices out of range for {len(self)} images")
         return ImageData(
-            images=self.images[idx],
+            images=rows_of(self.images, idx),
             labels=self.labels[idx],
             class_names=self.class_names,
             source=self.source,
             skipped=self.skipped,
             groups=self.group_ids[idx],
+            note=self.note,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -163,6 +179,8 @@ class ImageData:
 
     def to_arrow(self) -> pa.Table:
         """A zero-copy Arrow table (raw pixels as fixed-size binary) for Ray and Parquet."""
+        if self.streamed:
+            raise DataError(f"{self.source}: streamed images are not held in memory to convert")
         n, height, width, _ = self.images.shape
         width_bytes = height * width * 3
         image_col = pa.FixedSizeBinaryArray.from_buffers(

@@ -93,6 +93,28 @@ def decode_image(
         return _rgb_pixels(im, size)
 
 
+def check_image(data: bytes, *, max_pixels: int) -> None:
+    """The checks a streamed image gets when its index is built, without decoding its pixels:
+    a format raytl decodes, within ``max_pixels``, not truncated (a JPEG ends with its end
+    marker; Pillow's ``verify`` walks a PNG's chunks and their checksums).
+
+    Raises:
+        UnreadableImage: As :func:`decode_image` would, for what can be seen without decoding.
+    """
+    if not data:
+        raise UnreadableImage("empty file")
+    im = _open_checked(data, max_pixels=max_pixels, draft_size=None)
+    if im.format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise UnreadableImage("truncated image (no JPEG end marker)")
+    if im.format == "PNG":
+        try:
+            im.verify()
+        except Exception as exc:
+            if isinstance(exc, MemoryError):
+                raise
+            raise UnreadableImage(f"corrupt image ({_describe(exc)})") from exc
+
+
 def _rgb_pixels(im: Image.Image, size: int | None) -> np.ndarray:
     """A decoded image's RGB pixels (resized and cropped to ``size`` if given)."""
     try:

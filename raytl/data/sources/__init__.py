@@ -23,6 +23,7 @@ from raytl.data.sources.fashion_mnist import load_fashion_mnist
 from raytl.data.sources.imagefolder import load_imagefolder
 from raytl.data.sources.parquet import load_parquet
 from raytl.data.splits import stratified_indices
+from raytl.data.stream import MODES
 
 ON_BAD_FILE = ("skip", "error")
 
@@ -50,6 +51,7 @@ def load_data(
     download: bool = False,
     synthetic_classes: int = 4,
     synthetic_per_class: int = 60,
+    mode: str = "memory",
 ) -> ImageData:
     """Load a data source by name into memory, optionally as a stratified subsample.
 
@@ -67,12 +69,16 @@ def load_data(
         download: Let ``fashion-mnist`` fetch its files with torchvision if they are missing.
         synthetic_classes: Number of classes of the ``synthetic`` source.
         synthetic_per_class: Images per class of the ``synthetic`` source.
+        mode: ``memory`` (decode everything now), ``stream`` (keep a checked index, decode
+            where the images are used: imagefolder and parquet) or ``auto`` (stream when the
+            decoded images would not fit a share of memory, :func:`raytl.data.stream.choose_mode`).
 
     Raises:
         DataError: Unknown source, bad option, or a problem with the data itself.
     """
-    _check_options(source, image_size, limit, on_bad_file, max_pixels)
+    _check_options(source, image_size, limit, on_bad_file, max_pixels, mode)
     options = {
+        "mode": mode,
         "path": path,
         "image_size": image_size,
         "seed": seed,
@@ -94,7 +100,7 @@ def load_data(
 
 
 def _check_options(
-    source: str, image_size: int, limit: int | None, on_bad_file: str, max_pixels: int
+    source: str, image_size: int, limit: int | None, on_bad_file: str, max_pixels: int, mode: str
 ) -> None:
     """Refuse an unknown source or a bad option before any file is touched."""
     if source not in SOURCES:
@@ -107,6 +113,13 @@ def _check_options(
         raise DataError(f"limit must be a positive integer or null, got {limit!r}")
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise DataError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "stream" and "mode" not in inspect.signature(SOURCES[source]).parameters:
+        raise DataError(
+            f"data source {source!r} is built in and held in memory; streaming (mode: stream) "
+            "reads files: use the imagefolder or parquet source (raytl data convert writes shards)"
+        )
 
 
 def stratified_subset(data: ImageData, limit: int, *, seed: int) -> ImageData:

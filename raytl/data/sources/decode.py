@@ -22,7 +22,8 @@ import numpy as np
 
 from raytl.data.budget import PixelBudget
 from raytl.data.dataset import DataError, ImageData, SkippedFile
-from raytl.data.images import DECODE_PIXEL_BUDGET, UnreadableImage, decode_image
+from raytl.data.images import DECODE_PIXEL_BUDGET, UnreadableImage, check_image, decode_image
+from raytl.data.stream import Rows, StreamedImages
 
 WARN_NAMES = 5
 """How many files a warning or error names before it says "and N more"."""
@@ -167,10 +168,85 @@ def decode_tasks(
     image_size: int,
     on_bad_file: str,
     max_pixels: int,
+    note: str = "",
 ) -> ImageData:
     """Decode all tasks in parallel into one ImageData, applying the bad-file policy."""
     decoded = _decode_all(tasks, image_size=image_size, max_pixels=max_pixels)
-    images, keep, skipped = decoded.images, decoded.keep, decoded.skipped
+    labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
+    keep = _apply_policy(decoded, labels, class_names, source, on_bad_file)
+    images = decoded.images if keep.all() else decoded.images[keep]
+    return ImageData(
+        images=images,
+        labels=labels[keep],
+        class_names=tuple(class_names),
+        source=source,
+        skipped=tuple(decoded.skipped),
+        groups=copy_groups(decoded.digests, labels[keep]),
+        note=note,
+    )
+
+
+def index_tasks(
+    tasks: Iterable[DecodeTask],
+    rows: Callable[[np.ndarray], Rows],
+    *,
+    class_names: Sequence[str],
+    source: str,
+    image_size: int,
+    on_bad_file: str,
+    max_pixels: int,
+    note: str = "",
+) -> ImageData:
+    """The streamed ImageData of ``tasks``: each file is read once, checked without decoding
+    (:func:`~raytl.data.images.check_image`) and digested, and only its place in ``rows`` (given
+    the mask of the tasks kept) is kept; the bad-file policy is the in-memory one."""
+    checked = _Decoded(np.empty(0, np.uint8), np.zeros(0, bool), [], [])
+    keep: list[bool] = []
+    labels: list[int] = []
+
+    def work(task: DecodeTask) -> tuple[int, bytes | SkippedFile]:
+        data = read_task(task)
+        if isinstance(data, SkippedFile):
+            return task.label, data
+        try:
+            check_image(data, max_pixels=max_pixels)
+        except UnreadableImage as exc:
+            return task.label, SkippedFile(task.name, exc.reason)
+        return task.label, file_digest(data)
+
+    for label, result in ordered_map(work, tasks):  # a bounded window of tasks in flight
+        labels.append(label)
+        keep.append(not isinstance(result, SkippedFile))
+        if isinstance(result, SkippedFile):
+            checked.skipped.append(result)
+            checked.skipped_labels.append(label)
+        else:
+            checked.digests.append(result)
+    checked.keep = np.array(keep, dtype=bool)
+    label_array = np.array(labels, dtype=np.int64)
+    kept = _apply_policy(checked, label_array, class_names, source, on_bad_file)
+    digests = np.frombuffer(b"".join(checked.digests), dtype=np.uint8).reshape(-1, 16)
+    return ImageData(
+        images=StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels),
+        labels=label_array[kept],
+        class_names=tuple(class_names),
+        source=source,
+        skipped=tuple(checked.skipped),
+        groups=copy_groups(checked.digests, label_array[kept]),
+        note=note,
+    )
+
+
+def _apply_policy(
+    decoded: _Decoded,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    source: str,
+    on_bad_file: str,
+) -> np.ndarray:
+    """The mask of the files to keep; raises for ``on_bad_file: error``, for no readable file,
+    and for a class whose every file failed; warns about the skipped ones."""
+    keep, skipped = decoded.keep, decoded.skipped
     if skipped and on_bad_file == "error":
         # every bad file at once, so one pass over the folder fixes them all
         listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
@@ -178,35 +254,24 @@ def decode_tasks(
             f"cannot read {len(skipped)} image file(s) in {source} (data.on_bad_file: error; set "
             f"it to skip to skip unreadable files and report them):\n{listing}"
         )
-    labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
     if not keep.any():
         raise DataError(
-            f"no readable images in {source}: all {len(tasks)} files failed to decode; "
+            f"no readable images in {source}: all {len(labels)} files failed to decode; "
             f"first problems: {_name_some(skipped)}"
         )
     if skipped:
         warn_skipped(skipped, decoded.skipped_labels, class_names, source)
-    kept_labels = labels[keep]
     # A class whose every file failed would silently vanish from training: refuse that.
     # (A class with no rows at all, e.g. in one Parquet shard of many, is the caller's choice.)
     present = np.bincount(labels, minlength=len(class_names))
-    kept = np.bincount(kept_labels, minlength=len(class_names))
+    kept = np.bincount(labels[keep], minlength=len(class_names))
     empty = [name for c, name in enumerate(class_names) if present[c] and not kept[c]]
     if empty:
         raise DataError(
             f"{source}: class(es) {', '.join(map(repr, empty))} have no readable images "
             f"(every file was skipped); fix or remove them. First problems: {_name_some(skipped)}"
         )
-    if not keep.all():
-        images = images[keep]
-    return ImageData(
-        images=images,
-        labels=kept_labels,
-        class_names=tuple(class_names),
-        source=source,
-        skipped=tuple(skipped),
-        groups=copy_groups(decoded.digests, kept_labels),
-    )
+    return keep
 
 
 def warn_skipped(

@@ -17,9 +17,10 @@ import numpy as np
 
 from raytl.data.dataset import DataError, ImageData, SkippedFile
 from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
-from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks
+from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks, index_tasks
 from raytl.data.sources.walk import FolderWalk
 from raytl.data.splits import stratified_indices
+from raytl.data.stream import FileRows, choose_mode
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,31 @@ def load_imagefolder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     limit: int | None = None,
     seed: int = 0,
+    mode: str = "memory",
 ) -> ImageData:
     """Load ``path/<class>/**/<image>`` with every image resized to ``image_size`` squared;
-    with ``limit``, a stratified sample of the files is taken first and only it is decoded."""
+    with ``limit``, a stratified sample of the files is taken first and only it is decoded.
+    ``mode`` (``memory``, ``stream``, ``auto``: :func:`~raytl.data.stream.choose_mode`): decode
+    them all now, or keep an index of the checked files and decode where they are used."""
     scan = scan_imagefolder(path)
     warn_ignored(scan)
     tasks = folder_tasks(scan)
     if limit is not None:
         labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
         tasks = [tasks[i] for i in stratified_indices(labels, limit, seed=seed)]
+    mode, note = choose_mode(mode, len(tasks), image_size)
+    if mode == "stream":
+        paths = np.array([t.name for t in tasks], dtype=object)
+        return index_tasks(
+            tasks,
+            lambda kept: FileRows(paths[kept]),
+            class_names=scan.class_names,
+            source=str(scan.root),
+            image_size=image_size,
+            on_bad_file=on_bad_file,
+            max_pixels=max_pixels,
+            note=note,
+        )
     return decode_tasks(
         tasks,
         class_names=scan.class_names,
@@ -160,4 +177,5 @@ def load_imagefolder(
         image_size=image_size,
         on_bad_file=on_bad_file,
         max_pixels=max_pixels,
+        note=note,
     )

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,9 @@ import pyarrow.parquet as pq
 
 from raytl.data.dataset import DataError, ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
-from raytl.data.sources.decode import DecodeTask, decode_tasks
+from raytl.data.sources.decode import DecodeTask, decode_tasks, index_tasks
 from raytl.data.splits import stratified_indices
+from raytl.data.stream import ShardRows, choose_mode
 from raytl.errors import first_line
 from raytl.storage import Storage, is_uri, shown_location
 
@@ -192,6 +194,69 @@ def _check_manifest(storage: Storage, shards: ParquetShards, converted: bool) ->
             )
 
 
+def chosen_rows(
+    shards: ParquetShards, limit: int | None, seed: int
+) -> tuple[list[ds.Fragment], list[np.ndarray], np.ndarray]:
+    """The shards' fragments, their labels, and the rows chosen (all, or a stratified sample of
+    ``limit``: the labels are read first, a small column) as positions over all shards."""
+    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.fs)
+    fragments = list(dataset.get_fragments())
+    labels = [_shard_labels(fragment, shards) for fragment in fragments]
+    everything = np.concatenate(labels)
+    if limit is None:
+        return fragments, labels, np.arange(len(everything))
+    return fragments, labels, stratified_indices(everything, limit, seed=seed)
+
+
+def stream_parquet(
+    shards: ParquetShards,
+    chosen: tuple[list[ds.Fragment], list[np.ndarray], np.ndarray],
+    **options: Any,
+) -> ImageData:
+    """The streamed ImageData of the chosen rows: each row group is read once to check and
+    digest its chosen rows (one group in memory at a time); the index keeps where they are."""
+    fragments, labels, rows = chosen
+    where: list[tuple[int, int, int]] = []  # (shard, row group, row in group), in task order
+
+    def tasks() -> Iterator[DecodeTask]:
+        start = 0
+        for shard, (fragment, shard_labels) in enumerate(zip(fragments, labels, strict=True)):
+            mine = rows[(rows >= start) & (rows < start + len(shard_labels))] - start
+            start += len(shard_labels)
+            name = shards.name(fragment.path)
+            group_start = 0
+            for group in fragment.row_groups:
+                size = group.num_rows
+                local = mine[(mine >= group_start) & (mine < group_start + size)] - group_start
+                if len(local):
+                    column = _read_column(fragment.subset(row_group_ids=[group.id]), "image", name)
+                    for row, blob in zip(
+                        local.tolist(), column.take(local).to_pylist(), strict=True
+                    ):
+                        where.append((shard, group.id, row))
+                        label = int(shard_labels[group_start + row])
+                        yield DecodeTask(
+                            f"{name}#row={group_start + row}", label, _in_memory(blob or b"")
+                        )
+                group_start += size
+
+    def index(kept: np.ndarray) -> ShardRows:
+        table = np.array(where, dtype=np.int64).reshape(-1, 3)[kept]
+        files = tuple(fragment.path for fragment in fragments)
+        return ShardRows(
+            files,
+            shards.fs,
+            table[:, 0].astype(np.int32),
+            table[:, 1].astype(np.int32),
+            table[:, 2],
+            shards.uri_prefix,
+        )
+
+    return index_tasks(
+        tasks(), index, class_names=shards.class_names, source=shards.source, **options
+    )
+
+
 def parquet_tasks(
     shards: ParquetShards, limit: int | None = None, seed: int = 0
 ) -> list[DecodeTask]:
@@ -200,15 +265,7 @@ def parquet_tasks(
     The labels are read first (a small column); with ``limit``, a stratified sample of the rows
     is chosen on them, and only those rows' image bytes are kept, one shard read at a time.
     """
-    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.fs)
-    fragments = list(dataset.get_fragments())
-    labels = [_shard_labels(fragment, shards) for fragment in fragments]
-    everything = np.concatenate(labels)
-    chosen = (
-        np.arange(len(everything))
-        if limit is None
-        else stratified_indices(everything, limit, seed=seed)
-    )
+    fragments, labels, chosen = chosen_rows(shards, limit, seed)
     tasks: list[DecodeTask] = []
     start = 0
     for fragment, shard_labels in zip(fragments, labels, strict=True):
@@ -272,10 +329,23 @@ def load_parquet(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     limit: int | None = None,
     seed: int = 0,
+    mode: str = "memory",
 ) -> ImageData:
     """Load Parquet shards of encoded images (``image``, ``label``, metadata ``class_names``);
-    with ``limit``, only a stratified sample of the rows is read and decoded."""
+    with ``limit``, only a stratified sample of the rows is read and decoded. ``mode`` as for
+    :func:`~raytl.data.sources.imagefolder.load_imagefolder`."""
     shards = scan_parquet(path)
+    rows = sum(pq.read_metadata(file, filesystem=shards.fs).num_rows for file in shards.files)
+    mode, note = choose_mode(mode, min(rows, limit or rows), image_size)
+    if mode == "stream":
+        return stream_parquet(
+            shards,
+            chosen_rows(shards, limit, seed),
+            image_size=image_size,
+            on_bad_file=on_bad_file,
+            max_pixels=max_pixels,
+            note=note,
+        )
     return decode_tasks(
         parquet_tasks(shards, limit, seed),
         class_names=shards.class_names,
@@ -283,4 +353,5 @@ def load_parquet(
         image_size=image_size,
         on_bad_file=on_bad_file,
         max_pixels=max_pixels,
+        note=note,
     )

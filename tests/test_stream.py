@@ -1,0 +1,181 @@
+"""The streaming data path on real image files: the same pixels, labels and splits as memory,
+an index that pickles small, block-shuffled Parquet reads, bad files named, and a trainer that
+trains exactly as on the in-memory array."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raytl.config import load_space
+from raytl.data import convert_imagefolder, load_data
+from raytl.data.stream import (
+    WINDOW_BLOCKS,
+    ShardRows,
+    StreamReadError,
+    choose_mode,
+    epoch_order,
+)
+from raytl.errors import ConfigError
+from raytl.space import Hyperparameters
+from raytl.unit import UnitTrainer
+from tests.conftest import write_space
+
+
+def photo(path: Path, seed: int, size=(40, 30), fmt="JPEG") -> Path:
+    """A noisy colour image (every file's bytes differ), JPEG or PNG."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, fmt)
+    return path
+
+
+def make_folder(root: Path, per_class: int = 12, classes=("ant", "bee", "cow")) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            fmt = "PNG" if i % 3 == 0 else "JPEG"
+            photo(root / name / f"{i:03d}.{fmt.lower()}", seed=100 * c + i, fmt=fmt)
+    return root
+
+
+def load(source: str, path: Path, mode: str, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped-file warning; skipped is checked instead
+        return load_data(source, path=str(path), image_size=24, mode=mode, **kw)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = make_folder(tmp_path_factory.mktemp("stream") / "folder")
+    broken = photo(root / "bee" / "zz_broken.jpg", seed=7)
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated: no JPEG end marker
+    (root / "cow" / "copy.png").write_bytes((root / "cow" / "000.png").read_bytes())
+    shards = root.parent / "shards"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_imagefolder(str(root), str(shards), shard_size=16)
+    return root, shards
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
+def test_streamed_rows_decode_to_the_in_memory_pixels(folders, source):
+    """Labels, groups (the byte-identical copy), skipped files and every pixel as in memory; the
+    index pickles small and decodes the same after a round trip (what a worker receives)."""
+    root, shards = folders
+    path = root if source == "imagefolder" else shards
+    memory, stream = load(source, path, "memory"), load(source, path, "stream")
+    assert stream.streamed and not memory.streamed
+    np.testing.assert_array_equal(stream.labels, memory.labels)
+    np.testing.assert_array_equal(stream.group_ids, memory.group_ids)
+    assert stream.duplicates == memory.duplicates == 1
+    assert [s.path for s in stream.skipped] == [s.path for s in memory.skipped]
+    np.testing.assert_array_equal(stream.images[:], memory.images)
+    rows = np.array([5, 0, len(stream) - 1, 5])
+    np.testing.assert_array_equal(stream.images[rows], memory.images[rows])
+    np.testing.assert_array_equal(stream.images[3], memory.images[3])
+    sent = pickle.dumps(stream)
+    assert len(sent) < 20_000  # the index, not the pixels (36 images at 24 px: 62 KB)
+    np.testing.assert_array_equal(pickle.loads(sent).images[rows], memory.images[rows])
+    part = stream.subset(np.array([2, 9]))
+    np.testing.assert_array_equal(part.images[:], memory.images[[2, 9]])
+    assert stream.fingerprint == load(source, path, "stream").fingerprint
+    limited = load(source, path, "stream", limit=12, seed=1)
+    np.testing.assert_array_equal(
+        limited.labels, load(source, path, "memory", limit=12, seed=1).labels
+    )
+
+
+def test_parquet_epochs_read_a_few_row_groups_at_a_time(tmp_path):
+    """A streamed Parquet epoch is a permutation of the rows in which each window of row groups
+    is read together (a batch needs a few cached groups, not one read per row)."""
+    root = make_folder(tmp_path / "folder", per_class=30)
+    convert_imagefolder(str(root), str(tmp_path / "shards"), shard_size=20)
+    data = load("parquet", tmp_path / "shards", "stream")
+    assert isinstance(data.images.rows, ShardRows)
+    rows = np.arange(0, len(data), 2)
+    order = epoch_order(data.images, rows, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(len(rows)))
+    assert not np.array_equal(order, np.arange(len(rows)))
+    blocks = data.images.rows.blocks()[rows[order]]
+    window = len(rows) * WINDOW_BLOCKS // len(np.unique(blocks))
+    assert all(
+        len(np.unique(blocks[s : s + window])) <= WINDOW_BLOCKS + 1
+        for s in range(0, len(blocks), window)
+    )
+    again = epoch_order(data.images, rows, np.random.default_rng(0))
+    np.testing.assert_array_equal(order, again)
+
+
+def test_a_file_broken_mid_stream_is_dropped_from_training_and_named(folders, tmp_path, capsys):
+    root, _ = folders
+    copy = tmp_path / "folder"
+    make_folder(copy, per_class=4)
+    data = load("imagefolder", copy, "stream")
+    victim = copy / "bee" / "001.jpeg"
+    victim.write_bytes(victim.read_bytes()[:200])  # damaged after the index was built
+    row = [str(p) for p in data.images.rows.paths].index(str(victim))
+    rows = np.array([0, row, 2])
+    with pytest.raises(StreamReadError, match=f"{victim}: cannot be decoded mid-stream"):
+        data.images[rows]
+    pixels, kept = data.images.take_readable(rows)
+    assert kept.tolist() == [0, 2] and len(pixels) == 2
+    data.images.take_readable(rows)
+    err = capsys.readouterr().err
+    assert err.count(f"skipped {victim} mid-stream") == 1  # named once per process
+
+
+def test_auto_mode_streams_what_would_not_fit_and_says_so(tmp_path):
+    mode, why = choose_mode("auto", 200_000, 224, memory=32 * 10**9)
+    assert mode == "stream" and "30.11 GB > 25% of this machine's 32.0 GB" in why
+    mode, why = choose_mode("auto", 10_000, 64, memory=32 * 10**9)
+    assert mode == "memory" and "<= 25%" in why
+    assert choose_mode("stream", 10, 64)[0] == "stream"
+    data = load("imagefolder", make_folder(tmp_path / "f", per_class=4), "auto")
+    assert not data.streamed and data.note.startswith("data.mode auto: memory (12 images")
+
+
+def test_stream_mode_needs_a_file_source(tmp_path):
+    path = write_space(tmp_path, {"data": {"source": "digits", "mode": "stream"}})
+    with pytest.raises(ConfigError, match="data.mode.*imagefolder or parquet source, not digits"):
+        load_space(path)
+
+
+def test_a_trainer_on_streamed_files_trains_exactly_as_in_memory(folders):
+    """Files are streamed in the same seeded order as the array is indexed, so one epoch of
+    fine-tuning gives the same weights and metrics, whichever way the pixels arrive."""
+    root, _ = folders
+    results = []
+    for mode in ("memory", "stream"):
+        data = load("imagefolder", root, mode)
+        hp = Hyperparameters(
+            backbone="efficientnet_lite0",
+            strategy="fine_tune",
+            epochs=1,
+            batch_size=8,
+            freeze_depth=4,
+            augment=True,
+        )
+        trainer = UnitTrainer(
+            hp,
+            data,
+            np.arange(0, len(data), 2),
+            np.arange(1, len(data), 2),
+            pretrained="package",
+            image_size=24,
+            device=torch.device("cpu"),
+            seed=3,
+        )
+        metrics = trainer.run_epoch()
+        head = trainer.classifier.weight.detach().clone()
+        results.append((metrics["train_loss"], metrics["val_accuracy"], head))
+    (loss_m, acc_m, head_m), (loss_s, acc_s, head_s) = results
+    assert loss_m == pytest.approx(loss_s, rel=1e-6) and acc_m == acc_s
+    torch.testing.assert_close(head_m, head_s)
