@@ -341,8 +341,8 @@ def parse_space(
 
 
 def require_uri_source(src: str, d: DataConfig) -> None:
-    """Only the parquet source reads from a URI (``s3://``, ``gs://``)."""
-    if d.path and is_uri(d.path) and d.source != "parquet":
+    """Only the file sources read from a URI (``s3://``, ``gs://``)."""
+    if d.path and is_uri(d.path) and d.source not in ("parquet", "imagefolder"):
         raise ConfigError(
             src, "data.path", f"the {d.source} source reads local paths only; got {d.path}"
         )

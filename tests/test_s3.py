@@ -117,6 +117,30 @@ def test_convert_to_s3_then_read_the_shards_back(s3, tmp_path):
     assert again.returncode != 0 and "already holds part-00000.parquet" in again.stderr
 
 
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_an_image_folder_on_the_bucket_reads_as_the_local_one(s3, tmp_path, mode):
+    """``data.path: s3://.../folder`` with ``source: imagefolder``: the same classes, labels and
+    pixels as the local folder (hidden and non-image files skipped), held or streamed."""
+    from raytl.data import load_data
+
+    src = _digits_folder(tmp_path / "digits", per_class=8)
+    (src / "digit_1" / ".hidden.png").write_bytes((src / "digit_1" / "000.png").read_bytes())
+    (src / "digit_2" / "notes.txt").write_text("not an image")
+    uri = s3(f"folder-{mode}")
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(src), root, destination_filesystem=fs)
+    with pytest.warns(UserWarning, match="ignored 1 file.*: digit_2/notes.txt"):
+        local = load_data("imagefolder", path=str(src), image_size=16)
+    with pytest.warns(UserWarning, match="ignored 1 file.*: digit_2/notes.txt"):
+        remote = load_data("imagefolder", path=uri, image_size=16, mode=mode)
+    assert remote.streamed == (mode == "stream")
+    assert remote.class_names == local.class_names and remote.source == uri.split("?")[0]
+    np.testing.assert_array_equal(remote.labels, local.labels)
+    np.testing.assert_array_equal(remote.images[:], local.images)
+    if mode == "stream":
+        assert remote.images.name(0) == f"{uri.split('?')[0]}/digit_0/000.png"
+
+
 def test_unreachable_storage_is_one_line_naming_the_uri(tmp_path):
     from raytl.data.dataset import DataError
     from raytl.data.sources.parquet import scan_parquet

@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raytl.data.dataset import DataError, ImageData, SkippedFile
-from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_path
 from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks, index_tasks
 from raytl.data.sources.walk import FolderWalk
 from raytl.data.splits import stratified_indices
 from raytl.data.stream import FileRows, choose_mode
+from raytl.errors import first_line
+from raytl.storage import Storage, is_uri, shown_location
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,97 @@ def folder_tasks(scan: FolderScan) -> list[DecodeTask]:
     return tasks
 
 
+@dataclass(frozen=True)
+class UriFolderScan:
+    """An image folder on a pyarrow filesystem URI: ``<uri>/<class>/**/<image>``."""
+
+    class_names: tuple[str, ...]
+    files: tuple[str, ...]  # paths on fs
+    labels: tuple[int, ...]
+    fs: pafs.FileSystem
+    source: str  # the URI without its query
+    prefix: str  # "s3://": a file's name in messages is prefix + path
+
+    def tasks(self) -> list[DecodeTask]:
+        return [
+            DecodeTask(self.prefix + file, label, partial(_read_uri, self.fs, file))
+            for file, label in zip(self.files, self.labels, strict=True)
+        ]
+
+
+def _read_uri(fs: pafs.FileSystem, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except pa.ArrowException as exc:  # read_task records OSErrors as skipped files
+        raise OSError(str(exc)) from exc
+
+
+def scan_uri_folder(location: str) -> UriFolderScan:
+    """List ``<location>/<class>/**/<image>`` on its filesystem (hidden names skipped, other
+    files ignored, as for a local folder; a bucket has no links to follow).
+
+    Raises:
+        DataError: The storage cannot be reached (naming the URI), or the layout is wrong.
+    """
+    shown = shown_location(location)
+    try:
+        storage = Storage(location)
+        infos = storage.fs.get_file_info(pafs.FileSelector(storage.root, recursive=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"image folder {shown} cannot be read: {first_line(exc)}") from None
+    root = storage.root.rstrip("/") + "/"
+    found: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for info in infos:
+        relative = info.path[len(root) :]
+        parts = relative.split("/")
+        if info.type != pafs.FileType.File or any(part.startswith(".") for part in parts):
+            continue
+        if len(parts) < 2 or not is_image_path(parts[-1]):
+            ignored.append(relative)
+            continue
+        found.setdefault(parts[0], []).append(info.path)
+    if ignored:
+        more = f", and {len(ignored) - WARN_NAMES} more" if len(ignored) > WARN_NAMES else ""
+        warnings.warn(
+            f"ignored {len(ignored)} file(s) in {shown} that are not images inside a class "
+            f"folder: {', '.join(ignored[:WARN_NAMES])}{more}",
+            stacklevel=3,
+        )
+    if len(found) < 2:
+        raise DataError(
+            f"image folder {shown} has {len(found)} class folder(s) with images; classification "
+            "needs at least 2 (one sub-folder per class)"
+        )
+    class_names = tuple(sorted(found))
+    files = [
+        (path, label) for label, name in enumerate(class_names) for path in sorted(found[name])
+    ]
+    prefix = shown.partition("://")[0] + "://"
+    return UriFolderScan(
+        class_names,
+        tuple(f for f, _ in files),
+        tuple(label for _, label in files),
+        storage.fs,
+        shown,
+        prefix,
+    )
+
+
+def _listed(
+    path: str | None,
+) -> tuple[list[DecodeTask], tuple[str, ...], str, pafs.FileSystem | None, str]:
+    """The folder's decode tasks, class names and name in messages, and the filesystem and name
+    prefix its files are read with (None and "" for a local folder)."""
+    if path is not None and is_uri(str(path)):
+        remote = scan_uri_folder(str(path))
+        return remote.tasks(), remote.class_names, remote.source, remote.fs, remote.prefix
+    scan = scan_imagefolder(path)
+    warn_ignored(scan)
+    return folder_tasks(scan), scan.class_names, str(scan.root), None, ""
+
+
 def load_imagefolder(
     *,
     path: str | None,
@@ -151,20 +247,18 @@ def load_imagefolder(
     with ``limit``, a stratified sample of the files is taken first and only it is decoded.
     ``mode`` (``memory``, ``stream``, ``auto``: :func:`~raytl.data.stream.choose_mode`): decode
     them all now, or keep an index of the checked files and decode where they are used."""
-    scan = scan_imagefolder(path)
-    warn_ignored(scan)
-    tasks = folder_tasks(scan)
+    tasks, class_names, source, fs, prefix = _listed(path)
     if limit is not None:
         labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
         tasks = [tasks[i] for i in stratified_indices(labels, limit, seed=seed)]
     mode, note = choose_mode(mode, len(tasks), image_size)
     if mode == "stream":
-        paths = np.array([t.name for t in tasks], dtype=object)
+        rows = FileRows(np.array([t.name[len(prefix) :] for t in tasks], dtype=object), fs, prefix)
         return index_tasks(
             tasks,
-            lambda kept: FileRows(paths[kept]),
-            class_names=scan.class_names,
-            source=str(scan.root),
+            rows.subset,
+            class_names=class_names,
+            source=source,
             image_size=image_size,
             on_bad_file=on_bad_file,
             max_pixels=max_pixels,
@@ -172,8 +266,8 @@ def load_imagefolder(
         )
     return decode_tasks(
         tasks,
-        class_names=scan.class_names,
-        source=str(scan.root),
+        class_names=class_names,
+        source=source,
         image_size=image_size,
         on_bad_file=on_bad_file,
         max_pixels=max_pixels,
