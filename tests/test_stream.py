@@ -179,3 +179,20 @@ def test_a_trainer_on_streamed_files_trains_exactly_as_in_memory(folders):
     (loss_m, acc_m, head_m), (loss_s, acc_s, head_s) = results
     assert loss_m == pytest.approx(loss_s, rel=1e-6) and acc_m == acc_s
     torch.testing.assert_close(head_m, head_s)
+
+
+def test_a_shard_that_cannot_be_read_mid_stream_is_one_line_naming_it(tmp_path):
+    root = make_folder(tmp_path / "folder", per_class=4)
+    convert_imagefolder(str(root), str(tmp_path / "shards"), shard_size=6)
+    data = load("parquet", tmp_path / "shards", "stream")
+    held = load("parquet", tmp_path / "shards", "memory")
+    shard = tmp_path / "shards" / "part-00001.parquet"
+    shard.write_bytes(b"PAR1 overwritten since the search started")
+    rows = np.arange(len(data))
+    with pytest.raises(StreamReadError, match=rf"^{shard}: row group 0 cannot be read mid-stream"):
+        data.images[rows]
+    with pytest.raises(StreamReadError, match=f"^{shard}: row group 0"):
+        data.images.take_readable(rows)  # a whole shard is not a file to drop from a batch
+    np.testing.assert_array_equal(
+        data.images[:6], load("parquet", tmp_path / "shards", "memory").images[:6]
+    )
