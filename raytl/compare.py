@@ -32,6 +32,7 @@ from raytl import plots
 from raytl.cluster import check_resources, ray_session
 from raytl.compare_figures import aggregate, summarize, verdict
 from raytl.config import SpaceConfig
+from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
 from raytl.errors import RaytlError
 from raytl.refit import RefitResult, remote_refit
@@ -102,8 +103,10 @@ def run_compare(
     refit_sample: int | None = None,
     address: str | None = None,
     echo: Echo = echo_line,
+    verbose: bool = False,
 ) -> pd.DataFrame:
-    """Run the space once per scheme and repeat, refit the configurations, write the comparison."""
+    """Run the space once per scheme and repeat, refit the configurations, write the comparison
+    (Ray's and Tune's own output in ``OUTPUT/ray-output.log`` unless ``verbose``)."""
     if repeats < 1:
         raise RaytlError(f"--repeats: expected 1 or more, got {repeats}")
     started = time.perf_counter()
@@ -112,7 +115,9 @@ def run_compare(
     write_space(output, config)
     data = config.data.load()
     write_skipped(output, data)
-    with ray_session(address):
+    if not verbose:
+        echo(f"Ray's and Tune's own output: {output / LOG_NAME} (--verbose shows it here)")
+    with ray_output_to(output / LOG_NAME, verbose=verbose), ray_session(address):
         shared = share_inputs(config, data, output, echo)
         trials = [
             table

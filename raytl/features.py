@@ -34,6 +34,7 @@ import timm
 import torch
 
 from raytl.config import SpaceConfig
+from raytl.console import wait_for
 from raytl.data.dataset import ImageData
 from raytl.models import create_model, package_weights_path, pooled_features
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
@@ -227,7 +228,7 @@ def prepare_feature_cache(
             config.data.image_size,
             r.cpus_per_worker,
         )
-        info = ray.get(info_ref)
+        info = wait_for(info_ref, f"feature cache: {backbone}")
         echo(
             f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
             f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})"

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from raytl.config import SpaceConfig
+from raytl.console import wait_for
 from raytl.data.dataset import ImageData
 from raytl.data.stream import rows_of
 from raytl.models import create_model, save_model, to_json
@@ -126,10 +127,11 @@ def refit_best(
             for k, v in dataclasses.asdict(hp).items()
         )
     )
-    result: RefitResult = ray.get(
+    result: RefitResult = wait_for(
         remote_refit(config).remote(
             config, hp, inputs.data, inputs.features.get(hp.backbone_name), True
-        )
+        ),
+        "refit on train+val",
     )
     model = create_model(hp.backbone_name, len(data.class_names), "none")
     model.load_state_dict(result.state or {})

@@ -17,6 +17,7 @@ import ray
 
 from raytl.cluster import check_resources, ray_session
 from raytl.config import SpaceConfig
+from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
 from raytl.errors import RaytlError
 from raytl.features import prepare_feature_cache
@@ -48,6 +49,7 @@ def run_search(
     echo: Echo = echo_line,
     resume: bool = False,
     trust_storage: bool = False,
+    verbose: bool = False,
 ) -> pd.DataFrame:
     """Run the whole search into ``output`` and return the results table.
 
@@ -55,17 +57,22 @@ def run_search(
     killed, the machine rebooted): finished trials are kept, unfinished ones resume from their last
     checkpoints, the searcher's state (the Optuna study) is restored with it, and only the missing
     trials are sampled, so the search still ends with exactly ``num_samples`` trials.
+
+    While Ray runs, its and Tune's own output go to ``OUTPUT/ray-output.log`` (``verbose``: to
+    the console as well as raytl's lines, :mod:`raytl.console`).
     """
     started = time.perf_counter()
     output = Path(output).resolve()
     echo(f"run {config.name}-{ensure_marker(output).run_id}: output in {output}")
+    if not verbose:
+        echo(f"Ray's and Tune's own output: {output / LOG_NAME} (--verbose shows it here)")
     check_free_space(output)
     check_storage(config.search.storage)
     if not resume:
         write_space(output, config)
     data = config.data.load()
     record_data(config, output, data, resume=resume, echo=echo)
-    with ray_session(address):
+    with ray_output_to(output / LOG_NAME, verbose=verbose), ray_session(address):
         check_resources(config)
         inputs = share_inputs(config, data, output, echo)
         table = tune_search(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)

@@ -21,6 +21,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raytl import console
 from raytl.config import SpaceConfig
 from raytl.errors import RaytlError
 from raytl.rundir import read_trial_clock, tick_trial_clock
@@ -35,8 +36,9 @@ TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 1}  # see the module do
 
 def echo_line(line: str) -> None:
     """The default ``echo``: a module function, so Tune can pickle the callbacks that hold it (Ray
-    swaps ``builtins.print`` during a run, after which the old ``print`` no longer pickles)."""
-    print(line, flush=True)
+    swaps ``builtins.print`` during a run, after which the old ``print`` no longer pickles); the
+    line goes to raytl's console (:mod:`raytl.console`), not to Ray's log."""
+    console.say(line)
 
 
 def make_searcher(config: SpaceConfig) -> OptunaSearch:
@@ -69,13 +71,19 @@ def make_scheduler(config: SpaceConfig) -> TrialScheduler:
     )
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m" if seconds >= 90 else f"{seconds:.0f}s"
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 class ProgressLine(tune.Callback):
-    """One line per trial result: the live view of the search. It also keeps the driver's clock
-    per trial in the output folder (launched, finished), which ``raytl resume`` reads back."""
+    """One line per trial result, with the search's state (trials done, running and queued, the
+    best so far and its strategy, the time left at the pace so far); on a terminal also a live
+    bar of trials done. It keeps the driver's clock per trial in the output folder (launched,
+    finished), which ``raytl resume`` reads back."""
 
     def __init__(
         self, total: int, metric: str, mode: str, output: Path, echo: Callable[[str], None]
@@ -88,8 +96,40 @@ class ProgressLine(tune.Callback):
             echo,
         )
         self.best: float | None = None
+        self.best_strategy = ""
         self.started = time.perf_counter()
         self.finished = 0
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks; a bar does not
+        return {**self.__dict__, "_bar": None}
+
+    def _state(self, trials: list[Any]) -> str:
+        """'3/8 done, 2 running, 3 queued, best 0.9500 (fine_tune), ~2m left'."""
+        running = sum(t.status == "RUNNING" for t in trials)
+        queued = max(0, self.total - self.finished - running)
+        elapsed = time.perf_counter() - self.started
+        left = (
+            f", ~{_duration(elapsed / self.finished * (self.total - self.finished))} left"
+            if 0 < self.finished < self.total
+            else ""
+        )
+        best = f", best {self.best:.4f} ({self.best_strategy})" if self.best is not None else ""
+        return f"{self.finished}/{self.total} done, {running} running, {queued} queued{best}{left}"
+
+    def _show(self, trials: list[Any]) -> None:
+        if not console.is_terminal():
+            return
+        if self._bar is None:
+            self._bar = console.bar(self.total, "trials", unit="trial")
+            self._bar.n = self.finished
+        self._bar.n = self.finished
+        self._bar.set_postfix_str(self._state(trials).split(", ", 1)[1], refresh=True)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def setup(
         self,
@@ -112,22 +152,25 @@ class ProgressLine(tune.Callback):
             return
         if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
             self.best = value
+            self.best_strategy = str(trial.config.get("strategy", ""))
         config = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
         self.echo(
             f"[{time.perf_counter() - self.started:6.0f}s] {trial.trial_id} epoch "
             f"{result.get('epoch')}/{result.get('total_epochs')} {self.metric} {value:.4f} "
-            f"(±{result.get(self.metric + '_std', 0):.4f}) | {self.finished}/{self.total} done, "
-            f"best {self.best:.4f} | {config}"
+            f"(±{result.get(self.metric + '_std', 0):.4f}) | {self._state(trials)} | {config}"
         )
+        self._show(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.finished += 1
         tick_trial_clock(self.output, trial.trial_id, "finished_at")
+        self._show(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.finished += 1
         tick_trial_clock(self.output, trial.trial_id, "finished_at")
         self.echo(f"trial {trial.trial_id} failed: see {trial.path}")
+        self._show(trials)
 
 
 def check_trusted(experiment: str, trust_storage: bool) -> None:

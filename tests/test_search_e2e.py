@@ -316,7 +316,8 @@ def test_the_current_cluster_file_is_given_back_as_found(search):
 @pytest.mark.slow
 def test_plain_ray_init_in_another_program_works_after_a_search(tmp_path, space_file):
     """No file before the search, none after: another program's ``ray.init()`` starts its own
-    Ray instead of waiting on the search's dead one."""
+    Ray instead of waiting on the search's dead one. And the search's console holds raytl's lines
+    only: no Ray warning, no Tune table (they are in the log it names)."""
     space = space_file(
         {
             "data": {"source": "digits", "image_size": 32, "limit": 200},
@@ -341,6 +342,15 @@ def test_plain_ray_init_in_another_program_works_after_a_search(tmp_path, space_
         )
         assert search.returncode == 0, search.stderr[-2000:]
         assert not pointer.exists()
+    # the console shows raytl's lines only; Ray's and Tune's own output is in the log it names
+    log = tmp_path / "out" / "ray-output.log"
+    assert f"Ray's and Tune's own output: {log} (--verbose shows it here)" in search.stdout
+    assert "0/1 done, 1 running, 0 queued, best" in search.stdout
+    assert "search finished in" in search.stdout
+    for ray_line in ("To visualize your results", "Number of trials", "(raylet)", "Trial status"):
+        assert ray_line not in search.stdout + search.stderr, ray_line
+    assert "To visualize your results" in log.read_text()
+    with current_cluster_file_as(None):
         other = subprocess.run(
             [
                 sys.executable,

@@ -16,10 +16,11 @@ from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from raytl import console
 from raytl.data.budget import PixelBudget
 from raytl.data.dataset import DataError, ImageData, SkippedFile
 from raytl.data.images import DECODE_PIXEL_BUDGET, UnreadableImage, check_image, decode_image
@@ -55,6 +56,16 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Generator[_R, No
         finally:
             for future in pending:
                 future.cancel()
+
+
+def shown_as(items: Iterable[_T], shown: Any) -> Generator[_T, None, None]:
+    """``items``, counted on the progress bar ``shown`` (closed at the end)."""
+    try:
+        for item in items:
+            yield item
+            shown.update(1)
+    finally:
+        shown.close()
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,8 @@ def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int
 
     results = ordered_map(work, tasks)
     try:
-        for i, (task, result) in enumerate(zip(tasks, results, strict=False)):
+        shown = console.bar(len(tasks), "decoding", unit="img")
+        for i, (task, result) in enumerate(zip(tasks, shown_as(results, shown), strict=False)):
             if isinstance(result, SkippedFile):
                 decoded.skipped.append(result)
                 decoded.skipped_labels.append(task.label)
@@ -214,7 +226,8 @@ def index_tasks(
             return task.label, SkippedFile(task.name, exc.reason)
         return task.label, file_digest(data)
 
-    for label, result in ordered_map(work, tasks):  # a bounded window of tasks in flight
+    shown = console.bar(None, "checking files", unit="file")
+    for label, result in shown_as(ordered_map(work, tasks), shown):  # a bounded window in flight
         labels.append(label)
         keep.append(not isinstance(result, SkippedFile))
         if isinstance(result, SkippedFile):
