@@ -7,7 +7,8 @@ Layout under ``DIR/tensorboard/``::
 
     .                      the HParams experiment: every hyperparameter with its domain, the metrics
     trial_<id>/            one HParams session per trial; the mean (and std) over units per epoch,
-                           and ``final/*`` when the trial ends
+                           and when the trial ends ``final/*`` (its last epoch) and ``best/*``
+                           (its best epoch by the search's metric, and which epoch that was)
     trial_<id>/<unit>/     each unit's curves: train/val loss, val accuracy, learning rate per group
     best/                  the refit model: confusion matrix and misclassified test images
 
@@ -48,6 +49,10 @@ FINAL_METRICS = (
     "final/val_loss",
     "final/epochs",
     "final/status",
+    # the trial's best epoch by the search's metric: what people compare trials by
+    "best/val_accuracy",
+    "best/val_loss",
+    "best/epoch",
 )
 
 
@@ -119,11 +124,20 @@ def add_summary(writer: SummaryWriter, summary: Summary) -> None:
 class SearchBoard:
     """Writes a search's TensorBoard runs; fed one trial report at a time (see :func:`callback`)."""
 
-    def __init__(self, logdir: Path, space: dict[str, ParamSpec], description: str = "") -> None:
+    def __init__(
+        self,
+        logdir: Path,
+        space: dict[str, ParamSpec],
+        description: str = "",
+        metric: str = "val_accuracy",
+        mode: str = "max",
+    ) -> None:
         self.logdir = Path(logdir)
         self.space = space
+        self.metric, self.mode = metric, mode
         self._writers: dict[str, SummaryWriter] = {}
         self._last: dict[str, dict[str, Any]] = {}
+        self._best: dict[str, dict[str, Any]] = {}
         root = self._writer(".")
         add_summary(root, experiment_summary(space, description))
         root.flush()
@@ -140,6 +154,8 @@ class SearchBoard:
         if trial_id not in self._last:
             add_summary(writer, session_start_summary(hparams, group=run))
         self._last[trial_id] = result
+        if self._better(result, self._best.get(trial_id)):
+            self._best[trial_id] = result
         step = int(result.get("epoch") or result.get("training_iteration") or 0)
         for key in TRIAL_SCALARS:
             value = result.get(key)
@@ -157,6 +173,14 @@ class SearchBoard:
                     unit_writer.add_scalar(metric, value, step)
         writer.flush()
 
+    def _better(self, result: dict[str, Any], best: dict[str, Any] | None) -> bool:
+        value = result.get(self.metric)
+        if not isinstance(value, int | float) or math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value > best[self.metric] if self.mode == "max" else value < best[self.metric]
+
     def end(self, trial_id: str, status: str) -> None:
         """A trial ended (completed, stopped by the scheduler, or failed): final metrics + session end."""
         run = run_name(trial_id)
@@ -169,6 +193,12 @@ class SearchBoard:
             "final/val_loss": last.get("val_loss", math.nan),
             "final/epochs": float(step),
             "final/status": STATUS_CODES[status],
+        }
+        best = self._best.get(trial_id, {})
+        finals |= {
+            "best/val_accuracy": best.get("val_accuracy", math.nan),
+            "best/val_loss": best.get("val_loss", math.nan),
+            "best/epoch": float(best.get("epoch") or math.nan),
         }
         for tag, value in finals.items():
             writer.add_scalar(tag, value, step)
@@ -190,8 +220,11 @@ class TensorBoardCallback(Callback):
     open files) are created on first use and never pickled.
     """
 
-    def __init__(self, logdir: Path, space: dict[str, ParamSpec], description: str) -> None:
+    def __init__(
+        self, logdir: Path, space: dict[str, ParamSpec], description: str, metric: str, mode: str
+    ) -> None:
         self.logdir, self.space, self.description = logdir, space, description
+        self.metric, self.mode = metric, mode
         self._board: SearchBoard | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -200,7 +233,9 @@ class TensorBoardCallback(Callback):
     @property
     def board(self) -> SearchBoard:
         if self._board is None:
-            self._board = SearchBoard(self.logdir, self.space, self.description)
+            self._board = SearchBoard(
+                self.logdir, self.space, self.description, self.metric, self.mode
+            )
         return self._board
 
     def on_trial_result(
@@ -227,8 +262,14 @@ class TensorBoardCallback(Callback):
             self._board.close()
 
 
-def tensorboard_callback(logdir: Path, space: dict[str, ParamSpec], description: str) -> Callback:
-    return TensorBoardCallback(logdir, space, description)
+def tensorboard_callback(
+    logdir: Path,
+    space: dict[str, ParamSpec],
+    description: str,
+    metric: str = "val_accuracy",
+    mode: str = "max",
+) -> Callback:
+    return TensorBoardCallback(logdir, space, description, metric, mode)
 
 
 def write_refit_images(

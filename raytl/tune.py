@@ -210,7 +210,7 @@ def make_tuner(
     s = config.search
     callbacks = [
         ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
-        tensorboard_callback(output / "tensorboard", config.space, config.name),
+        tensorboard_callback(output / "tensorboard", config.space, config.name, s.metric, s.mode),
     ]
     if resume:
         if not tune.Tuner.can_restore(experiment):

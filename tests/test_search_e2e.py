@@ -168,7 +168,12 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
     assert [v.number_value for v in infos["freeze_depth"].domain_discrete.values] == [3, 4, 5, 6, 7]
     assert infos["head_lr"].domain_interval.min_value == pytest.approx(1e-2)
     assert infos["head_lr"].domain_interval.max_value == pytest.approx(5e-2)
-    assert {m.name.tag for m in experiment.metric_infos} >= {"final/val_accuracy", "final/status"}
+    assert {m.name.tag for m in experiment.metric_infos} >= {
+        "final/val_accuracy",
+        "final/status",
+        "best/val_accuracy",
+        "best/epoch",
+    }
 
     for _, row in results.iterrows():
         run = logdir / f"trial_{row['trial_id']}"
@@ -178,6 +183,12 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
         assert [e.step for e in acc.Scalars("val_accuracy")] == list(range(1, row["epochs"] + 1))
         assert values[-1] == pytest.approx(row["val_accuracy_mean"], abs=1e-6)
         assert acc.Scalars("final/epochs")[-1].value == row["epochs"]
+        curve = [e.value for e in acc.Scalars("val_accuracy")]  # the search's metric, per epoch
+        best_epoch = int(np.argmax(curve)) + 1
+        assert acc.Scalars("best/epoch")[-1].value == best_epoch
+        assert acc.Scalars("best/val_accuracy")[-1].value == pytest.approx(max(curve), abs=1e-6)
+        val_loss = [e.value for e in acc.Scalars("val_loss")]
+        assert acc.Scalars("best/val_loss")[-1].value == pytest.approx(val_loss[best_epoch - 1])
         assert (
             acc.Scalars("final/status")[-1].value == {"completed": 2, "stopped": 1}[row["status"]]
         )
