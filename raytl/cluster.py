@@ -216,23 +216,29 @@ def free_port() -> int:
 
 
 def check_resources(config: SpaceConfig) -> None:
-    """Fail before starting if a trial can never be placed or units cannot be shared out."""
+    """Fail before starting if a trial can never be placed on the nodes alive now."""
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_fits(config, alive)
+
+
+def check_fits(config: SpaceConfig, nodes: list[dict[str, float]]) -> None:
+    """Raise a RaytlError if a trial of ``config`` can never be placed on ``nodes`` (each node's
+    resources, ``{"CPU": 4, "GPU": 1}``) or its units cannot be shared out among its workers.
+    Also run on the shipped cluster configs' node shapes (tests/test_cluster_configs.py)."""
     r = config.resources
     assign_units(config.scheme.size, r.workers_per_trial)  # raises if W does not fit U
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
     fits = [
         n
         for n in nodes
-        if n["Resources"].get("CPU", 0) >= r.cpus_per_worker
-        and n["Resources"].get("GPU", 0) >= r.gpus_per_worker
+        if n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker
     ]
     if not fits:
-        biggest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes)
+        biggest = max((n.get("CPU", 0), n.get("GPU", 0)) for n in nodes)
         raise RaytlError(
             f"{config.source}: resources: a worker asks for {r.cpus_per_worker} CPU and "
             f"{r.gpus_per_worker} GPU, but the largest node has {biggest[0]:g} CPU and {biggest[1]:g} GPU"
         )
-    slots = sum(worker_slots(n["Resources"], r.cpus_per_worker, r.gpus_per_worker) for n in fits)
+    slots = sum(worker_slots(n, r.cpus_per_worker, r.gpus_per_worker) for n in fits)
     if slots < r.workers_per_trial:
         raise RaytlError(
             f"{config.source}: resources: a trial needs {r.workers_per_trial} workers of "

@@ -7,6 +7,7 @@ runs the autoscaler keeps a service-account token, and the Role it gets stays na
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,98 @@ def test_kuberay_head_account_and_role_are_minimal(path: Path) -> None:
         check_rules(cluster, roles[cluster]["rules"], cluster)
     for name, role in roles.items():
         check_rules(name, role["rules"], name)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped examples fit each other: every command that runs a shipped space file on a shipped
+# cluster passes raytl's own pre-flight check (raytl.cluster.check_fits) on that cluster's nodes.
+
+# vCPUs and GPUs of the instance types the AWS file names (AWS's published specifications)
+INSTANCE_SHAPES = {"m6i.2xlarge": {"CPU": 8.0}, "g5.xlarge": {"CPU": 4.0, "GPU": 1.0}}
+# docs/cluster.md section 1 runs `cluster/local.sh up 2 1`: a head with no CPUs, 2 nodes x 1 CPU
+LOCAL_SH = [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+COMMAND = re.compile(r"raytl (?:search|submit)\s+\S*?(search_spaces/[\w.]+\.yaml)((?:.|\\\n)*)")
+
+
+def aws_nodes() -> list[dict[str, float]]:
+    """The nodes up when the AWS cluster starts: the head and each worker type's min_workers."""
+    head, types = aws_node_types()
+    nodes = [INSTANCE_SHAPES[types[head]["node_config"]["InstanceType"]]]
+    for name, node_type in types.items():
+        if name != head:
+            shape = INSTANCE_SHAPES[node_type["node_config"]["InstanceType"]]
+            nodes += [shape] * node_type.get("min_workers", 0)
+    return nodes
+
+
+def pod_shape(group: dict) -> dict[str, float]:
+    """What Ray sees of a pod: rayStartParams' num-cpus/num-gpus, else the container's limits."""
+    params = group.get("rayStartParams") or {}
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return {
+        "CPU": float(params.get("num-cpus", limits["cpu"])),
+        "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+    }
+
+
+def kuberay_nodes(path: Path) -> list[dict[str, float]]:
+    """The pods up when the cluster starts: the head and each group's minReplicas."""
+    ((_, spec),) = ray_clusters(kuberay_docs(path))
+    nodes = [pod_shape(spec["headGroupSpec"])]
+    for group in spec["workerGroupSpecs"]:
+        nodes += [pod_shape(group)] * group.get("minReplicas", group.get("replicas", 0))
+    return nodes
+
+
+def commands(text: str) -> list[tuple[str, list[str]]]:
+    """(space file, --set overrides) of every raytl search/submit command in ``text`` (a
+    command continues over lines ending in a backslash, also inside YAML comments)."""
+    text = re.sub(r"\\\n\s*#?\s*", " ", text)
+    found = []
+    for match in COMMAND.finditer(text):
+        sets = re.findall(r"--set (\S+)", match.group(2).split("\n")[0])
+        kept = [s for s in sets if not s.startswith(("search.storage=", "data.path="))]
+        found.append((match.group(1), kept))
+    return found
+
+
+def examples() -> list[tuple[str, str, list[str], list[dict[str, float]]]]:
+    """(where, space file, overrides, the nodes it runs on) for every shipped command."""
+    found = []
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    sections = {
+        "## 1.": LOCAL_SH,
+        "## 3.": aws_nodes(),
+        "## 4.": kuberay_nodes(REPO / "cluster" / "kuberay" / "raycluster.yaml"),
+    }
+    for part in re.split(r"(?m)^(?=## \d\.)", doc):
+        nodes = next((n for head, n in sections.items() if part.startswith(head)), None)
+        for space, sets in commands(part) if nodes is not None else []:
+            found.append((f"docs/cluster.md {part[:5].strip()}", space, sets, nodes))
+    for path, nodes in [(AWS, aws_nodes())] + [(p, kuberay_nodes(p)) for p in KUBERAY]:
+        for space, sets in commands(path.read_text()):
+            found.append((path.name, space, sets, nodes))
+    return found
+
+
+def test_every_shipped_cluster_command_is_found() -> None:
+    where = {w for w, *_ in examples()}
+    assert where == {
+        "docs/cluster.md ## 1.",
+        "docs/cluster.md ## 3.",
+        "docs/cluster.md ## 4.",
+        "aws-gpu.yaml",
+        "raycluster.yaml",
+        "rayjob.yaml",
+    }
+
+
+@pytest.mark.parametrize(("where", "space", "sets", "nodes"), examples(), ids=lambda v: str(v)[:40])
+def test_shipped_space_files_pass_the_preflight_check_on_the_shipped_clusters(
+    where: str, space: str, sets: list[str], nodes: list[dict[str, float]]
+) -> None:
+    from raytl.cluster import check_fits
+    from raytl.config import load_space
+
+    config = load_space(REPO / space, sets, local_paths=False)
+    check_fits(config, nodes)  # raises RaytlError, naming what does not fit
