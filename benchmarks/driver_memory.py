@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from strategies import machine, write_section  # noqa: E402
+from strategies import provenance, write_section  # noqa: E402
 
 HEADING = "## Driver memory as trials accumulate"
 PLOT = REPO / "docs" / "driver_memory.png"
@@ -177,8 +177,9 @@ def section(result: dict, summary: dict) -> str:
     lines = [
         HEADING,
         "",
-        f"`benchmarks/driver_memory.py --trials {result['trials']}` on {machine()}, "
-        f"{time.strftime('%Y-%m-%d')}: a real `raytl search` of {result['trials']} cached "
+        provenance(f".venv/bin/python benchmarks/driver_memory.py --trials {result['trials']}"),
+        "",
+        f"A real `raytl search` of {result['trials']} cached "
         f"linear-probe trials (digits, 48 px, holdout, 2 epochs, 2 trials at a time, then the refit of the best), "
         f"{result['seconds']:.0f} s in all. Resident memory (VmRSS) sampled twice a second; each "
         "figure is the median of the samples taken while that many trials were finished.",

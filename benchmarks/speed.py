@@ -29,7 +29,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from strategies import DOC, machine, write_section  # noqa: E402
+from strategies import DOC, provenance, write_section  # noqa: E402
 
 from raytl.cluster import ray_session  # noqa: E402
 from raytl.config import parse_space  # noqa: E402
@@ -381,7 +381,8 @@ def efficiency_lines(e: dict[str, Any], seconds: float | None) -> list[str]:
         SEARCH_HEADING,
         "",
         (
-            f"One run, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min. Machine: {machine()}. "
+            provenance(".venv/bin/python benchmarks/speed.py --search-only")
+            + f" One run, {seconds / 60:.0f} min. "
             if seconds
             else ""
         )
@@ -445,8 +446,8 @@ def main() -> None:
     lines = [
         "## Speed (`benchmarks/speed.py`)",
         "",
-        f"One run, {time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.0f} min. "
-        f"Machine: {machine()}.",
+        provenance(".venv/bin/python benchmarks/speed.py")
+        + f" One run, {(time.perf_counter() - started) / 60:.0f} min.",
         "",
         "### Frozen-feature cache and fixed cost per trial",
         "",

@@ -11,8 +11,10 @@ what a user gets from the command line on this machine.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -88,8 +90,10 @@ def main() -> None:
         [
             "## Strategies (`benchmarks/strategies.py`)",
             "",
+            provenance(f".venv/bin/python benchmarks/strategies.py --epochs {args.epochs}"),
+            "",
             f"One configuration per strategy, {args.epochs} epochs, 48 px, batch 64, `raytl train` "
-            "(holdout, no Ray). Machine: " + machine() + ".",
+            "(holdout, no Ray).",
             "",
             "| data | strategy | train / val / test images | val acc | test acc | seconds |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -101,8 +105,28 @@ def main() -> None:
     print(f"\nwritten to {DOC}")
 
 
+def provenance(command: str) -> str:
+    """'`COMMAND`, DATE, commit ABC1234 (+ uncommitted changes), MACHINE.': what every section of
+    docs/benchmarks.md says first, so each figure can be traced to the run that produced it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    dirty = (
+        " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
+    return (
+        f"`{command}`, {datetime.date.today()}, commit {git('rev-parse', '--short', 'HEAD')}"
+        f"{dirty}, {machine()}."
+    )
+
+
 def write_section(section: str, heading: str) -> None:
-    """Replace (or append) one ``## `` section of docs/benchmarks.md, keeping the others."""
+    """Replace (or append) one ``## `` section of docs/benchmarks.md, keeping the others. A
+    section must say which commit its figures come from (:func:`provenance`)."""
+    if section and "commit " not in section:
+        raise ValueError(f"{heading}: a section must name the commit it measured (provenance())")
     text = (
         DOC.read_text()
         if DOC.exists()
