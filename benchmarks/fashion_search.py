@@ -123,7 +123,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="keep the folder and shards here (reused)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="raytl-fashion-"))
+    with tempfile.TemporaryDirectory(prefix="raytl-fashion-") as folder:
+        run(args, Path(folder))
+
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
+    """Write the data (unless ``--data`` holds it), run the search in ``scratch``, measure."""
     data = args.data or scratch
     folder, shards, out = data / "folder", data / "shards", scratch / "out"
     if not folder.exists():
