@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from raytl import __version__
+from raytl.cli_models import MODEL_COMMANDS, add_model_commands
 from raytl.errors import RaytlError
 
 
@@ -152,12 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
 
-    p = sub.add_parser(
-        "predict", help="classify images with a saved model (DIR/best or a train output)"
-    )
-    p.add_argument("model_dir")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top", type=int, default=3, help="classes to show per image")
+    add_model_commands(sub)  # predict, evaluate, export
 
     data = sub.add_parser("data", help="inspect or convert data").add_subparsers(
         dest="data_command", required=True
@@ -336,12 +332,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from raytl.predict import format_predictions, predict_paths
+def cmd_model(args: argparse.Namespace) -> int:
+    from raytl import evaluate, export, predict  # raytl.cli_models' commands: torch loads here
 
-    results = predict_paths(Path(args.model_dir), [Path(p) for p in args.images], top=args.top)
-    print(format_predictions(results))
-    return 0 if all(r.error is None for r in results) else 1
+    return {"predict": predict, "evaluate": evaluate, "export": export}[args.command].run(args)
 
 
 def _source_and_path(source: str) -> tuple[str, str | None]:
@@ -383,8 +377,7 @@ COMMANDS = {
     ("logs", None): cmd_logs,
     ("stop", None): cmd_stop,
     ("train", None): cmd_train,
-    ("predict", None): cmd_predict,
     ("report", None): cmd_report,
     ("data", "inspect"): cmd_data_inspect,
     ("data", "convert"): cmd_data_convert,
-}
+} | {(name, None): cmd_model for name in MODEL_COMMANDS}
