@@ -30,6 +30,17 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and Tune's own output here too (default: in OUTPUT/ray-output.log)",
+    )
+
+
 def _add_insecure_http(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure-http",
@@ -51,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="space file (search_spaces/quickstart.yaml)")
     p.add_argument("--output", help="output folder (default: runs/NAME)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    p.add_argument(
-        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
-    )
+    _add_ray(p)
     p.add_argument("--num-samples", type=int, help="trials (overrides search.num_samples)")
     p.add_argument(
         "--run-id",
@@ -71,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from search.storage on a URI: its experiment state is unpickled, which "
         "runs code, so only when nobody you do not trust can write there",
     )
-    p.add_argument(
-        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
-    )
+    _add_ray(p)
 
     p = sub.add_parser(
         "compare",
@@ -100,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="output folder (default: runs/NAME-compare)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    p.add_argument(
-        "--address", help="an existing Ray cluster (auto, or HOST:PORT); default: a local Ray"
-    )
+    _add_ray(p)
     _add_set(p)
 
     p = sub.add_parser("submit", help="run a search on a Ray cluster as a Ray Job (Jobs API)")
@@ -215,7 +220,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         protect=_inputs(args.space, config.data.path),
         run_id=args.run_id,
     )
-    run_search(config, output, address=args.address)
+    run_search(config, output, address=args.address, verbose=args.verbose)
     return 0
 
 
@@ -239,7 +244,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not (output / "space.yaml").is_file():
         raise RaytlError(f"{output}: no space.yaml; expected the output folder of `raytl search`")
     config = load_space(output / "space.yaml")
-    run_search(config, output, address=args.address, resume=True, trust_storage=args.trust_storage)
+    run_search(
+        config,
+        output,
+        address=args.address,
+        resume=True,
+        trust_storage=args.trust_storage,
+        verbose=args.verbose,
+    )
     return 0
 
 
@@ -263,6 +275,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         refit_sample=args.refit_sample,
         address=args.address,
+        verbose=args.verbose,
     )
     return 0
 
