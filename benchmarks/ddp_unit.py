@@ -14,8 +14,6 @@ accuracy of each and writes the section "## Scale-out within a unit" of docs/ben
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from strategies import machine, write_section  # noqa: E402
+from strategies import provenance, write_section  # noqa: E402
 
 from raytl.data import load_data  # noqa: E402
 from raytl.schemes import assign_units  # noqa: E402
@@ -110,15 +108,11 @@ def main() -> None:
         "train_loss": ranks[0]["train_loss"],
     }
     rows.append((f"2 ranks (gloo), 1 thread each, batch {BATCH} each", two))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
     base = rows[0][1]["images_per_second"]
     lines = [
         HEADING,
         "",
-        f"`.venv/bin/python benchmarks/ddp_unit.py{' --quick' if args.quick else ''}`, "
-        f"{datetime.date.today()}, commit {commit}, {machine()}.",
+        provenance(f".venv/bin/python benchmarks/ddp_unit.py{' --quick' if args.quick else ''}"),
         "",
         f"One unit: {images} Fashion-MNIST images (80% train, 20% validation) at 48 px, "
         f"EfficientNet-Lite0 fine-tuned from block 3 (`freeze_depth: 3`), {epochs} epoch(s), the "

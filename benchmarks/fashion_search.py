@@ -16,7 +16,6 @@ wall time. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from strategies import machine, write_section  # noqa: E402
+from strategies import provenance, write_section  # noqa: E402
 
 HEADING = "## A streamed search on all of Fashion-MNIST (`benchmarks/fashion_search.py`)"
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -166,15 +165,13 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         reverse=True,
     )
     picked = [line.strip() for line in log if "data.mode" in line or "test accuracy" in line]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
     lines = [
         HEADING,
         "",
-        f"`.venv/bin/python benchmarks/fashion_search.py"
-        f"{f' --limit {args.limit}' if args.limit else ''}`, "
-        f"{datetime.date.today()}, commit {commit}, {machine()}.",
+        provenance(
+            ".venv/bin/python benchmarks/fashion_search.py"
+            + (f" --limit {args.limit}" if args.limit else "")
+        ),
         "",
         "All of Fashion-MNIST's training images (60,000 PNGs at 28 px, as Parquet shards written by "
         "`raytl data convert`), searched with `data.mode: stream` at 32 px: holdout, 4 trials "

@@ -133,7 +133,7 @@ class _Decoded:
     digests: list[bytes] = field(default_factory=list)
 
 
-def copy_groups(digests: Sequence[bytes], labels: Sequence[int]) -> np.ndarray:
+def copy_groups(digests: Sequence[bytes], labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """Group ids for files by digest within a class: each file's id is the position of its first
     copy with the same label. (The same bytes filed under two classes is a labelling question,
     not a split one: those stay separate groups, so each class keeps its own images.)"""
@@ -187,15 +187,7 @@ def decode_tasks(
     labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
     keep = _apply_policy(decoded, labels, class_names, source, on_bad_file)
     images = decoded.images if keep.all() else decoded.images[keep]
-    return ImageData(
-        images=images,
-        labels=labels[keep],
-        class_names=tuple(class_names),
-        source=source,
-        skipped=tuple(decoded.skipped),
-        groups=copy_groups(decoded.digests, labels[keep]),
-        note=note,
-    )
+    return _image_data(images, decoded, labels[keep], class_names, source, note)
 
 
 def index_tasks(
@@ -239,13 +231,26 @@ def index_tasks(
     label_array = np.array(labels, dtype=np.int64)
     kept = _apply_policy(checked, label_array, class_names, source, on_bad_file)
     digests = np.frombuffer(b"".join(checked.digests), dtype=np.uint8).reshape(-1, 16)
+    images = StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels)
+    return _image_data(images, checked, label_array[kept], class_names, source, note)
+
+
+def _image_data(
+    images: np.ndarray | StreamedImages,
+    outcome: _Decoded,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    source: str,
+    note: str,
+) -> ImageData:
+    """The ImageData of the kept files: their images, labels and copy groups, and the skipped."""
     return ImageData(
-        images=StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels),
-        labels=label_array[kept],
+        images=images,
+        labels=labels,
         class_names=tuple(class_names),
         source=source,
-        skipped=tuple(checked.skipped),
-        groups=copy_groups(checked.digests, label_array[kept]),
+        skipped=tuple(outcome.skipped),
+        groups=copy_groups(outcome.digests, labels),
         note=note,
     )
 

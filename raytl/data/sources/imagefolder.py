@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -252,24 +253,14 @@ def load_imagefolder(
         labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
         tasks = [tasks[i] for i in stratified_indices(labels, limit, seed=seed)]
     mode, note = choose_mode(mode, len(tasks), image_size)
+    options: dict[str, Any] = {
+        "image_size": image_size,
+        "on_bad_file": on_bad_file,
+        "max_pixels": max_pixels,
+    }
     if mode == "stream":
         rows = FileRows(np.array([t.name[len(prefix) :] for t in tasks], dtype=object), fs, prefix)
         return index_tasks(
-            tasks,
-            rows.subset,
-            class_names=class_names,
-            source=source,
-            image_size=image_size,
-            on_bad_file=on_bad_file,
-            max_pixels=max_pixels,
-            note=note,
+            tasks, rows.subset, class_names=class_names, source=source, note=note, **options
         )
-    return decode_tasks(
-        tasks,
-        class_names=class_names,
-        source=source,
-        image_size=image_size,
-        on_bad_file=on_bad_file,
-        max_pixels=max_pixels,
-        note=note,
-    )
+    return decode_tasks(tasks, class_names=class_names, source=source, note=note, **options)
