@@ -93,25 +93,33 @@ def test_streamed_rows_decode_to_the_in_memory_pixels(folders, source):
     )
 
 
-def test_parquet_epochs_read_a_few_row_groups_at_a_time(tmp_path):
+def test_parquet_epochs_read_a_few_row_groups_at_a_time_and_mix_classes(tmp_path):
     """A streamed Parquet epoch is a permutation of the rows in which each window of row groups
-    is read together (a batch needs a few cached groups, not one read per row)."""
-    root = make_folder(tmp_path / "folder", per_class=30)
-    convert_imagefolder(str(root), str(tmp_path / "shards"), shard_size=20)
-    data = load("parquet", tmp_path / "shards", "stream")
+    is read together (a batch needs a few cached groups, not one read per row); its batches mix
+    the classes even when every row group holds one class (shards written class by class), and
+    ``raytl data convert`` writes the rows shuffled, so its row groups mix them already."""
+    root = make_folder(tmp_path / "folder", per_class=40)
+    convert_imagefolder(str(root), str(tmp_path / "sorted"), shard_size=4, shuffle_seed=None)
+    data = load("parquet", tmp_path / "sorted", "stream")
     assert isinstance(data.images.rows, ShardRows)
     rows = np.arange(0, len(data), 2)
     order = epoch_order(data.images, rows, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(len(rows)))
-    assert not np.array_equal(order, np.arange(len(rows)))
+    np.testing.assert_array_equal(order, epoch_order(data.images, rows, np.random.default_rng(0)))
     blocks = data.images.rows.blocks()[rows[order]]
-    window = len(rows) * WINDOW_BLOCKS // len(np.unique(blocks))
+    assert len(np.unique(blocks)) == 30 > WINDOW_BLOCKS
+    window = 2 * WINDOW_BLOCKS  # rows per window: 16 groups of 2 chosen rows
     assert all(
-        len(np.unique(blocks[s : s + window])) <= WINDOW_BLOCKS + 1
-        for s in range(0, len(blocks), window)
+        len(np.unique(blocks[s : s + window])) <= WINDOW_BLOCKS for s in range(0, 60, window)
     )
-    again = epoch_order(data.images, rows, np.random.default_rng(0))
-    np.testing.assert_array_equal(order, again)
+    labels = data.labels[rows[order]]
+    assert np.mean([len(np.unique(labels[s : s + 8])) for s in range(0, 56, 8)]) >= 2  # 3 classes
+
+    convert_imagefolder(str(root), str(tmp_path / "shuffled"), shard_size=4)
+    mixed = load("parquet", tmp_path / "shuffled", "stream")
+    groups = mixed.labels.reshape(-1, 4)  # one row group per 4-row shard
+    assert np.mean([len(np.unique(g)) for g in groups]) > 1.5
+    assert sorted(mixed.labels.tolist()) == sorted(data.labels.tolist())
 
 
 def test_a_file_broken_mid_stream_is_dropped_from_training_and_named(folders, tmp_path, capsys):

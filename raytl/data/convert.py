@@ -51,8 +51,14 @@ def convert_imagefolder(
     *,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    shuffle_seed: int | None = 0,
 ) -> list[str]:
     """Write an image folder as Parquet shards of the original encoded bytes.
+
+    The rows are written in a seeded random order (``shuffle_seed``; None keeps the folder's
+    order), so every row group holds a mix of classes: a streamed epoch reads a few row groups
+    together (:meth:`raytl.data.stream.StreamedImages.read_order`), and row groups of one class
+    each would make batches of one class. The ``path`` column keeps where each row came from.
 
     Every file is decoded once to validate it; unreadable ones are skipped with the same
     warning as loading. Shards are ``part-00000.parquet``, ... (columns ``image`` binary,
@@ -74,6 +80,8 @@ def convert_imagefolder(
     out = _empty_output_folder(out_dir)
     writer = _ShardWriter(out, _shard_schema(scan.class_names), shard_size)
     tasks = folder_tasks(scan)
+    if shuffle_seed is not None:
+        tasks = [tasks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(tasks))]
     skipped: list[SkippedFile] = []
     skipped_labels: list[int] = []
     kept_per_class = np.zeros(len(scan.class_names), dtype=np.int64)
