@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -50,6 +49,14 @@ QUICK_CHUNK = 250
 BATCH = 64
 CORES = os.cpu_count() or 1
 GOAL_GROWTH, GOAL_PEAK_MB, GOAL_RATIO = 0.10, 2048, 0.9
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes of this machine have used since boot (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- children (fresh processes)
@@ -123,11 +130,13 @@ def child_worker(pickled: str) -> dict:
     return {"seen": seen, "epoch_seconds": seconds, "worker_peak_mb": peak_mb()}
 
 
-def child_train(folder: str, shards: str, limit: str, reps: str) -> dict:
+def child_train(source: str, path: str, mode: str, train: str, val: str, rep: str) -> dict:
+    """One training epoch of ``UnitTrainer`` on ``train`` images, validated on ``val``."""
     import numpy as np
     import torch
 
     from raytl.data import load_data
+    from raytl.data.stream import epoch_order
     from raytl.space import Hyperparameters
     from raytl.unit import UnitTrainer
 
@@ -135,39 +144,37 @@ def child_train(folder: str, shards: str, limit: str, reps: str) -> dict:
     hp = Hyperparameters(
         backbone="efficientnet_lite0", strategy="fine_tune", epochs=1, batch_size=64, freeze_depth=2
     )
-    datas = {}
-    for source, path in (("imagefolder", folder), ("parquet", shards)):
-        for mode in ("memory", "stream"):
-            datas[source, mode] = load_data(
-                source, path=path, image_size=48, mode=mode, limit=int(limit), seed=0
-            )
-    runs = []
-    for rep in range(int(reps)):
-        for (source, mode), data in datas.items():
-            trainer = UnitTrainer(
-                hp,
-                data,
-                np.arange(len(data)),
-                np.empty(0, dtype=np.int64),
-                pretrained="package",
-                image_size=48,
-                device=torch.device("cpu"),
-                seed=0,
-            )
-            m = trainer.run_epoch()
-            run = {
-                "rep": rep,
-                "source": source,
-                "mode": mode,
-                "images": len(data),
-                "images_per_second": m["images_per_second"],
-                "epoch_seconds": m["epoch_seconds"],
-                "train_loss": m["train_loss"],
-                "train_accuracy": m["train_accuracy"],
-            }
-            print(json.dumps(run), file=sys.stderr, flush=True)
-            runs.append(run)
-    return {"runs": runs}
+    n = int(train) + int(val)
+    data = load_data(source, path=path, image_size=48, mode=mode, limit=n, seed=0)
+    rows = np.random.default_rng(0).permutation(n)
+    train_idx, val_idx = rows[: int(train)], rows[int(train) :]
+    order = epoch_order(data.images, train_idx, np.random.default_rng(0))
+    labels = data.labels[train_idx[order]]
+    classes = [len(np.unique(labels[i : i + BATCH])) for i in range(0, len(labels), BATCH)]
+    trainer = UnitTrainer(
+        hp,
+        data,
+        train_idx,
+        val_idx,
+        pretrained="package",
+        image_size=48,
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    m = trainer.run_epoch()
+    return {
+        "rep": int(rep),
+        "source": source,
+        "mode": mode,
+        "images": len(data),
+        "images_per_second": m["images_per_second"],
+        "epoch_seconds": m["epoch_seconds"],
+        "train_loss": m["train_loss"],
+        "train_accuracy": m["train_accuracy"],
+        "val_loss": m["val_loss"],
+        "val_accuracy": m["val_accuracy"],
+        "classes_per_batch": float(np.mean(classes)),
+    }
 
 
 def child_raytl_engine(shards: str) -> dict:
@@ -200,6 +207,7 @@ def child_ray_data(shards: str) -> dict:
 
     torch.set_num_threads(CORES)
     tree_peak = [0.0]
+    cpu: dict[int, float] = {}  # CPU seconds of each Ray process, as last seen
     done = threading.Event()
 
     def sample() -> None:  # summed RSS of the driver and every process it started (Ray's)
@@ -211,6 +219,9 @@ def child_ray_data(shards: str) -> dict:
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
+                    if p.pid != me.pid:
+                        times = p.cpu_times()
+                        cpu[p.pid] = times.user + times.system
             tree_peak[0] = max(tree_peak[0], total / 2**20)
 
     def decode(batch: dict) -> dict:
@@ -244,6 +255,7 @@ def child_ray_data(shards: str) -> dict:
         "epoch_seconds": seconds,
         "driver_peak_mb": peak_mb(),
         "tree_peak_mb": tree_peak[0],
+        "unreaped_cpu_seconds": sum(cpu.values()),  # Ray's processes: not this one's children
     }
 
 
@@ -257,8 +269,22 @@ CHILDREN = {
 }
 
 
+def wait_quiet(limit: float = 0.15, patience: float = 120.0) -> None:
+    """Wait (up to ``patience`` s) until other processes use under ``limit`` cores for 2 s."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        busy0 = busy_seconds()
+        time.sleep(2.0)
+        if (busy_seconds() - busy0) / 2.0 < limit:
+            return
+
+
 def child(kind: str, *args: str, env: dict | None = None) -> dict:
-    """Run ``kind`` in a fresh Python process; its JSON result."""
+    """Run ``kind`` in a fresh Python process; its JSON result, with ``others_cores``: the CPU
+    that processes other than this one's children used meanwhile, in cores (a child's processes
+    that it did not wait for, Ray's, are reported by it as ``unreaped_cpu_seconds``)."""
+    wait_quiet()
+    t0, busy0, mine0 = time.perf_counter(), busy_seconds(), os.times()
     done = subprocess.run(
         [sys.executable, __file__, "_child", kind, *args],
         capture_output=True,
@@ -269,14 +295,33 @@ def child(kind: str, *args: str, env: dict | None = None) -> dict:
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
         raise RuntimeError(f"child {kind} {args} failed with {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    mine1 = os.times()
+    mine = mine1.children_user + mine1.children_system - mine0.children_user
+    mine -= mine0.children_system
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    mine += result.pop("unreaped_cpu_seconds", 0.0)
+    others = (busy_seconds() - busy0 - mine) / (time.perf_counter() - t0)
+    return result | {"others_cores": max(0.0, others)}
 
 
 # ---------------------------------------------------------------- data
 
 
+def code_hash(*parts: str) -> str:
+    """A digest of raytl's source files (all of them, or those under ``parts``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted((REPO / "raytl").rglob("*.py")):
+        if not parts or any(str(file).startswith(str(REPO / "raytl" / p)) for p in parts):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def prepare(data: Path, sizes: list[int], chunk: int) -> dict[int, tuple[Path, Path]]:
-    """The ImageFolder and the shards of each N (generated once, reused)."""
+    """The ImageFolder and the shards of each N (generated once, reused; the shards again when
+    ``convert_imagefolder`` changed)."""
+    convert = code_hash("data/convert.py")
     chunks = -(-max(sizes) // chunk)
     todo = [k for k in range(chunks) if not (data / "chunks" / f"{k:03d}.done").exists()]
     if todo:
@@ -306,13 +351,14 @@ def prepare(data: Path, sizes: list[int], chunk: int) -> dict[int, tuple[Path, P
                 if not left:
                     break
             (data / f"folder-{n}.done").touch()
-        if not (data / f"shards-{n}.done").exists():
+        marker = data / f"shards-{n}.done"
+        if not marker.exists() or marker.read_text() != convert:
             from raytl.data import convert_imagefolder
 
             shutil.rmtree(shards, ignore_errors=True)
             t0 = time.perf_counter()
             convert_imagefolder(str(folder), str(shards), shard_size=1000)
-            (data / f"shards-{n}.done").touch()
+            marker.write_text(convert)
             print(f"converted {n} in {time.perf_counter() - t0:.0f} s", flush=True)
         out[n] = (folder, shards)
     return out
@@ -327,7 +373,8 @@ def memory_in_n(sets: dict[int, tuple[Path, Path]], scratch: Path) -> list[dict]
         for source, path in (("imagefolder", folder), ("parquet", shards)):
             pickled = scratch / f"data-{source}-{n}.pkl"
             row = {"n": n, "source": source}
-            row |= child("driver", source, str(path), str(pickled))
+            driver = child("driver", source, str(path), str(pickled))
+            row |= driver | {"driver_others": driver.pop("others_cores")}
             row |= child("worker", str(pickled))
             pickled.unlink()
             row["images_per_second"] = row["seen"] / row["epoch_seconds"]
@@ -337,8 +384,14 @@ def memory_in_n(sets: dict[int, tuple[Path, Path]], scratch: Path) -> list[dict]
     return rows
 
 
-def stream_vs_memory(folder: Path, shards: Path, limit: int, reps: int) -> list[dict]:
-    runs = child("train", str(folder), str(shards), str(limit), str(reps))["runs"]
+def stream_vs_memory(folder: Path, shards: Path, train: int, val: int, reps: int) -> list[dict]:
+    runs = []
+    for rep in range(reps):  # alternated, each in a fresh process
+        for source, path in (("imagefolder", folder), ("parquet", shards)):
+            for mode in ("memory", "stream"):
+                run = child("train", source, str(path), mode, str(train), str(val), str(rep))
+                print(json.dumps(run), flush=True)
+                runs.append(run)
     out = []
     for source in ("imagefolder", "parquet"):
         row: dict = {"source": source}
@@ -349,7 +402,10 @@ def stream_vs_memory(folder: Path, shards: Path, limit: int, reps: int) -> list[
             row[mode + "_all"] = [round(r["images_per_second"], 1) for r in mine]
             row[mode + "_loss"] = mine[0]["train_loss"]
             row[mode + "_acc"] = mine[0]["train_accuracy"]
+            row[mode + "_val"] = mine[0]["val_accuracy"]
+            row[mode + "_classes"] = mine[0]["classes_per_batch"]
         row["ratio"] = row["stream"] / row["memory"]
+        row["others_cores"] = max(r["others_cores"] for r in runs if r["source"] == source)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -377,19 +433,20 @@ def engines(shards: Path, reps: int) -> list[dict]:
 # ---------------------------------------------------------------- the section
 
 
-def section(res: dict, args: argparse.Namespace, commit: str) -> str:
-    from strategies import machine
-
-    when = datetime.date.today().isoformat()
+def section(res: dict, args: argparse.Namespace) -> str:
     mem, train, eng = res["memory"], res["train"], res["engine"]
     lines = [
         HEADING,
         "",
-        f"`.venv/bin/python {res['command']}`, {when}, at commit {commit} (benchmarks/stream.py "
-        f"not committed yet); {machine()}; {res['minutes']:.0f} min in all, data generation "
-        "excluded (reused from an earlier run of the same command where it existed).",
+        res["provenance"],
+        "",
+        f"{res['minutes']:.0f} min in all, data generation and conversion excluded (generated once, reused). This machine is shared: each "
+        "measurement first waits (up to 2 min) for 2 s in which other processes use under 0.15 "
+        "cores; others is the CPU that processes other than the benchmark's then used during "
+        "it, in cores of the 2 (above 0.1, that row's speed is not this code's alone).",
         "JPEGs at 224 px (Fashion-MNIST upscaled with noise, `scale.make_images`), as an "
-        "ImageFolder and as Parquet shards of 1,000 rows (256-row row groups).",
+        "ImageFolder and as Parquet shards of 1,000 rows (256-row row groups) written by "
+        "`convert_imagefolder` at this commit (its defaults).",
         "",
         "### Memory in N",
         "",
@@ -401,35 +458,41 @@ def section(res: dict, args: argparse.Namespace, commit: str) -> str:
         "cores. Peak is each process's VmHWM.",
         "",
         "| N | source | index s | object store MB | driver peak MB | epoch s | img/s | "
-        "img/s per core | worker peak MB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "img/s per core | worker peak MB | others |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in mem:
         lines.append(
             f"| {r['n']:,} | {r['source']} | {r['index_seconds']:.1f} | {r['store_mb']:.1f} | "
             f"{r['driver_peak_mb']:,.0f} | {r['epoch_seconds']:.1f} | "
-            f"{r['images_per_second']:,.0f} | {r['per_core']:,.0f} | {r['worker_peak_mb']:,.0f} |"
+            f"{r['images_per_second']:,.0f} | {r['per_core']:,.0f} | {r['worker_peak_mb']:,.0f} | "
+            f"{r['driver_others']:.2f} / {r['others_cores']:.2f} |"
         )
     lines += [
         "",
         "### Streaming vs memory, one training epoch",
         "",
         f"`UnitTrainer.run_epoch()`: fine_tune, efficientnet_lite0 (package weights), 48 px, "
-        f"batch 64, freeze_depth 2, CPU, {CORES} torch threads, no validation; the same "
-        f"{train[0]['images']:,} images (`data.limit` of the {args.train_set:,}-image set, "
-        f"seed 0) in each mode; {args.reps} alternating repetitions, median training img/s "
-        "(each run's figure in brackets). Loss and accuracy: the first repetition's.",
+        f"batch 64, freeze_depth 2, CPU, {CORES} torch threads; the same "
+        f"{args.train_images:,} train and {args.val_images:,} validation images (`data.limit` of "
+        f"the {args.train_set:,}-image set, seed 0, then a seeded split) in each mode; "
+        f"{args.reps} alternating repetitions, median training img/s (each run's figure in "
+        "brackets). Train loss / accuracy (over the epoch, as it trains), validation accuracy "
+        "after the epoch and classes per batch of 64 (of 10; the mean over the epoch's "
+        "batches in `epoch_order`): the first repetition's. Each run is a fresh process; "
+        "others: the highest of the source's runs.",
         "",
-        "| source | memory img/s | stream img/s | stream / memory | memory loss / acc | "
-        "stream loss / acc |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| source | memory img/s | stream img/s | stream / memory | memory train loss / acc, "
+        "val acc, classes | stream train loss / acc, val acc, classes | others |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in train:
         lines.append(
             f"| {r['source']} | {r['memory']:.1f} {r['memory_all']} | "
             f"{r['stream']:.1f} {r['stream_all']} | {r['ratio']:.2f} | "
-            f"{r['memory_loss']:.4f} / {r['memory_acc']:.4f} | "
-            f"{r['stream_loss']:.4f} / {r['stream_acc']:.4f} |"
+            f"{r['memory_loss']:.4f} / {r['memory_acc']:.4f}, {r['memory_val']:.4f}, "
+            f"{r['memory_classes']:.1f} | {r['stream_loss']:.4f} / {r['stream_acc']:.4f}, "
+            f"{r['stream_val']:.4f}, {r['stream_classes']:.1f} | {r['others_cores']:.2f} |"
         )
     lines += [
         "",
@@ -446,8 +509,8 @@ def section(res: dict, args: argparse.Namespace, commit: str) -> str:
         "setup is the index build.",
         "",
         "| engine | rep | images | setup s | epoch s | img/s | driver peak MB | "
-        "all processes peak MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "all processes peak MB | others |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in eng:
         tree = f"{r['tree_peak_mb']:,.0f}" if "tree_peak_mb" in r else "= driver"
@@ -455,7 +518,7 @@ def section(res: dict, args: argparse.Namespace, commit: str) -> str:
         lines.append(
             f"| {name} | {r['rep'] + 1} | {r['seen']:,} | {r['setup_seconds']:.1f} | "
             f"{r['epoch_seconds']:.1f} | {r['images_per_second']:,.0f} | "
-            f"{r['driver_peak_mb']:,.0f} | {tree} |"
+            f"{r['driver_peak_mb']:,.0f} | {tree} | {r['others_cores']:.2f} |"
         )
     lines += ["", "Reading:", "", *reading(res), *res.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -491,8 +554,22 @@ def reading(res: dict) -> list[str]:
     for r in res["train"]:
         out.append(
             f"- Training from {r['source']}: stream {r['ratio']:.2f}x memory's img/s (goal >= "
-            f"{GOAL_RATIO}: {'met' if r['ratio'] >= GOAL_RATIO else 'NOT met'}); first-epoch "
-            f"train loss {r['memory_loss']:.4f} in memory, {r['stream_loss']:.4f} streamed."
+            f"{GOAL_RATIO}: {'met' if r['ratio'] >= GOAL_RATIO else 'NOT met'}); after the "
+            f"epoch, validation accuracy {r['memory_val']:.4f} in memory, "
+            f"{r['stream_val']:.4f} streamed; train loss {r['memory_loss']:.4f} and "
+            f"{r['stream_loss']:.4f}; {r['memory_classes']:.1f} and {r['stream_classes']:.1f} "
+            "classes per batch."
+        )
+    noisy = [f"{r['n']:,} {r['source']}" for r in mem if r["others_cores"] > 0.1]
+    noisy += [f"training from {r['source']}" for r in res["train"] if r["others_cores"] > 0.1]
+    noisy += [
+        f"engine {r['engine']} rep {r['rep'] + 1}" for r in res["engine"] if r["others_cores"] > 0.1
+    ]
+    if noisy:
+        out.append(
+            "- Measured while other processes used over 0.1 cores (speeds not this code's alone): "
+            + ", ".join(noisy)
+            + "."
         )
     eng = res["engine"]
     ray_rate = statistics.median(r["images_per_second"] for r in eng if r["engine"] == "ray_data")
@@ -517,35 +594,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 500 and 1,000, small sets")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--data", help="folder for the generated data, kept and reused")
-    parser.add_argument("--reps", type=int, default=2, help="repetitions of the training epochs")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the training epochs")
     parser.add_argument("--train-images", type=int, default=4000)
-    parser.add_argument("--engine-reps", type=int, default=1)
+    parser.add_argument("--val-images", type=int, default=1000)
+    parser.add_argument("--engine-reps", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.train_images = [500, 1000], 300
+        args.sizes, args.train_images, args.val_images = [500, 1000], 300, 100
     chunk = QUICK_CHUNK if args.quick else CHUNK
     default = Path(tempfile.gettempdir()) / (
         "raytl-bench-stream" + ("-quick" if args.quick else "")
     )
     data = Path(args.data) if args.data else default
     data.mkdir(parents=True, exist_ok=True)
-    command = "benchmarks/stream.py " + " ".join(sys.argv[1:])
-    start = time.perf_counter()
+    from strategies import provenance
+
+    command = (".venv/bin/python benchmarks/stream.py " + " ".join(sys.argv[1:])).strip()
     sets = prepare(data, args.sizes, chunk)
+    code = code_hash()
     args.train_set = args.engine_set = min(args.sizes)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raytl-bench-stream-") as scratch:
-        res = {"command": command.strip()}
+        res = {"command": command, "provenance": provenance(command)}
         res["memory"] = memory_in_n(sets, Path(scratch))
         small = sets[min(args.sizes)]
-        res["train"] = stream_vs_memory(*small, args.train_images, args.reps)
+        res["train"] = stream_vs_memory(*small, args.train_images, args.val_images, args.reps)
         res["engine"] = engines(small[1], args.engine_reps)
     res["minutes"] = (time.perf_counter() - start) / 60
+    if code_hash() != code:
+        res["notes"] = ["- raytl's source files changed during this run: figures mix two versions."]
     (data / "results.json").write_text(json.dumps(res, indent=1))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    text = section(res, args, commit)
+    text = section(res, args)
     print(text)
     if not args.no_write:
         from strategies import write_section
