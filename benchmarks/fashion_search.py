@@ -1,10 +1,10 @@
-"""It really runs big: a streamed search on all 60,000 Fashion-MNIST training images.
+"""It really runs big: a streamed search on all 70,000 Fashion-MNIST images.
 
     .venv/bin/python benchmarks/fashion_search.py              # about 10 min on 2 cores
     .venv/bin/python benchmarks/fashion_search.py --limit 3000 # quick
 
-Writes Fashion-MNIST's 60,000 training images (Debian's dataset-fashion-mnist, offline) as PNG
-files in an image folder, converts them to Parquet shards with ``raytl data convert``, then runs
+Writes Fashion-MNIST's 70,000 images (its 60,000 training and 10,000 test images, from Debian's
+dataset-fashion-mnist, offline) as PNG files in an image folder, converts them to Parquet shards with ``raytl data convert``, then runs
 ``raytl search`` on the shards with ``data.mode: stream`` (a cached linear probe and a few short
 fine-tuning trials, sized for a 2-core machine). While the search runs, every process of its
 session (the driver, Ray's processes, the trials' workers) is sampled from /proc twice a second;
@@ -37,7 +37,7 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 
 
 def write_folder(root: Path) -> int:
-    """Every Fashion-MNIST training image as a PNG under ``root/<class>/``."""
+    """Every Fashion-MNIST image (training and test files) as a PNG under ``root/<class>/``."""
     from raytl.data import load_data
 
     fashion = load_data("fashion-mnist", path=FASHION)
@@ -118,7 +118,7 @@ def space(shards: Path, limit: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, help="data.limit (quick runs); default: all 60,000")
+    parser.add_argument("--limit", type=int, help="data.limit (quick runs); default: all 70,000")
     parser.add_argument("--data", type=Path, help="keep the folder and shards here (reused)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
             + (f" --limit {args.limit}" if args.limit else "")
         ),
         "",
-        "All of Fashion-MNIST's training images (60,000 PNGs at 28 px, as Parquet shards written by "
+        "All of Fashion-MNIST (70,000 PNGs at 28 px: its 60,000 training and 10,000 test images, "
+        "as Parquet shards written by "
         "`raytl data convert`), searched with `data.mode: stream` at 32 px: holdout, 4 trials "
         "(linear probe on the cached features or fine-tuning the top blocks, 1 epoch), one at a "
         "time, 2 CPUs per trial, then the refit on train+val and the test. Peaks are each "
