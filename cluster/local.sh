@@ -11,7 +11,8 @@
 # Environment: RAYTL_LOCAL_CLUSTER (state folder: token, pids, logs; default ~/.raytl/local-cluster),
 # GCS_PORT (default 6380), DASHBOARD_PORT (default 8265), RAY (the ray CLI; default: the one in
 # .venv, else on PATH). `down` stops only the processes `up` started (never `ray stop`, which would
-# end every Ray process on the machine).
+# end every Ray process on the machine), puts back Ray's current-cluster file as `up` found it and
+# removes the worker nodes' temp folders.
 set -euo pipefail
 
 STATE=${RAYTL_LOCAL_CLUSTER:-$HOME/.raytl/local-cluster}
@@ -41,10 +42,31 @@ start_node() {  # name, then ray start arguments
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# `ray start --head` writes Ray's current-cluster file (/tmp/ray/ray_current_cluster), which
+# every plain `ray.init()` on the machine reads: `up` keeps what was there, `down` puts it back.
+current_cluster() {  # save | restore
+  "$PYTHON" - "$1" "$STATE/current_cluster" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from ray._private.utils import get_ray_address_file
+action, saved = sys.argv[1], Path(sys.argv[2])
+live, absent = Path(get_ray_address_file(None)), saved.with_suffix(".absent")
+if action == "save":
+    shutil.copy2(live, saved) if live.is_file() else absent.touch()
+elif saved.is_file():
+    shutil.copy2(saved, live)
+    saved.unlink()
+elif absent.exists():
+    live.unlink(missing_ok=True)
+    absent.unlink()
+EOF
+}
+
 up() {
   local workers=${1:-2} cpus=${2:-1} gpus=${3:-0}
   mkdir -p "$STATE" && chmod 700 "$STATE"
   if alive "$STATE/head.pid"; then echo "already up (cluster/local.sh status)"; exit 1; fi
+  current_cluster save
   if [ ! -s "$STATE/auth_token" ]; then  # 256 random bits, readable by this user only
     (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$STATE/auth_token")
   fi
@@ -101,6 +123,9 @@ down() {
     kill -KILL -- "-$pid" 2>/dev/null || true
     rm -f "$file"
   done
+  current_cluster restore
+  rm -rf "$NODE_TMP"/w*  # the worker nodes' temp folders `up` made
+  rmdir "$NODE_TMP" 2>/dev/null || true
   echo "down"
 }
 
