@@ -53,12 +53,9 @@ def convert_imagefolder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shuffle_seed: int | None = 0,
 ) -> list[str]:
-    """Write an image folder as Parquet shards of the original encoded bytes.
-
-    The rows are written in a seeded random order (``shuffle_seed``; None keeps the folder's
-    order), so every row group holds a mix of classes: a streamed epoch reads a few row groups
-    together (:meth:`raytl.data.stream.StreamedImages.read_order`), and row groups of one class
-    each would make batches of one class. The ``path`` column keeps where each row came from.
+    """Write an image folder as Parquet shards of the original encoded bytes, in a seeded random
+    order (``shuffle_seed``; None keeps the folder's) so that every row group mixes the classes
+    (a streamed epoch reads a few row groups together; the ``path`` column keeps each origin).
 
     Every file is decoded once to validate it; unreadable ones are skipped with the same
     warning as loading. Shards are ``part-00000.parquet``, ... (columns ``image`` binary,
@@ -80,7 +77,7 @@ def convert_imagefolder(
     out = _empty_output_folder(out_dir)
     writer = _ShardWriter(out, _shard_schema(scan.class_names), shard_size)
     tasks = folder_tasks(scan)
-    if shuffle_seed is not None:
+    if shuffle_seed is not None:  # one class per row group would make one-class batches
         tasks = [tasks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(tasks))]
     skipped: list[SkippedFile] = []
     skipped_labels: list[int] = []
@@ -95,15 +92,7 @@ def convert_imagefolder(
             writer.add(result, task.label, Path(task.name).relative_to(scan.root).as_posix())
             kept_per_class[task.label] += 1
         writer.flush()
-        if not writer.written:
-            raise DataError(
-                f"no readable images in {scan.root}: all {len(tasks)} files failed to decode"
-            )
-        empty = [n for n, k in zip(scan.class_names, kept_per_class, strict=True) if k == 0]
-        if empty:
-            raise DataError(
-                f"{scan.root}: class(es) {', '.join(map(repr, empty))} have no readable images"
-            )
+        _check_kept(scan, kept_per_class)
         _write_manifest(out, scan, writer, skipped)
     except BaseException:
         writer.remove_all()
@@ -111,6 +100,20 @@ def convert_imagefolder(
     if skipped:
         warn_skipped(skipped, skipped_labels, scan.class_names, str(scan.root))
     return [out.uri_of(name) for name in writer.written]
+
+
+def _check_kept(scan: FolderScan, kept_per_class: np.ndarray) -> None:
+    """Refuse a conversion that kept no image, or none of some class."""
+    if not kept_per_class.any():
+        raise DataError(
+            f"no readable images in {scan.root}: all {len(scan.files) + len(scan.refused)} files "
+            "failed to decode"
+        )
+    empty = [n for n, k in zip(scan.class_names, kept_per_class, strict=True) if k == 0]
+    if empty:
+        raise DataError(
+            f"{scan.root}: class(es) {', '.join(map(repr, empty))} have no readable images"
+        )
 
 
 def _empty_output_folder(out_dir: str) -> Storage:
