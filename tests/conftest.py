@@ -49,3 +49,23 @@ def synthetic():
     from raytl.data import load_data
 
     return load_data("synthetic", synthetic_classes=4, synthetic_per_class=40, seed=0)
+
+
+def save_test_model(folder: Path, image_size: int) -> Path:
+    """efficientnet_lite0 with the packaged ImageNet weights and a fresh 3-class head (seeded),
+    saved as raytl saves a model into ``folder``, for the commands that read a saved model."""
+    import torch
+
+    from raytl.models import create_model, save_model
+    from raytl.preprocess import preprocessing_for
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, "package")
+    save_model(
+        folder,
+        model,
+        backbone="efficientnet_lite0",
+        class_names=["ant", "bee", "cow"],
+        preprocessing=preprocessing_for(model, image_size),
+    )
+    return folder

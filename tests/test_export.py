@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from raytl.data.images import decode_image
-from raytl.models import create_model, load_saved_model, save_model
-from raytl.preprocess import BatchPreparer, preprocessing_for
+from raytl.models import load_saved_model
+from raytl.preprocess import BatchPreparer
+from tests.conftest import save_test_model
 from tests.test_cli import raytl
 from tests.test_stream import photo
 
@@ -28,15 +29,7 @@ def saved(tmp_path_factory):
     """efficientnet_lite0 with the packaged ImageNet weights and a new 3-class head, saved as
     raytl saves a model, and a few real JPEG and PNG files."""
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 3, "package")
-    save_model(
-        root / "model",
-        model,
-        backbone="efficientnet_lite0",
-        class_names=["ant", "bee", "cow"],
-        preprocessing=preprocessing_for(model, 48),
-    )
+    save_test_model(root / "model", 48)
     fmt = ("JPEG", "PNG")
     images = [photo(root / f"{i}.img", seed=i, fmt=fmt[i % 2]) for i in range(5)]
     return root / "model", images

@@ -11,22 +11,15 @@ import torch
 
 from raytl.cli import main
 from raytl.data.images import decode_image
-from raytl.models import create_model, load_saved_model, save_model
+from raytl.models import load_saved_model
 from raytl.predict import PREDICT_BATCH, predict_paths
-from raytl.preprocess import BatchPreparer, preprocessing_for
+from raytl.preprocess import BatchPreparer
+from tests.conftest import save_test_model
 from tests.test_stream import photo
 
 
 def test_batches_give_the_answers_of_single_images_in_file_order(tmp_path):
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 3, "package")
-    save_model(
-        tmp_path / "model",
-        model,
-        backbone="efficientnet_lite0",
-        class_names=["ant", "bee", "cow"],
-        preprocessing=preprocessing_for(model, 32),
-    )
+    save_test_model(tmp_path / "model", 32)
     files = [photo(tmp_path / "images" / f"{i:03d}.jpg", seed=i) for i in range(PREDICT_BATCH + 6)]
     files[3].write_bytes(b"not an image")
     results = predict_paths(tmp_path / "model", [tmp_path / "images"], top=2)
@@ -48,15 +41,7 @@ def test_batches_give_the_answers_of_single_images_in_file_order(tmp_path):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 3, "package")
-    save_model(
-        root / "model",
-        model,
-        backbone="efficientnet_lite0",
-        class_names=["ant", "bee", "cow"],
-        preprocessing=preprocessing_for(model, 32),
-    )
+    save_test_model(root / "model", 32)
     files = [photo(root / "images" / f"{i}.jpg", seed=i) for i in range(4)]
     files[1].write_bytes(b"not an image")
     return root / "model", root / "images"
