@@ -16,13 +16,29 @@ REPO = Path(__file__).resolve().parent.parent
 def remove_ray_temp_of(pid: int) -> None:
     """Remove the Ray temp folder (``$TMPDIR/raytl-ray-*``) of a search driver the test killed
     with SIGKILL (it had no chance to remove it): the one whose Ray session is named after the
-    driver's pid. Nothing else is touched."""
+    driver's pid. Nothing else is touched. Ray's processes go on exiting for a moment after the
+    kill and can write into it again, so the removal is repeated (for up to 20 s) until the
+    folder has stayed gone for 3 s."""
     import shutil
     import tempfile
+    import time
 
-    for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*"):
-        if list(folder.glob(f"ray/session_*_{pid}")):
+    mine = [
+        folder
+        for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*")
+        if list(folder.glob(f"ray/session_*_{pid}"))
+    ]
+    for folder in mine:
+        gone_since = None
+        for _ in range(40):
             shutil.rmtree(folder, ignore_errors=True)
+            time.sleep(0.5)
+            if folder.exists():
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since >= 3:
+                break
 
 
 def write_space(tmp_path: Path, body: dict, name: str = "space.yaml") -> Path:
