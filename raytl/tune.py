@@ -122,7 +122,6 @@ class ProgressLine(tune.Callback):
             return
         if self._bar is None:
             self._bar = console.bar(self.total, "trials", unit="trial")
-            self._bar.n = self.finished
         self._bar.n = self.finished
         self._bar.set_postfix_str(self._state(trials).split(", ", 1)[1], refresh=True)
 

@@ -87,9 +87,6 @@ class FileRows:
     def name(self, row: int) -> str:
         return self.prefix + str(self.paths[row])
 
-    def blocks(self) -> np.ndarray:
-        return np.arange(len(self))  # any file can be read on its own
-
     def read(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> list[bytes | Exception]:
         return list(pool.map(self._read_one, rows.tolist()))
 
@@ -227,9 +224,9 @@ class StreamedImages:
         permutation; for Parquet the row groups in random order, rows shuffled within windows
         of :data:`WINDOW_BLOCKS` groups (so a batch needs a few cached groups, not one read per
         row; 16 random groups mix classes even in shards written class by class)."""
+        if isinstance(self.rows, FileRows):  # any file can be read on its own
+            return rng.permutation(len(rows))
         blocks = self.rows.blocks()[np.asarray(rows, dtype=np.int64)]
-        if isinstance(self.rows, FileRows):
-            return rng.permutation(len(blocks))
         unique, inverse = np.unique(blocks, return_inverse=True)
         rank = rng.permutation(len(unique))[inverse]  # each block's place in the epoch
         return np.lexsort((rng.random(len(blocks)), rank // WINDOW_BLOCKS))
