@@ -139,6 +139,8 @@ def epoch_report(
         **summarize(unit_metrics),
         "epoch": unit_metrics[0]["epoch"],
         "total_epochs": total_epochs,
+        "rung_epoch": unit_metrics[0]["rung_epoch"],  # what ASHA counts (raytl.strategies)
+        "probe_passes": statistics.fmean(m["probe_passes"] for m in unit_metrics),
         "phase": unit_metrics[0]["phase"],
         "units": units,
         "workers": workers,

@@ -35,7 +35,7 @@ from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
 from raytl.errors import RaytlError
-from raytl.refit import RefitResult, remote_refit
+from raytl.refit import RefitResult, remote_refit, searched_passes
 from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
 from raytl.rundir import check_storage, write_skipped, write_space
@@ -185,9 +185,11 @@ def refit_configurations(
     """Refit each distinct configuration the schemes tried (or a seeded random ``sample`` of them)
     on the whole training pool, as parallel Ray tasks; the result per configuration key."""
     distinct: dict[str, dict[str, Any]] = {}
+    passes: dict[str, int | None] = {}
     for table in tables.values():
         for _, row in table[table["status"] != "error"].iterrows():
             distinct.setdefault(row["config_key"], sampled_values(row))
+            passes.setdefault(row["config_key"], searched_passes(row))
     keys = sorted(distinct)
     if sample is not None and sample < len(keys):
         keys = sorted(np.random.default_rng(seed).choice(keys, size=sample, replace=False).tolist())
@@ -200,7 +202,7 @@ def refit_configurations(
     for key in keys:
         hp = config.hyperparameters(distinct[key])
         futures[key] = refit.remote(
-            config, hp, shared.data, shared.features.get(hp.backbone_name), False
+            config, hp, shared.data, shared.features.get(hp.backbone_name), False, passes[key]
         )
     return {key: ray.get(future) for key, future in futures.items()}
 

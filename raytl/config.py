@@ -372,13 +372,6 @@ def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
     try:
         _check_freeze_depth(config, depths)
         check_positive(config.space)
-        epochs = max(config.options("epochs", config.search.max_epochs))
-        for v in config.options("lp_epochs", None):
-            require(
-                v is None or v < epochs,
-                "space.lp_epochs",
-                f"expected fewer than the epochs ({epochs}), got {v}",
-            )
     except InvalidValue as exc:
         raise ConfigError(src, exc.key, exc.message) from None
 

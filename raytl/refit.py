@@ -65,15 +65,20 @@ def refit(
     data: ImageData,
     features: np.ndarray | None = None,
     keep_state: bool = True,
+    probe_passes: int | None = None,
 ) -> RefitResult:
     """Train ``hp`` on the whole pool (train+val), evaluate on the test split.
 
     ``keep_state=False`` returns the figures only (``raytl compare`` refits many configurations).
+    ``probe_passes``: a converged probe phase's passes, as the searched trial's units kept them
+    (the pool has no validation split to stop on, :mod:`raytl.probe`).
     """
     started = time.perf_counter()
     pool, test = config.data.split_test(data)
     no_val = np.array([], dtype=np.int64)
-    trainer = UnitTrainer.for_space(config, hp, data, pool, no_val, features=features)
+    trainer = UnitTrainer.for_space(
+        config, hp, data, pool, no_val, features=features, probe_passes=probe_passes
+    )
     history = [trainer.run_epoch() for _ in range(trainer.total_epochs)]
     result = trainer.evaluate(test)
     state = (
@@ -93,6 +98,12 @@ def refit(
         preprocessing=trainer.pre,
         state=state,
     )
+
+
+def searched_passes(row: pd.Series) -> int | None:
+    """The passes a trial's converged probe kept (mean over its units, rounded), if it had one."""
+    passes = row.get("probe_passes")
+    return int(round(passes)) if passes is not None and passes == passes and passes > 0 else None
 
 
 def remote_refit(config: SpaceConfig) -> Any:
@@ -129,7 +140,12 @@ def refit_best(
     )
     result: RefitResult = wait_for(
         remote_refit(config).remote(
-            config, hp, inputs.data, inputs.features.get(hp.backbone_name), True
+            config,
+            hp,
+            inputs.data,
+            inputs.features.get(hp.backbone_name),
+            True,
+            searched_passes(best),
         ),
         "refit on train+val",
     )

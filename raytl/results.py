@@ -49,6 +49,7 @@ def _metric_columns(m: dict[str, Any], metric: str) -> dict[str, Any]:
     row["unit_names"] = unit_names
     row["unit_val_accuracy"] = [m.get(f"unit/{u}/val_accuracy") for u in unit_names]
     row["unit_nodes"] = [m.get(f"unit/{u}/node_id") for u in unit_names]
+    row["probe_passes"] = m.get("probe_passes", 0.0)  # a converged probe's passes, mean over units
     return row
 
 

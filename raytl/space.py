@@ -39,7 +39,6 @@ class Hyperparameters:
     label_smoothing: float = 0.0
     batch_size: int = 64
     epochs: int | None = None  # None: search.max_epochs
-    lp_epochs: int | None = None  # lp_ft's probe phase; None: a third of the epochs (at least 1)
     augment: bool = False
 
     @property
@@ -142,6 +141,13 @@ def parse_param(name: str, entry: Any, source: str) -> ParamSpec:
 def parse_params(space_raw: dict[str, Any], source: str) -> dict[str, ParamSpec]:
     """Parse the ``space`` section, checking types against :class:`Hyperparameters` and that
     every condition names a choice (or constant) with values it can take."""
+    if "lp_epochs" in space_raw:
+        raise ConfigError(
+            source,
+            "space.lp_epochs",
+            "lp_ft's probe phase now trains its head to convergence (early stopping on validation "
+            "loss) in the trial's first report; remove this key",
+        )
     reject_unknown(space_raw, list(HYPERPARAMETER_NAMES), source, "space")
     specs = {name: parse_param(name, entry, source) for name, entry in space_raw.items()}
     for spec in specs.values():
@@ -238,7 +244,7 @@ def check_positive(specs: dict[str, ParamSpec]) -> None:
         spec = specs.get(name)
         return spec.options() if spec is not None else []
 
-    for name in ("head_lr", "backbone_lr", "batch_size", "epochs", "lp_epochs", "layer_decay"):
+    for name in ("head_lr", "backbone_lr", "batch_size", "epochs", "layer_decay"):
         for v in values(name):
             require(v is None or v > 0, f"space.{name}", f"expected > 0, got {v}")
     for name in ("label_smoothing", "layer_decay"):

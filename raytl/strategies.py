@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 
 class StrategySettings(Protocol):
@@ -22,8 +24,6 @@ class StrategySettings(Protocol):
 
     @property
     def epochs(self) -> int | None: ...
-    @property
-    def lp_epochs(self) -> int | None: ...
     @property
     def freeze_depth(self) -> int: ...
     @property
@@ -47,6 +47,7 @@ class Phase:
     backbone_lr: float
     layer_decay: float
     augment: bool
+    converge: bool = False  # a head on frozen features, trained to convergence in one report
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,16 @@ def _epochs(hp: StrategySettings) -> int:
     return hp.epochs
 
 
+def _probe(hp: StrategySettings, n_blocks: int) -> Phase:
+    """A head on the frozen backbone, trained to convergence (early stopping on validation loss)
+    inside one report: each pass over cached features costs milliseconds, so a probe judged after
+    the fine-tuning trials' 2-3 epochs would be judged underfit, not bad. Augmentation off: the
+    frozen backbone then sees fixed features, which the trainer computes once."""
+    return Phase("probe", 1, n_blocks, hp.head_lr, 0.0, 1.0, False, converge=True)
+
+
 def _linear_probe(hp: StrategySettings, n_blocks: int) -> list[Phase]:
-    # augmentation off: a frozen backbone sees fixed features, which the trainer computes once
-    return [Phase("probe", _epochs(hp), n_blocks, hp.head_lr, 0.0, 1.0, False)]
+    return [_probe(hp, n_blocks)]
 
 
 def _fine_tune(hp: StrategySettings, n_blocks: int) -> list[Phase]:
@@ -86,24 +94,9 @@ def _fine_tune(hp: StrategySettings, n_blocks: int) -> list[Phase]:
 
 
 def _lp_ft(hp: StrategySettings, n_blocks: int) -> list[Phase]:
-    # Kumar et al. 2022: probe first so fine-tuning starts from a good head and distorts features less
-    epochs = _epochs(hp)
-    probe_epochs = hp.lp_epochs if hp.lp_epochs is not None else max(1, epochs // 3)
-    probe_epochs = min(probe_epochs, epochs)
-    phases = [Phase("probe", probe_epochs, n_blocks, hp.head_lr, 0.0, 1.0, False)]
-    if epochs > probe_epochs:
-        phases.append(
-            Phase(
-                "fine_tune",
-                epochs - probe_epochs,
-                min(hp.freeze_depth, n_blocks),
-                hp.head_lr,
-                hp.backbone_lr,
-                hp.layer_decay,
-                hp.augment,
-            )
-        )
-    return phases
+    # Kumar et al. 2022: probe first so fine-tuning starts from a good head and distorts features
+    # less; the probe converges in its one report, then ``epochs`` fine-tuning epochs follow
+    return [_probe(hp, n_blocks), *_fine_tune(hp, n_blocks)]
 
 
 def _scratch(hp: StrategySettings, n_blocks: int) -> list[Phase]:
@@ -118,6 +111,37 @@ STRATEGIES: dict[str, Strategy] = {
     "lp_ft": Strategy("lp_ft", True, _lp_ft, probes_first=True),
     "scratch": Strategy("scratch", False, _scratch),
 }
+
+
+def phase_at(phases: list[Phase], epoch: int) -> int:
+    """The phase that epoch ``epoch`` (0-based) belongs to."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if epoch < start + phase.epochs:
+            return i
+        start += phase.epochs
+    return len(phases) - 1
+
+
+def rung_epochs(phases: list[Phase], done: int) -> int:
+    """Of the first ``done`` epochs, those that count toward ASHA's rungs: a converged probe's
+    one report is not one (it is complete when it reports), so lp_ft's fine-tuning epochs alone
+    meet the rungs and a linear probe never does."""
+    return sum(not phases[phase_at(phases, e)].converge for e in range(done))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int
+) -> LRScheduler:
+    """Linear warm-up over 5% of the phase's steps, then cosine to zero over the rest; a
+    converged probe (early stopping, :mod:`raytl.probe`) keeps its rate after the warm-up."""
+    total = phase.epochs * steps_per_epoch
+    warmup = min(max(1, total // 20), total)
+    first = LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=max(1, warmup - 1))
+    if phase.converge:
+        return first
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    return SequentialLR(optimizer, [first, cosine], milestones=[warmup])
 
 
 def apply_freeze(model: nn.Module, blocks: list[list[str]], freeze_depth: int) -> set[str]:

@@ -41,6 +41,34 @@ def echo_line(line: str) -> None:
     console.say(line)
 
 
+class PruningOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch``, except that a trial the scheduler stopped before its last epoch
+    enters the Optuna study as PRUNED (keeping the intermediate values reported each epoch), not
+    as COMPLETE with its truncated score: TPE then ranks it by how far it got, and learns "short"
+    where Ray's searcher would teach it "bad configuration". Its last report (which Tune hands to
+    ``on_trial_complete`` only) becomes its last intermediate value, so its value in the study."""
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        stopped_early = (
+            result is not None
+            and not error
+            and trial_id not in self._completed_trials
+            and result.get("epoch", 0) < result.get("total_epochs", 0)
+        )
+        if not stopped_early:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        study = self._ot_study
+        assert study is not None  # set up before the first trial
+        with warnings.catch_warnings():  # Optuna warns (and keeps the first) if already reported
+            warnings.simplefilter("ignore")
+            self.on_trial_result(trial_id, result)
+        study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
 def make_searcher(config: SpaceConfig) -> OptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -54,7 +82,7 @@ def make_searcher(config: SpaceConfig) -> OptunaSearch:
         )
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    return OptunaSearch(
+    return PruningOptunaSearch(
         space=DefineByRun(config.space), metric=s.metric, mode=s.mode, sampler=sampler
     )
 
@@ -64,7 +92,7 @@ def make_scheduler(config: SpaceConfig) -> TrialScheduler:
     if s.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="rung_epoch",  # a converged probe's report meets no rung (raytl.strategies)
         max_t=s.max_epochs,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,

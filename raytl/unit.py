@@ -10,7 +10,8 @@ while the current one trains (:mod:`raytl.prefetch`), and augmented on the devic
 Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
 through the backbone every epoch: the pooled features are computed once in eval mode and only the
 head trains on them, which is exactly equivalent since the frozen backbone (BatchNorm included)
-and the un-augmented inputs do not change.
+and the un-augmented inputs do not change. Such a probe phase trains to convergence inside one
+report (:mod:`raytl.probe`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import LRScheduler
 
+from raytl import strategies
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.data.stream import epoch_order, rows_of
@@ -38,9 +40,10 @@ from raytl.models import (
 )
 from raytl.prefetch import Prefetcher
 from raytl.preprocess import BatchPreparer, default_device, preprocessing_for
+from raytl.probe import train_to_convergence
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
-from raytl.unit_group import UnitGroup, learning_rate_scale
+from raytl.unit_group import UnitGroup, learning_rate_scale, rank_batches, steps_per_epoch
 
 EVAL_BATCH = 256
 
@@ -68,6 +71,7 @@ class UnitTrainer:
         device: torch.device | None = None,
         group: UnitGroup | None = None,
         features: np.ndarray | None = None,
+        probe_passes: int | None = None,
     ) -> UnitTrainer:
         """A trainer with the space file's weights, image size, seed (plus the unit's index) and
         compile setting."""
@@ -83,6 +87,7 @@ class UnitTrainer:
             group=group,
             features=features,
             compile=config.model.compile,
+            probe_passes=probe_passes,
         )
 
     def __init__(
@@ -99,6 +104,7 @@ class UnitTrainer:
         group: UnitGroup | None = None,
         features: np.ndarray | None = None,
         compile: bool = False,
+        probe_passes: int | None = None,
     ) -> None:
         self.hp = hp
         self.data = data
@@ -140,6 +146,9 @@ class UnitTrainer:
         self._features: dict[str, torch.Tensor] = {}
         # the frozen backbone's pooled features for every image (raytl.feature_cache), if given
         self.shared_features = features
+        # passes of a converged probe phase (raytl.probe): kept by early stopping, or (no
+        # validation split: a refit) the count given
+        self.probe_passes = probe_passes
 
     # ------------------------------------------------------------------ schedule
 
@@ -148,13 +157,7 @@ class UnitTrainer:
         return sum(p.epochs for p in self.phases)
 
     def _phase_for(self, epoch: int) -> int:
-        """The phase that epoch ``epoch`` (0-based) belongs to."""
-        start = 0
-        for i, phase in enumerate(self.phases):
-            if epoch < start + phase.epochs:
-                return i
-            start += phase.epochs
-        return len(self.phases) - 1
+        return strategies.phase_at(self.phases, epoch)
 
     @property
     def phase(self) -> Phase:
@@ -167,32 +170,16 @@ class UnitTrainer:
     def _ranks(self) -> int:
         return self.group.world_size if self.group else 1
 
-    def _my_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches of positions into ``train_idx`` for ``epoch``.
-
-        One seeded numpy permutation (alike on every rank) is cut into global batches of
-        ``ranks * batch_size``, and rank ``r`` takes the ``r``-th equal part of each: so a unit on
-        ``k`` ranks sees exactly the batches one process with batch ``k * batch_size`` sees. The
-        last ``len % ranks`` positions are dropped, so every part of the last (short) global batch
-        is equally long: the ranks take the same number of steps and DDP's mean of their means is
-        the global batch's mean. A single process keeps every position (the seeded results from
-        before DDP reproduce). Not ``DistributedSampler``: it shards image by image, not batch by
-        batch, and its torch permutation would change every seeded result. Streamed Parquet rows
-        are block-shuffled instead (:func:`raytl.data.stream.epoch_order`).
-        """
-        rng = np.random.default_rng((self.seed, epoch))
+    def _my_batches(self, epoch: int, pass_index: int = 0) -> list[np.ndarray]:
+        """This rank's batches of positions into ``train_idx`` (:func:`rank_batches`); a converged
+        probe's passes (``pass_index`` > 0) each draw their own order."""
+        rng = np.random.default_rng((self.seed, epoch, pass_index)[: 3 if pass_index else 2])
         order = epoch_order(self.data.images, self.train_idx, rng)
-        ranks, rank = self._ranks, self.group.rank if self.group else 0
-        order = order[: len(order) - len(order) % ranks]
-        step = ranks * self.hp.batch_size
-        return [
-            np.array_split(order[start : start + step], ranks)[rank]
-            for start in range(0, len(order), step)
-        ]
+        rank = self.group.rank if self.group else 0
+        return rank_batches(order, self._ranks, rank, self.hp.batch_size)
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.train_idx) - len(self.train_idx) % self._ranks  # as _my_batches cuts them
-        return max(1, math.ceil(n / (self._ranks * self.hp.batch_size)))
+        return steps_per_epoch(len(self.train_idx), self._ranks, self.hp.batch_size)
 
     def _wrap_for_training(self, head_only: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward that trains this phase: the classifier alone on cached features, else the
@@ -210,16 +197,7 @@ class UnitTrainer:
             settings["lr"] *= learning_rate_scale(self._ranks)
         self.train_forward = self._wrap_for_training(self._head_only(phase))
         self.optimizer = torch.optim.AdamW(groups)
-        total = phase.epochs * self._steps_per_epoch()
-        warmup = min(max(1, total // 20), total)  # linear warm-up over 5% of the phase's steps,
-        self.scheduler = SequentialLR(  # then cosine to zero over the rest
-            self.optimizer,
-            [
-                LinearLR(self.optimizer, start_factor=1.0 / warmup, total_iters=max(1, warmup - 1)),
-                CosineAnnealingLR(self.optimizer, T_max=max(1, total - warmup)),
-            ],
-            milestones=[warmup],
-        )
+        self.scheduler = strategies.lr_schedule(self.optimizer, phase, self._steps_per_epoch())
         self.phase_index = index
         self._features.clear()
 
@@ -247,14 +225,18 @@ class UnitTrainer:
         return self._features[key]
 
     def _train_steps(
-        self, phase: Phase, head_only: bool, progress: Callable[[int, int], None] | None
+        self,
+        phase: Phase,
+        head_only: bool,
+        progress: Callable[[int, int], None] | None,
+        pass_index: int = 0,
     ) -> tuple[torch.Tensor, int]:
         """One pass over this rank's share of the train indices; the summed loss, the correct
         count and the images seen (as one tensor, summed over the unit's ranks), and the images
         this rank saw."""
         optimizer, scheduler = self.optimizer, self.scheduler
         assert optimizer is not None and scheduler is not None  # _enter_phase ran
-        batches = self._my_batches(self.epoch)
+        batches = self._my_batches(self.epoch, pass_index)
         labels = torch.from_numpy(self.data.labels[self.train_idx])
         # the cached feature matrix has one row per train index, in train_idx order
         features = self._cached("train", self.train_idx) if head_only else None
@@ -302,7 +284,15 @@ class UnitTrainer:
         phase = self.phases[index]
         head_only = self._head_only(phase)
         start = time.perf_counter()
-        sums, seen = self._train_steps(phase, head_only, progress)
+        if phase.converge and head_only:  # a probe: passes until the validation loss stops falling
+            sums, seen, self.probe_passes = train_to_convergence(
+                lambda p: self._train_steps(phase, True, progress, p),
+                self._validation_loss if len(self.val_idx) else None,
+                self.classifier,
+                self.probe_passes,
+            )
+        else:
+            sums, seen = self._train_steps(phase, head_only, progress)
         train_seconds = time.perf_counter() - start
         if len(self.val_idx):
             val = self.evaluate(self.val_idx, head_only=head_only)
@@ -320,10 +310,21 @@ class UnitTrainer:
             "epoch_seconds": time.perf_counter() - start,
             "images_per_second": seen / max(train_seconds, 1e-9),
             "head_only": head_only,
+            # epochs that count toward ASHA's rungs: a converged probe's report is not one
+            "rung_epoch": strategies.rung_epochs(self.phases, self.epoch),
+            "probe_passes": self.probe_passes or 0,
         }
         for group in self.optimizer.param_groups if self.optimizer else []:
             metrics[f"lr/{group['name']}"] = group["lr"]
         return metrics
+
+    def _my_val(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """This rank's share of ``indices`` (the val indices by default) when ranks share the unit."""
+        indices = self.val_idx if indices is None else indices
+        return indices[self.group.rank :: self.group.world_size] if self.group else indices
+
+    def _validation_loss(self) -> float:
+        return self.evaluate(self.val_idx, head_only=True).loss
 
     @torch.no_grad()
     def evaluate(self, indices: np.ndarray, *, head_only: bool = False) -> EvalResult:
@@ -331,14 +332,11 @@ class UnitTrainer:
 
         ``head_only``: the backbone is frozen in this phase, so its cached features serve.
         """
-        indices = np.asarray(indices)
-        mine = indices
-        if self.group is not None:
-            mine = indices[self.group.rank :: self.group.world_size]
+        mine = self._my_val(np.asarray(indices))
         self.model.eval()
         labels = torch.from_numpy(self.data.labels[mine]).to(self.device)
-        if head_only and self.group is None:
-            logits = self.classifier(self._cached("val", indices)).float()
+        if head_only:  # this rank's share of the cached features (the same share every pass)
+            logits = self.classifier(self._cached("val", mine)).float()
         else:
             chunks = []
             for start in range(0, len(mine), EVAL_BATCH):
@@ -381,6 +379,7 @@ class UnitTrainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "epoch": self.epoch,
             "phase_index": self.phase_index,
+            "probe_passes": self.probe_passes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -389,6 +388,7 @@ class UnitTrainer:
         else:
             self.model.load_state_dict(state["model"])
         self.epoch = int(state["epoch"])
+        self.probe_passes = state.get("probe_passes", self.probe_passes)
         if state["phase_index"] is not None:
             self._enter_phase(int(state["phase_index"]))
             assert (

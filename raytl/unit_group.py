@@ -20,8 +20,10 @@ BatchNorm across the ranks:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import convert_sync_batchnorm
@@ -44,6 +46,33 @@ def learning_rate_scale(ranks: int) -> float:
     rates mean different things on different cluster layouts.
     """
     return 1.0
+
+
+def rank_batches(order: np.ndarray, ranks: int, rank: int, batch_size: int) -> list[np.ndarray]:
+    """Rank ``rank``'s batches of one epoch, given the epoch's ``order`` (a seeded permutation of
+    positions, alike on every rank).
+
+    ``order`` is cut into global batches of ``ranks * batch_size``, and rank ``r`` takes the
+    ``r``-th equal part of each: so a unit on ``k`` ranks sees exactly the batches one process with
+    batch ``k * batch_size`` sees. The last ``len % ranks`` positions are dropped, so every part of
+    the last (short) global batch is equally long: the ranks take the same number of steps and
+    DDP's mean of their means is the global batch's mean. A single process keeps every position
+    (the seeded results from before DDP reproduce). Not ``DistributedSampler``: it shards image by
+    image, not batch by batch, and its torch permutation would change every seeded result.
+    Streamed Parquet rows are block-shuffled instead (:func:`raytl.data.stream.epoch_order`).
+    """
+    order = order[: len(order) - len(order) % ranks]
+    step = ranks * batch_size
+    return [
+        np.array_split(order[start : start + step], ranks)[rank]
+        for start in range(0, len(order), step)
+    ]
+
+
+def steps_per_epoch(images: int, ranks: int, batch_size: int) -> int:
+    """Steps of one epoch over ``images`` positions, as :func:`rank_batches` cuts them."""
+    n = images - images % ranks
+    return max(1, math.ceil(n / (ranks * batch_size)))
 
 
 class UnitGroup:

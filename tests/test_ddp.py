@@ -186,7 +186,7 @@ def test_a_search_trains_its_one_unit_on_two_ranks(tmp_path, space_file):
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
         "space": {
             "strategy": "lp_ft",
-            "lp_epochs": 1,
+            "epochs": 1,  # the converged probe's report, then one epoch of fine-tuning
             "freeze_depth": 5,
             "head_lr": 1.0e-2,
             "backbone_lr": 1.0e-3,

@@ -8,7 +8,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from raytl.models import backbone_blocks, create_model, head_parameter_names
 from raytl.space import Hyperparameters
-from raytl.strategies import STRATEGIES, apply_freeze, param_groups, set_train_mode
+from raytl.strategies import (
+    STRATEGIES,
+    apply_freeze,
+    param_groups,
+    phase_at,
+    rung_epochs,
+    set_train_mode,
+)
 
 
 @pytest.fixture
@@ -72,14 +79,16 @@ def test_param_groups_learning_rates_and_layer_decay(model):
     assert covered == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_lp_ft_probes_then_fine_tunes():
-    phases = STRATEGIES["lp_ft"].phases(hp(strategy="lp_ft", freeze_depth=4, lp_epochs=2), 8)
-    assert [(p.name, p.epochs, p.freeze_depth) for p in phases] == [
-        ("probe", 2, 8),
-        ("fine_tune", 4, 4),
+def test_lp_ft_probes_to_convergence_then_fine_tunes_for_its_epochs():
+    phases = STRATEGIES["lp_ft"].phases(hp(strategy="lp_ft", freeze_depth=4), 8)
+    assert [(p.name, p.epochs, p.freeze_depth, p.converge) for p in phases] == [
+        ("probe", 1, 8, True),
+        ("fine_tune", 6, 4, False),
     ]
-    default = STRATEGIES["lp_ft"].phases(hp(strategy="lp_ft"), 8)
-    assert default[0].epochs == 2 and default[1].epochs == 4  # a third of 6 epochs probing
+    assert [phase_at(phases, e) for e in range(7)] == [0, 1, 1, 1, 1, 1, 1]
+    assert [rung_epochs(phases, done) for done in range(8)] == [0, 0, 1, 2, 3, 4, 5, 6]
+    (probe,) = STRATEGIES["linear_probe"].phases(hp(strategy="linear_probe"), 8)
+    assert probe.converge and probe.epochs == 1 and rung_epochs([probe], 1) == 0
 
 
 def test_scratch_starts_from_random_weights():

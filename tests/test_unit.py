@@ -71,7 +71,7 @@ def test_checkpoint_resumes_exactly(synthetic):
     train, val = stratified_split(
         synthetic.labels, pool, 0.25, 0, synthetic.class_names, "validation"
     )
-    kw = dict(strategy="lp_ft", epochs=3, lp_epochs=1, freeze_depth=6, batch_size=32)
+    kw = dict(strategy="lp_ft", epochs=2, freeze_depth=6, batch_size=32)  # probe + 2 epochs
     straight = make_trainer(synthetic, train, val, **kw)
     for _ in range(3):
         last = straight.run_epoch()
