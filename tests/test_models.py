@@ -11,62 +11,98 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import save_file
 
 from raytl.errors import RaytlError
 from raytl.models import (
+    PACKAGE_WEIGHTS,
     backbone_blocks,
+    check_pretrained,
     count_blocks,
     create_model,
     head_parameter_names,
+    load_package_weights,
     load_saved_model,
     package_weights_path,
     save_model,
 )
 from raytl.preprocess import BatchPreparer, preprocessing_for
 
+# the backbones with offline ImageNet weights: tensors in the package, timm's pretrained input size
+PACKAGED = {
+    "efficientnet_lite0": (296, 224),
+    "efficientnet_lite1": (386, 240),
+    "efficientnet_lite2": (386, 260),
+}
 
-@pytest.fixture(scope="module")
-def imagenet_model():
-    model = create_model("efficientnet_lite0", 1000, "package")
-    return model.eval()
+
+@pytest.fixture(scope="module", params=sorted(PACKAGED))
+def imagenet_model(request):
+    """timm's backbone with the package's weights, ImageNet head kept (create_model replaces it)."""
+    model = timm.create_model(request.param, pretrained=False)
+    load_package_weights(model, request.param)
+    return request.param, model.eval()
 
 
-def test_package_weights_load_every_tensor(imagenet_model):
-    source = torch.load(package_weights_path(), map_location="cpu", weights_only=True)
-    target = imagenet_model.state_dict()
-    assert len(source) == len(target) == 296
-    # reset_classifier(1000) re-initialises the head: compare every other tensor, in order
+def test_every_packaged_backbone_is_tested():
+    assert sorted(PACKAGE_WEIGHTS) == sorted(PACKAGED)
+
+
+@pytest.mark.parametrize("backbone", sorted(PACKAGED))
+def test_package_weights_load_every_tensor(backbone):
+    source = torch.load(package_weights_path(backbone), map_location="cpu", weights_only=True)
+    target = create_model(backbone, 10, "package").state_dict()
+    assert len(source) == len(target) == PACKAGED[backbone][0]
+    # reset_classifier(10) replaces the head: compare every other tensor, in order
     for (src_name, src), (dst_name, dst) in zip(source.items(), target.items(), strict=True):
         if dst_name.startswith("classifier"):
+            assert dst.shape[0] == 10
             continue
         assert torch.equal(src, dst), (src_name, dst_name)
 
 
-def test_pretrained_backbone_recognises_a_real_cat():
+# ImageNet 285 "Egyptian cat" (any of 281-285, the domestic cats, under a tighter crop), 967 "espresso"
+PHOTOS = [("chelsea", 285, range(281, 286)), ("coffee", 967, range(967, 968))]
+
+
+@pytest.mark.parametrize(("photo", "label", "cropped_labels"), PHOTOS)
+def test_package_weights_recognise_real_photographs(imagenet_model, photo, label, cropped_labels):
+    """At timm's pretrained input size, through timm's own eval transforms on the image's centre
+    square (crop_pct 1, the view raytl's preparer takes) and through raytl's preparer; timm's
+    default crop_pct (0.875-0.89) cuts the cat's ears off, and Lite0 then sees a tabby (281)."""
     skimage_data = pytest.importorskip("skimage.data")
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    from raytl.models import load_package_weights
-
-    load_package_weights(model)
-    model.eval()
-    prepare = BatchPreparer(preprocessing_for(model, 224), torch.device("cpu"))
-    cat = skimage_data.chelsea()  # 300x451 RGB photograph of a cat
-    side = min(cat.shape[:2])
-    top, left = (cat.shape[0] - side) // 2, (cat.shape[1] - side) // 2
-    square = np.ascontiguousarray(cat[top : top + side, left : left + side])
+    backbone, model = imagenet_model
+    pixels = getattr(skimage_data, photo)()  # uint8 RGB photograph
+    config = timm.data.resolve_data_config({}, model=model)
+    size = PACKAGED[backbone][1]
+    assert config["input_size"] == (3, size, size)
+    image = Image.fromarray(pixels)
+    views = [timm.data.create_transform(**config)(image).unsqueeze(0)]
+    views.append(timm.data.create_transform(**{**config, "crop_pct": 1.0})(image).unsqueeze(0))
+    side = min(pixels.shape[:2])
+    top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+    square = np.ascontiguousarray(pixels[top : top + side, left : left + side])
+    views.append(BatchPreparer(preprocessing_for(model, size), torch.device("cpu"))(square[None]))
     with torch.no_grad():
-        logits = model(prepare(square[np.newaxis]))
-    assert int(logits.argmax()) == 285  # ImageNet "Egyptian cat"
+        cropped, whole, ours = model(torch.cat(views)).argmax(dim=1).tolist()
+    assert (whole, ours) == (label, label)
+    assert cropped in cropped_labels
 
 
-def test_package_weights_only_for_lite0():
-    with pytest.raises(RaytlError, match="only for efficientnet_lite0"):
-        create_model("resnet18", 10, "package")
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite3"])
+def test_package_weights_only_for_the_packaged_backbones(backbone):
+    supported = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
+    expected = f"'package' weights exist only for {supported}, not {backbone};"
+    with pytest.raises(RaytlError, match=expected):
+        create_model(backbone, 10, "package")
+    with pytest.raises(RaytlError, match=expected):
+        check_pretrained(backbone, "package")
 
 
 def test_block_counts_follow_timm_grouping():
-    assert count_blocks("efficientnet_lite0") == 8  # stem + 7 stages (conv_head joins the last)
+    for backbone in PACKAGED:  # stem + 7 stages (conv_head joins the last)
+        assert count_blocks(backbone) == 8
     assert count_blocks("resnet18") == 5  # stem + 4 stages
     assert count_blocks("vit_small_patch16_224") == 13
     with pytest.raises(RaytlError, match="not a timm model"):
