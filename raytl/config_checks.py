@@ -4,19 +4,32 @@ fit, freeze depth is within the backbones' block counts (each section checks its
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from raytl.errors import ConfigError, RaytlError
 from raytl.models import check_pretrained, count_blocks
 from raytl.schema import InvalidValue, require
-from raytl.space import check_positive
+from raytl.space import ParamSpec, check_positive
 from raytl.storage import is_uri
 
-if TYPE_CHECKING:
-    from raytl.config import DataConfig, SpaceConfig
+
+class CheckedSpace(Protocol):
+    """What these checks read of a :class:`raytl.config.SpaceConfig` (a protocol: config.py
+    imports this module)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def data(self) -> Any: ...  # DataConfig
+    @property
+    def model(self) -> Any: ...  # ModelConfig
+    @property
+    def space(self) -> dict[str, ParamSpec]: ...
+
+    def options(self, name: str, default: Any) -> list[Any]: ...
 
 
-def require_uri_source(src: str, d: DataConfig) -> None:
+def require_uri_source(src: str, d: Any) -> None:
     """Only the file sources read from a URI (``s3://``, ``gs://``)."""
     if d.path and is_uri(d.path) and d.source not in ("parquet", "imagefolder"):
         raise ConfigError(
@@ -24,7 +37,7 @@ def require_uri_source(src: str, d: DataConfig) -> None:
         )
 
 
-def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
+def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
     """The checks that span sections: paths exist, backbones and weights fit, freeze depth and
     probe epochs are within bounds."""
     src, d = config.source, config.data
@@ -52,7 +65,7 @@ def check_space(config: SpaceConfig, local_paths: bool = True) -> None:
         raise ConfigError(src, exc.key, exc.message) from None
 
 
-def _check_freeze_depth(config: SpaceConfig, depths: dict[str, int]) -> None:
+def _check_freeze_depth(config: CheckedSpace, depths: dict[str, int]) -> None:
     fd = config.space.get("freeze_depth")
     if fd is None:
         return
