@@ -40,7 +40,7 @@ from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
 from raytl.rundir import check_storage, write_skipped, write_space
 from raytl.schemes import SCHEMES
-from raytl.search import Echo, finish_run, record_data, share_inputs, tune_search
+from raytl.search import Echo, finish_run, record_data, share_inputs, trials_line, tune_search
 from raytl.storage import atomic_write, join_location
 from raytl.trial import SearchInputs
 from raytl.tune import echo_line
@@ -278,7 +278,7 @@ def _header_lines(
         f"Data: {data.source}, {len(data)} images, {len(data.class_names)} classes, "
         f"{config.data.image_size} px, test fraction {config.data.test_fraction} (carved once, "
         f"never seen by a search). Model: {config.model.backbone} ({config.model.pretrained}).",
-        f"Budget per scheme: {s.num_samples} trials, {s.max_concurrent} at once, up to "
+        f"Budget per scheme: {trials_line(config)}, {s.max_concurrent} at once, up to "
         f"{s.max_epochs} epochs, {s.scheduler} scheduler, {s.sampler} sampler; "
         f"{config.resources.workers_per_trial} worker(s) x {config.resources.cpus_per_worker} CPU "
         f"per trial. Schemes: holdout (val fraction {config.data.val_fraction}), "

@@ -34,6 +34,7 @@ from raytl.schema import (
     require,
 )
 from raytl.schemes import SCHEMES
+from raytl.seeds import default_points
 from raytl.space import (
     HYPERPARAMETER_NAMES,
     Hyperparameters,
@@ -152,7 +153,9 @@ class SchemeConfig:
 class SearchConfig:
     """The Tune side: budget, sampler, early stopping, storage."""
 
-    num_samples: int = 8
+    num_samples: int | None = None  # trials; None: 8, or as many as time_budget_s allows
+    time_budget_s: float | None = None  # running trials stop cleanly when it ends
+    seed_configs: list[dict[str, Any]] | None = None  # None: raytl's recipes (raytl.seeds)
     max_concurrent: int = 2
     max_epochs: int = 4
     grace_period: int = 1
@@ -168,7 +171,10 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "max_concurrent", "max_epochs"):
-            require(getattr(self, name) >= 1, name, f"expected >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, f"expected >= 1, got {value}")
+        budget = self.time_budget_s
+        require(budget is None or budget > 0, "time_budget_s", f"expected > 0, got {budget}")
         require(
             1 <= self.grace_period <= self.max_epochs,
             "grace_period",
@@ -184,6 +190,13 @@ class SearchConfig:
     @property
     def mode(self) -> Literal["min", "max"]:
         return metric_mode(self.metric)
+
+    @property
+    def trials(self) -> int:
+        """Tune's ``num_samples``: -1 (no limit) when only a time budget bounds the search."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return -1 if self.time_budget_s else 8
 
 
 def metric_mode(metric: str) -> Literal["min", "max"]:
@@ -259,6 +272,13 @@ class SpaceConfig:
         values["backbone"] = values.get("backbone") or self.model.backbone
         values["epochs"] = values.get("epochs") or self.search.max_epochs
         return Hyperparameters(**values)
+
+    def seed_points(self) -> list[dict[str, Any]]:
+        """The configurations the search evaluates first: ``search.seed_configs``, or raytl's
+        recipes fitted to this space (:mod:`raytl.seeds`)."""
+        if self.search.seed_configs is not None:
+            return self.search.seed_configs
+        return default_points(self.space, self.model.backbone)
 
     def options(self, name: str, default: Any) -> list[Any]:
         """The values hyperparameter ``name`` can take in this space (its bounds for a range)."""

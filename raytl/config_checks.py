@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from raytl.errors import ConfigError, RaytlError
 from raytl.models import check_pretrained, count_blocks
 from raytl.schema import InvalidValue, require
+from raytl.seeds import check_points
 from raytl.space import ParamSpec, check_positive
 from raytl.storage import is_uri
 
@@ -25,6 +26,8 @@ class CheckedSpace(Protocol):
     def model(self) -> Any: ...  # ModelConfig
     @property
     def space(self) -> dict[str, ParamSpec]: ...
+    @property
+    def search(self) -> Any: ...  # SearchConfig
 
     def options(self, name: str, default: Any) -> list[Any]: ...
 
@@ -61,6 +64,8 @@ def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
     try:
         _check_freeze_depth(config, depths)
         check_positive(config.space)
+        if config.search.seed_configs is not None:
+            check_points(config.search.seed_configs, config.space, src)
     except InvalidValue as exc:
         raise ConfigError(src, exc.key, exc.message) from None
 

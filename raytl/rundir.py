@@ -34,6 +34,7 @@ from raytl.storage import Storage, atomic_write, shown_location
 
 FINGERPRINT = ".data_fingerprint"
 TRIAL_CLOCK = ".trial_clock.json"  # the driver's clock per trial: launched, finished
+END_FILE = "search_end.json"  # what ended the search (its trials, or search.time_budget_s)
 PLOTS = (
     "metric_per_trial.png",
     "metric_by_strategy.png",
@@ -49,6 +50,7 @@ PUBLISHED = (
     "history.parquet",
     "report.md",
     "space.yaml",
+    END_FILE,
 )
 SEARCH_OUTPUTS = ("ray", *PUBLISHED, "skipped.txt", *PLOTS, TRIAL_CLOCK, FINGERPRINT)
 MARKER = ".raytl-run.json"

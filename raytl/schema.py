@@ -99,6 +99,19 @@ def coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         return coerce(value, next(a for a in args if a is not type(None)), source, key)
     if origin is Literal:
         return _expect_one_of(value, typing.get_args(hint), source, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+        return {
+            k: coerce(v, typing.get_args(hint)[1], source, f"{key}.{k}") for k, v in value.items()
+        }
+    if hint is Any:
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"expected true or false, got {value!r}")

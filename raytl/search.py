@@ -21,10 +21,12 @@ from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
 from raytl.errors import RaytlError
 from raytl.features import prepare_feature_cache
+from raytl.models import to_json
 from raytl.refit import refit_best
 from raytl.report import write_report
 from raytl.results import best_row, format_top, history_table, results_table, write_results
 from raytl.rundir import (
+    END_FILE,
     check_free_space,
     check_same_data,
     check_storage,
@@ -34,7 +36,7 @@ from raytl.rundir import (
     write_skipped,
     write_space,
 )
-from raytl.storage import join_location
+from raytl.storage import atomic_write, join_location
 from raytl.trial import SearchInputs, scheme_units
 from raytl.tune import echo_line, make_tuner
 
@@ -114,7 +116,7 @@ def record_data(
     echo(
         f"data: {data.source}: {len(data)} images, {len(data.class_names)} classes, "
         f"fingerprint {data.fingerprint}; scheme {config.scheme.kind} "
-        f"({config.scheme.size} unit(s)); {config.search.num_samples} trials, "
+        f"({config.scheme.size} unit(s)); {trials_line(config)}, "
         f"{config.resources.workers_per_trial} worker(s) each"
     )
     if data.note:
@@ -124,6 +126,15 @@ def record_data(
             f"data: {data.duplicates} file(s) byte-identical to another: each kept on the same "
             "side of every split as its original (raytl data inspect lists them)"
         )
+
+
+def trials_line(config: SpaceConfig) -> str:
+    """'8 trials', '8 trials or 600 s', 'trials for 600 s'."""
+    s = config.search
+    budget = f"{s.time_budget_s:.0f} s" if s.time_budget_s else ""
+    if s.trials < 0:
+        return f"trials for {budget}"
+    return f"{s.trials} trials" + (f" or {budget}, whichever ends first" if budget else "")
 
 
 def share_inputs(config: SpaceConfig, data: ImageData, output: Path, echo: Echo) -> SearchInputs:
@@ -141,9 +152,29 @@ def tune_search(
     trial failed is an error (after its results are written)."""
     config = inputs.config
     tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
+    started = time.perf_counter()
     grid = tuner.fit()
+    seconds = time.perf_counter() - started
     table = results_table(grid, config, clock=read_trial_clock(output))
     write_results(output, table, history_table(grid))
+    budget = config.search.time_budget_s
+    ended_by_budget = budget is not None and seconds >= budget
+    atomic_write(
+        output / END_FILE,
+        to_json(
+            {
+                "ended_by": "time_budget" if ended_by_budget else "trials",
+                "seconds": seconds,
+                "time_budget_s": budget,
+                "trials": len(table),
+            }
+        ),
+    )
+    if ended_by_budget:
+        echo(
+            f"the time budget ({budget:.0f} s) ended the search after {len(table)} trials; "
+            "the trials still running were stopped at their last report"
+        )
     if len(table) and (table["status"] == "error").all():
         first = table["error"].dropna()
         raise RaytlError(

@@ -9,6 +9,7 @@ by Tune would be one Ray Train cannot get: Tune stages placement groups for upco
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -78,12 +79,19 @@ def make_searcher(config: SpaceConfig) -> OptunaSearch:
         # multivariate TPE models parameters jointly; group=True keeps that working when some
         # parameters exist only for some strategies (otherwise it silently samples independently)
         sampler = optuna.samplers.TPESampler(
-            seed=s.seed, multivariate=True, group=True, n_startup_trials=min(4, s.num_samples)
+            seed=s.seed,
+            multivariate=True,
+            group=True,
+            n_startup_trials=min(4, s.trials) if s.trials > 0 else 4,
         )
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    return PruningOptunaSearch(
-        space=DefineByRun(config.space), metric=s.metric, mode=s.mode, sampler=sampler
+    return PruningOptunaSearch(  # the seeded recipes first (raytl.seeds), then the sampler
+        space=DefineByRun(config.space),
+        metric=s.metric,
+        mode=s.mode,
+        sampler=sampler,
+        points_to_evaluate=config.seed_points() or None,
     )
 
 
@@ -114,8 +122,15 @@ class ProgressLine(tune.Callback):
     finished), which ``raytl resume`` reads back."""
 
     def __init__(
-        self, total: int, metric: str, mode: str, output: Path, echo: Callable[[str], None]
+        self,
+        total: int,
+        metric: str,
+        mode: str,
+        output: Path,
+        echo: Callable[[str], None],
+        budget_s: float | None = None,
     ) -> None:
+        """``total``: the trials (-1: as many as the time budget ``budget_s`` allows)."""
         self.total, self.metric, self.mode, self.output, self.echo = (
             total,
             metric,
@@ -123,6 +138,7 @@ class ProgressLine(tune.Callback):
             output,
             echo,
         )
+        self.budget_s = budget_s
         self.best: float | None = None
         self.best_strategy = ""
         self.started = time.perf_counter()
@@ -135,21 +151,26 @@ class ProgressLine(tune.Callback):
     def _state(self, trials: list[Any]) -> str:
         """'3/8 done, 2 running, 3 queued, best 0.9500 (fine_tune), ~2m left'."""
         running = sum(t.status == "RUNNING" for t in trials)
-        queued = max(0, self.total - self.finished - running)
         elapsed = time.perf_counter() - self.started
         left = (
-            f", ~{_duration(elapsed / self.finished * (self.total - self.finished))} left"
+            elapsed / self.finished * (self.total - self.finished)
             if 0 < self.finished < self.total
-            else ""
+            else None
         )
+        if self.budget_s is not None:
+            left = min(left or math.inf, max(0.0, self.budget_s - elapsed))
+        until = f", ~{_duration(left)} left" if left is not None else ""
         best = f", best {self.best:.4f} ({self.best_strategy})" if self.best is not None else ""
-        return f"{self.finished}/{self.total} done, {running} running, {queued} queued{best}{left}"
+        if self.total < 0:  # only the budget bounds the search
+            return f"{self.finished} done, {running} running{best}{until} of the time budget"
+        queued = max(0, self.total - self.finished - running)
+        return f"{self.finished}/{self.total} done, {running} running, {queued} queued{best}{until}"
 
     def _show(self, trials: list[Any]) -> None:
         if not console.is_terminal():
             return
         if self._bar is None:
-            self._bar = console.bar(self.total, "trials", unit="trial")
+            self._bar = console.bar(self.total if self.total > 0 else None, "trials", unit="trial")
         self._bar.n = self.finished
         self._bar.set_postfix_str(self._state(trials).split(", ", 1)[1], refresh=True)
 
@@ -236,7 +257,7 @@ def make_tuner(
     experiment = join_location(inputs.storage, EXPERIMENT)
     s = config.search
     callbacks = [
-        ProgressLine(s.num_samples, s.metric, s.mode, output, echo),
+        ProgressLine(s.trials, s.metric, s.mode, output, echo, s.time_budget_s),
         tensorboard_callback(output / "tensorboard", config.space, config.name, s.metric, s.mode),
     ]
     if resume:
@@ -265,8 +286,9 @@ def make_tuner(
             scheduler=make_scheduler(config),
             metric=s.metric,
             mode=s.mode,
-            num_samples=s.num_samples,
+            num_samples=s.trials,
             max_concurrent_trials=s.max_concurrent,
+            time_budget_s=s.time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,

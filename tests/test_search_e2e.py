@@ -428,3 +428,31 @@ def test_two_searches_at_once_each_keep_their_own_ray(tmp_path, space_file):
         assert set(results["status"]) <= {"completed", "stopped"}, results[["status", "error"]]
     after = set(Path(tempfile.gettempdir()).glob("raytl-ray-*"))
     assert after <= before
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_a_search_that_starts_from_its_seed_configs(tmp_path):
+    """No num_samples, a 25 s budget: trials run until it ends (the first two are the seed
+    configurations, in order), the best is refit, and the search says what ended it."""
+    from raytl.rundir import END_FILE, read_trial_clock
+
+    seeds = [{"head_lr": 0.004}, {"head_lr": 0.03}]
+    space = {
+        "name": "budget",
+        "data": {"source": "digits", "image_size": 32, "limit": 300},
+        "scheme": {"kind": "holdout"},
+        "search": {"time_budget_s": 25, "max_concurrent": 1, "seed_configs": seeds},
+        "space": {"strategy": "linear_probe", "head_lr": {"loguniform": [1.0e-3, 5.0e-2]}},
+    }
+    lines: list[str] = []
+    table = run_search(parse_space(space, "budget.yaml"), tmp_path, echo=lines.append)
+    ended = json.loads((tmp_path / END_FILE).read_text())
+    assert ended["ended_by"] == "time_budget" and ended["seconds"] >= 25
+    assert ended["trials"] == len(table) >= 3
+    assert any("the time budget (25 s) ended the search" in line for line in lines)
+    assert any("trials for 25 s" in line for line in lines)
+    clock = read_trial_clock(tmp_path)
+    first = sorted(clock, key=lambda t: clock[t]["launched_at"])[:2]
+    by_id = table.set_index("trial_id")
+    assert [by_id.loc[t, "head_lr"] for t in first] == pytest.approx([0.004, 0.03])
+    assert (tmp_path / "best" / "model.safetensors").is_file()
