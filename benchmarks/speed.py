@@ -29,13 +29,14 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from peer import run_peer  # noqa: E402
 from strategies import DOC, provenance, write_section  # noqa: E402
 
 from raytl.cluster import ray_session  # noqa: E402
 from raytl.config import parse_space  # noqa: E402
 from raytl.data.splits import carve_test, stratified_split  # noqa: E402
 from raytl.models import create_model  # noqa: E402
-from raytl.preprocess import BatchPreparer, preprocessing_for  # noqa: E402
+from raytl.preprocess import preprocessing_for  # noqa: E402
 from raytl.search import run_search, share_inputs, tune_search  # noqa: E402
 from raytl.unit import UnitTrainer  # noqa: E402
 
@@ -220,68 +221,10 @@ def transfer_vs_scratch(limit: int, epochs: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 5: search vs plain Tune
 
 
-def plain_trainable(config: dict[str, Any], data_ref: list[Any]) -> None:
-    """A plain Ray Tune function trainable, as the docs would have a user write it: build the timm
-    model, freeze per strategy, train with AdamW on one holdout split, report each epoch."""
-    import ray
-    from ray import tune
-
-    torch.set_num_threads(1)
-    data = ray.get(data_ref[0])
-    pool, test = carve_test(data.labels, 0.2, 0, data.class_names)
-    train, val = stratified_split(data.labels, pool, 0.2, 0, data.class_names, "plain")
-    pretrained = config["strategy"] != "scratch"
-    model = create_model("efficientnet_lite0", 10, "package" if pretrained else "none")
-    pre = preprocessing_for(model, 48)
-    prepare = BatchPreparer(pre, torch.device("cpu"))
-    blocks = list(model.blocks)
-    frozen = {
-        "linear_probe": len(blocks) + 1,
-        "fine_tune": config["freeze_depth"],
-        "lp_ft": config["freeze_depth"],
-        "scratch": 0,
-    }[config["strategy"]]
-    for module in [model.conv_stem, model.bn1, *blocks][:frozen]:
-        module.requires_grad_(False)
-    head = list(model.get_classifier().parameters())
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
-    optimizer = torch.optim.AdamW(
-        [{"params": head, "lr": config["head_lr"]}, {"params": rest, "lr": config["backbone_lr"]}]
-    )
-
-    def accuracy(indices: np.ndarray) -> float:
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat(
-                [
-                    model(prepare(data.images[indices[i : i + 256]]))
-                    for i in range(0, len(indices), 256)
-                ]
-            )
-        return float((logits.argmax(1).numpy() == data.labels[indices]).mean())
-
-    rng = np.random.default_rng(0)
-    for epoch in range(3):
-        model.train()
-        order = rng.permutation(train)
-        for i in range(0, len(order), 64):
-            batch = order[i : i + 64]
-            loss = F.cross_entropy(
-                model(prepare(data.images[batch])), torch.from_numpy(data.labels[batch])
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        metrics = {"val_accuracy": accuracy(val), "epoch": epoch + 1}
-        if epoch == 2:
-            metrics["test_accuracy"] = accuracy(test)
-        tune.report(metrics)
-
-
 def search_efficiency(tmp: Path) -> dict[str, Any]:
-    import ray
-    from ray import tune
-
+    """raytl's quickstart search, then the plain Ray Tune script (benchmarks/peer.py's
+    :func:`~peer.run_peer`: raytl's four strategies freezing the same parameters, random search,
+    one holdout split, no early stopping) for the same wall time, on the same test split."""
     from raytl.config import load_space
 
     config = load_space(REPO / "search_spaces" / "quickstart.yaml")
@@ -291,47 +234,20 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     table = run_search(config, out, echo=SILENT)
     budget = time.perf_counter() - started
     best = json.loads((out / "best" / "metrics.json").read_text())
-
-    with ray_session(None):
-        data_ref = [ray.put(config.data.load())]
-        started = time.perf_counter()
-        tuner = tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(plain_trainable, data_ref=data_ref), {"CPU": 1}
-            ),
-            param_space={
-                "strategy": tune.choice(["linear_probe", "fine_tune", "lp_ft", "scratch"]),
-                "freeze_depth": tune.randint(0, 7),
-                "head_lr": tune.loguniform(1e-3, 3e-2),
-                "backbone_lr": tune.loguniform(1e-4, 3e-3),
-            },
-            tune_config=tune.TuneConfig(
-                metric="val_accuracy",
-                mode="max",
-                num_samples=100,
-                max_concurrent_trials=2,
-                time_budget_s=budget,
-            ),
-            run_config=tune.RunConfig(storage_path=str(tmp / "plain"), verbose=0),
-        )
-        grid = tuner.fit()
-        plain_seconds = time.perf_counter() - started
-    frame = grid.get_dataframe()
-    done = frame[frame["epoch"] == 3] if "epoch" in frame else frame.iloc[0:0]
-    plain_best = done.sort_values("val_accuracy", ascending=False).iloc[0] if len(done) else None
+    plain = run_peer(config, budget, tmp / "plain", config.search.seed)
     return {
         "budget": budget,
-        "plain_seconds": plain_seconds,
+        "plain_seconds": plain["seconds"],
         "raytl_trials": len(table),
         "raytl_completed": int((table["status"] == "completed").sum()),
         "raytl_val": float(best["search_value"]),
         "raytl_test": float(best["test_accuracy"]),
         "raytl_best": best["hyperparameters"]["strategy"],
-        "plain_trials": len(frame),
-        "plain_completed": len(done),
-        "plain_val": float(plain_best["val_accuracy"]) if plain_best is not None else math.nan,
-        "plain_test": float(plain_best["test_accuracy"]) if plain_best is not None else math.nan,
-        "plain_best": plain_best["config/strategy"] if plain_best is not None else None,
+        "plain_trials": plain["trials"],
+        "plain_completed": plain["completed"],
+        "plain_val": plain["val"],
+        "plain_test": plain["test"],
+        "plain_best": plain["pick"].split(",")[0] if plain["pick"] else None,
     }
 
 
@@ -387,10 +303,12 @@ def efficiency_lines(e: dict[str, Any], seconds: float | None) -> list[str]:
             else ""
         )
         + "raytl: `search_spaces/quickstart.yaml` as shipped (TPE, ASHA, cv 2 folds, feature cache, "
-        "refit of the best on train+val). Plain: the same four strategies and ranges, random "
-        "search, no early stopping, no cache, a function trainable on one holdout split, "
-        "`time_budget_s` set to raytl's whole wall time, 2 trials at once; its best trial by "
-        "validation accuracy is tested on the same untouched test split.",
+        "refit of the best on train+val). Plain (`benchmarks/peer.py`'s): the same space with "
+        "raytl's four strategies (the same parameters frozen, frozen BatchNorm in eval mode), "
+        "random search, no early stopping, no cache, a function trainable on one holdout split, "
+        "raytl's whole wall time in all (`time_budget_s` is that less its data load and Ray "
+        "start-up), 2 trials at once; its best finished trial by validation accuracy is tested "
+        "on the same untouched test split.",
         "",
         "| | wall s | trials | completed | best strategy | best val acc | test acc |",
         "| --- | --- | --- | --- | --- | --- | --- |",
