@@ -16,20 +16,19 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from raytl.metrics import VAL_METRICS
 from raytl.storage import atomic_write
 
 REPORTS = "reports.json"  # the trial's epoch reports up to a checkpoint (its last one in full)
 # a resumed attempt's first report carries, as JSON, the epochs before its checkpoint: Tune rewrites
 # a restored trial's progress files from what its saved state knew, which lags behind checkpoints
 RESUMED_HISTORY = "resumed_history"
-# the per-epoch values kept for learning curves (history.parquet)
+# the per-epoch values kept for learning curves (history.parquet): every validation metric's mean
+# and std over units (raytl.metrics.VAL_METRICS)
 HISTORY_COLUMNS = (
     "epoch",
     "phase",
-    "val_accuracy",
-    "val_accuracy_std",
-    "val_loss",
-    "val_loss_std",
+    *(column for metric in VAL_METRICS for column in (metric, f"{metric}_std")),
     "train_loss",
     "train_accuracy",
     "epoch_seconds",
@@ -116,10 +115,13 @@ def load_checkpoint_meta(
 
 
 def summarize(unit_metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over units of each unit's epoch metrics (what Tune and ASHA see)."""
+    """Mean and std over units of each unit's epoch metrics (what Tune and ASHA see); a metric
+    the units do not record (top-5 accuracy with 5 classes or fewer) is left out."""
     out: dict[str, Any] = {}
-    for key in ("val_accuracy", "val_loss", "train_loss", "train_accuracy"):
-        values = [m[key] for m in unit_metrics]
+    for key in (*VAL_METRICS, "train_loss", "train_accuracy"):
+        values = [m[key] for m in unit_metrics if key in m]
+        if not values or len(values) < len(unit_metrics):
+            continue
         out[key] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
     return out
@@ -155,8 +157,9 @@ def epoch_report(
         "nodes": ",".join(sorted({m["node_id"] for m in unit_metrics})),
     }
     for m in unit_metrics:
-        for key in ("val_accuracy", "val_loss", "train_loss", "images_per_second"):
-            report[f"unit/{m['unit_name']}/{key}"] = m[key]
+        for key in (*VAL_METRICS, "train_loss", "images_per_second"):
+            if key in m:
+                report[f"unit/{m['unit_name']}/{key}"] = m[key]
         report[f"unit/{m['unit_name']}/node_id"] = m["node_id"]
         for key, value in m.items():
             if key.startswith("lr/"):

@@ -35,6 +35,7 @@ from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
 from raytl.errors import RaytlError
+from raytl.metrics import check_metric
 from raytl.refit import RefitResult, remote_refit, searched_passes
 from raytl.report import markdown_table, save_figure
 from raytl.results import sampled_values, write_parquet
@@ -114,6 +115,7 @@ def run_compare(
     check_storage(config.search.storage)
     write_space(output, config)
     data = config.data.load()
+    check_metric(config.search.metric, len(data.class_names))
     write_skipped(output, data)
     if not verbose:
         echo(f"Ray's and Tune's own output: {output / LOG_NAME} (--verbose shows it here)")

@@ -156,6 +156,9 @@ class SearchConfig:
     num_samples: int | None = None  # trials; None: 8, or as many as time_budget_s allows
     time_budget_s: float | None = None  # running trials stop cleanly when it ends
     seed_configs: list[dict[str, Any]] | None = None  # None: raytl's recipes (raytl.seeds)
+    final: Literal["refit", "fold_ensemble"] = "refit"  # best/: one refit, or cv's k fold models
+    max_latency_ms: float | None = None  # the pick's batch-1 latency at most this (raytl.latency)
+    max_params: float | None = None  # the pick's parameters at most this
     max_concurrent: int = 2
     max_epochs: int = 4
     grace_period: int = 1
@@ -173,8 +176,9 @@ class SearchConfig:
         for name in ("num_samples", "max_concurrent", "max_epochs"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"expected >= 1, got {value}")
-        budget = self.time_budget_s
-        require(budget is None or budget > 0, "time_budget_s", f"expected > 0, got {budget}")
+        for name in ("time_budget_s", "max_latency_ms", "max_params"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, f"expected > 0, got {value}")
         require(
             1 <= self.grace_period <= self.max_epochs,
             "grace_period",

@@ -28,6 +28,8 @@ class CheckedSpace(Protocol):
     def space(self) -> dict[str, ParamSpec]: ...
     @property
     def search(self) -> Any: ...  # SearchConfig
+    @property
+    def scheme(self) -> Any: ...  # SchemeConfig
 
     def options(self, name: str, default: Any) -> list[Any]: ...
 
@@ -64,6 +66,11 @@ def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
     try:
         _check_freeze_depth(config, depths)
         check_positive(config.space)
+        require(
+            config.search.final != "fold_ensemble" or config.scheme.kind == "cv",
+            "search.final",
+            f"fold_ensemble keeps cv's fold models; scheme.kind is {config.scheme.kind}",
+        )
         if config.search.seed_configs is not None:
             check_points(config.search.seed_configs, config.space, src)
     except InvalidValue as exc:

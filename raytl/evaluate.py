@@ -11,23 +11,17 @@ everywhere else) and its classes are matched to the model's by name.
 from __future__ import annotations
 
 import argparse
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    f1_score,
-    precision_recall_fscore_support,
-)
 
 from raytl.data import ImageData, SkippedFile, load_data
 from raytl.data.stream import StreamedImages
 from raytl.errors import RaytlError
+from raytl.metrics import classification_figures, per_class_table
 from raytl.plots import confusion_figure
 from raytl.predict import PREDICT_BATCH, probabilities, ready_model
 from raytl.report import markdown_table, save_figure
@@ -63,31 +57,13 @@ class Evaluation:
         return sorted(set(self.true.tolist()) | set(self.predicted.tolist()))
 
     def figures(self) -> dict[str, float]:
-        """Accuracy, balanced accuracy and macro-F1 (over the classes in :attr:`labels`)."""
-        true, predicted = self._names(self.true), self._names(self.predicted)
-        with warnings.catch_warnings():  # a class predicted but absent from the data: said below
-            warnings.simplefilter("ignore")
-            return {
-                "accuracy": float(accuracy_score(true, predicted)),
-                "balanced_accuracy": float(balanced_accuracy_score(true, predicted)),
-                "macro_f1": float(f1_score(true, predicted, average="macro", zero_division=0)),
-            }
+        """Accuracy, balanced accuracy and macro-F1 (scikit-learn's definitions, over the classes
+        in :attr:`labels`: :func:`raytl.metrics.classification_figures`)."""
+        return classification_figures(self.true, self.predicted)
 
     def per_class(self) -> pd.DataFrame:
         """class, precision, recall, f1, support: one row per class in :attr:`labels`."""
-        names = [self.class_names[i] for i in self.labels]
-        precision, recall, f1, support = precision_recall_fscore_support(
-            self._names(self.true), self._names(self.predicted), labels=names, zero_division=0
-        )
-        return pd.DataFrame(
-            {
-                "class": pd.Series(names, dtype="string"),
-                "precision": precision,
-                "recall": recall,
-                "f1": f1,
-                "support": np.asarray(support, dtype=np.int64),
-            }
-        )
+        return per_class_table(self.true, self.predicted, self.class_names)
 
     def predictions(self) -> pd.DataFrame:
         """index, true, predicted, probability and file (empty when not known): one row per image."""

@@ -251,6 +251,19 @@ def pooled_features(
     return torch.cat(chunks) if chunks else torch.empty(0, device=device)
 
 
+class SoftmaxEnsemble(nn.Module):
+    """Several classifiers as one: the log of their averaged class probabilities, so a softmax of
+    the output (what predict and evaluate take) is exactly the averaged softmax."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
 def save_model(
     out_dir: Path,
     model: nn.Module,
@@ -285,7 +298,13 @@ def load_saved_model(model_dir: Path) -> tuple[nn.Module, Preprocessing, list[st
             raise RaytlError(f"{model_dir}: missing {name}; expected a folder written by raytl")
     config = json.loads((model_dir / "config.json").read_text())
     class_names = json.loads((model_dir / "class_names.json").read_text())
-    model = timm.create_model(config["backbone"], pretrained=False, num_classes=len(class_names))
+
+    def member() -> nn.Module:
+        return timm.create_model(config["backbone"], pretrained=False, num_classes=len(class_names))
+
+    # a fold ensemble (raytl.ensemble) holds its k models in one file
+    members = int(config.get("ensemble") or 0)
+    model = SoftmaxEnsemble([member() for _ in range(members)]) if members else member()
     load_safetensors(model, str(model_dir / "model.safetensors"))
     model.eval()
     pre = config["preprocessing"]

@@ -104,6 +104,8 @@ def learning_curves(
     fig, ax = plt.subplots(figsize=(7, 4))
     ranked = results.sort_values(f"{metric}_mean", ascending=not maximise).head(top)
     styles = ["-", "--", ":", "-.", (0, (5, 1))]  # trials of one strategy share a colour
+    if metric not in history:  # a history written before raytl recorded this metric
+        history = history.assign(**{metric: np.nan})
     for rank, (_, row) in enumerate(ranked.iterrows()):
         curve = history[history["trial_id"] == row["trial_id"]].sort_values("epoch")
         ax.plot(

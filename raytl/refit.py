@@ -8,6 +8,7 @@ task that reads the data (and the cached features) from the search's copy in the
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,13 +50,19 @@ class RefitResult:
     test_labels: list[int]
     preprocessing: Preprocessing
     state: dict[str, torch.Tensor] | None = None
+    # raytl.metrics' definitions; top-5 NaN with 5 classes or fewer
+    test_balanced_accuracy: float = math.nan
+    test_macro_f1: float = math.nan
+    test_top5_accuracy: float = math.nan
 
     def figures(self) -> dict[str, Any]:
-        """Everything but the weights and the preprocessing, for ``best/metrics.json``."""
+        """Everything but the weights and the preprocessing, for ``best/metrics.json`` (top-5
+        accuracy only where it is defined: JSON has no NaN)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in ("state", "preprocessing")
+            and not (f.name == "test_top5_accuracy" and math.isnan(self.test_top5_accuracy))
         }
 
 
@@ -97,6 +104,9 @@ def refit(
         test_labels=data.labels[test].tolist(),
         preprocessing=trainer.pre,
         state=state,
+        test_balanced_accuracy=result.balanced_accuracy,
+        test_macro_f1=result.macro_f1,
+        test_top5_accuracy=result.top5_accuracy,
     )
 
 

@@ -1,5 +1,6 @@
 """``raytl report DIR``: ``DIR/report.md`` with the configuration, the ranked trials, the best
-configuration and its test result, and PNG plots beside it. Written at the end of every search too.
+configuration with its test figures and per-class table, and PNG plots beside it. Written at the
+end of every search too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from matplotlib.figure import Figure
 from raytl import plots
 from raytl.config import metric_mode
 from raytl.errors import RaytlError
+from raytl.metrics import VAL_METRICS, per_class_table
+from raytl.rundir import END_FILE
 from raytl.storage import atomic_write
 
+# the refit's figures beside its test accuracy in the summary (best/metrics.json)
+TEST_FIGURES = {
+    "test_balanced_accuracy": "balanced accuracy",
+    "test_macro_f1": "macro-F1",
+    "test_top5_accuracy": "top-5 accuracy",
+}
 PLOTS = {
     "metric_per_trial.png": "Each trial's score, in start order, with the running best",
     "metric_by_strategy.png": "Scores by strategy",
@@ -65,6 +74,7 @@ def write_report(out: Path) -> Path:
     write_plots(out, results, metric, best)
     lines = [
         *_summary_lines(out, results, space, metric, best),
+        *_per_class_lines(out, best),
         *_trial_lines(out, results, metric),
         *_closing_lines(out, space),
     ]
@@ -108,7 +118,7 @@ def _summary_lines(
         "",
         f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}), scheme "
         f"`{(space.get('scheme') or {}).get('kind', '?')}`, ranked by mean {metric} over units. "
-        f"Worker time in all: {results['worker_seconds'].sum():.0f} s.",
+        f"Worker time in all: {results['worker_seconds'].sum():.0f} s.{_ended_by(out)}",
         "",
         "## Best configuration",
         "",
@@ -116,15 +126,53 @@ def _summary_lines(
     if not best:
         return [*lines, "No refit model (no trial finished).", ""]
     hp = {k: v for k, v in best["hyperparameters"].items() if v is not None}
+    kept = (
+        f"its {best['members']} fold models kept as one ensemble (averaged softmax)"
+        if best.get("final") == "fold_ensemble"
+        else f"refit on train+val ({best['train_images']} images)"
+    )
     return [
         *lines,
-        f"Trial `{best['trial_id']}`: {metric} {best['search_value']:.4f} in the search; refit on "
-        f"train+val ({best['train_images']} images) and tested once on {best['test_images']} "
-        f"untouched images: **test accuracy {best['test_accuracy']:.4f}**.",
+        f"Trial `{best['trial_id']}`: {metric} {best['search_value']:.4f} in the search; {kept} "
+        f"and tested once on {best['test_images']} "
+        f"untouched images: **test accuracy {best['test_accuracy']:.4f}**"
+        + "".join(
+            f", {label} {best[key]:.4f}"
+            for key, label in TEST_FIGURES.items()
+            if isinstance(best.get(key), int | float)
+        )
+        + ".",
         "",
         "```yaml",
         yaml.safe_dump(hp, sort_keys=False).strip(),
         "```",
+        "",
+    ]
+
+
+def _ended_by(out: Path) -> str:
+    """' The time budget (600 s) ended the search.' when it did (search_end.json)."""
+    path = out / END_FILE
+    ended = json.loads(path.read_text()) if path.is_file() else {}
+    if ended.get("ended_by") != "time_budget":
+        return ""
+    return f" The time budget ({ended['time_budget_s']:.0f} s) ended the search."
+
+
+def _per_class_lines(out: Path, best: dict[str, Any] | None) -> list[str]:
+    """The refit model's precision, recall, F1 and support per class on the test split."""
+    names = out / "best" / "class_names.json"
+    if not best or not best.get("test_labels") or not names.is_file():
+        return []
+    table = per_class_table(
+        best["test_labels"], best["test_predictions"], json.loads(names.read_text())
+    )
+    return [
+        "### Per class on the test split",
+        "",
+        markdown_table(table),
+        "",
+        "Precision, recall and F1 of each class (scikit-learn's), support: its test images.",
         "",
     ]
 
@@ -147,6 +195,7 @@ def _trial_lines(out: Path, results: pd.DataFrame, metric: str) -> list[str]:
             "augment",
             f"{metric}_mean",
             f"{metric}_std",
+            *(f"{other}_mean" for other in VAL_METRICS if other != metric),
             "epochs",
             "wall_seconds",
             "worker_seconds",

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from raytl.attempts import HISTORY_COLUMNS, RESUMED_HISTORY
 from raytl.config import SpaceConfig, metric_mode
+from raytl.metrics import VAL_METRICS
 from raytl.space import HYPERPARAMETER_NAMES
 from raytl.storage import atomic_write
 
@@ -37,17 +38,16 @@ def _trial_id(result: Any) -> str:
 
 
 def _metric_columns(m: dict[str, Any], metric: str) -> dict[str, Any]:
-    row = {
-        f"{metric}_mean": m.get(metric, math.nan),
-        f"{metric}_std": m.get(f"{metric}_std", math.nan),
-    }
-    for other in ("val_accuracy", "val_loss"):
-        if other != metric:
-            row[f"{other}_mean"] = m.get(other, math.nan)
-            row[f"{other}_std"] = m.get(f"{other}_std", math.nan)
+    """Every validation metric's mean and std over units (the search's first; NaN where not
+    recorded: top-5 accuracy with 5 classes or fewer), and each unit's own values."""
+    row: dict[str, Any] = {}
+    for name in (metric, *(other for other in VAL_METRICS if other != metric)):
+        row[f"{name}_mean"] = m.get(name, math.nan)
+        row[f"{name}_std"] = m.get(f"{name}_std", math.nan)
     unit_names = sorted({k.split("/")[1] for k in m if k.startswith("unit/")})
     row["unit_names"] = unit_names
-    row["unit_val_accuracy"] = [m.get(f"unit/{u}/val_accuracy") for u in unit_names]
+    for name in VAL_METRICS:
+        row[f"unit_{name}"] = [m.get(f"unit/{u}/{name}") for u in unit_names]
     row["unit_nodes"] = [m.get(f"unit/{u}/node_id") for u in unit_names]
     row["probe_passes"] = m.get("probe_passes", 0.0)  # a converged probe's passes, mean over units
     return row
@@ -71,6 +71,13 @@ def _cost_columns(result: Any, m: dict[str, Any], times: dict[str, float]) -> di
         "trial_seconds": times.get("finished_at", math.nan) - launched,
         "started_at": float(frame["timestamp"].min()) if has_time else math.nan,  # 1st report
     }
+
+
+def _checkpoint_path(result: Any, m: dict[str, Any]) -> str | None:
+    """The trial's latest checkpoint: Ray Train's (its report carries the path, see Tune's
+    ``TuneReportCallback``), or the Tune trial's own (a trial on cached features)."""
+    path = m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
+    return str(path) if path else None
 
 
 def results_table(
@@ -98,6 +105,7 @@ def results_table(
         row.update(_cost_columns(result, m, (clock or {}).get(str(row["trial_id"]), {})))
         row["error"] = str(result.error).splitlines()[0][:300] if result.error else None
         row["path"] = result.path
+        row["checkpoint"] = _checkpoint_path(result, m)
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.sort_values("trial_id").reset_index(drop=True) if len(table) else table

@@ -19,8 +19,11 @@ from raytl.cluster import check_resources, ray_session
 from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
+from raytl.ensemble import ensemble_best
 from raytl.errors import RaytlError
 from raytl.features import prepare_feature_cache
+from raytl.latency import COLUMNS, measure_backbones, within_limits
+from raytl.metrics import check_metric
 from raytl.models import to_json
 from raytl.refit import refit_best
 from raytl.report import write_report
@@ -73,14 +76,25 @@ def run_search(
     if not resume:
         write_space(output, config)
     data = config.data.load()
+    check_metric(config.search.metric, len(data.class_names))
     record_data(config, output, data, resume=resume, echo=echo)
     with ray_output_to(output / LOG_NAME, verbose=verbose), ray_session(address):
         check_resources(config)
         inputs = share_inputs(config, data, output, echo)
+        costs = measure_backbones(config, len(data.class_names))
+        for backbone, figures in costs.items():
+            echo(
+                f"model cost: {backbone}: {figures['params'] / 1e6:.2f}M parameters, "
+                f"{figures['latency_ms_batch1']:.1f} ms at batch 1, "
+                f"{figures['latency_ms_batch64']:.0f} ms at batch 64 ({config.data.image_size} px)"
+            )
         table = tune_search(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
-        best = best_row(table, config.search.metric)
+        table = with_costs(table, costs)
+        write_results(output, table)  # with the costs; history.parquet is as tune_search wrote it
+        best = pick(table, config)
         if best is not None:
-            refit_best(inputs, data, best, output, echo)
+            final = ensemble_best if config.search.final == "fold_ensemble" else refit_best
+            final(inputs, data, best, output, echo)
         report = finish_run(config, output, inputs.storage)
     echo(
         f"search finished in {time.perf_counter() - started:.0f}s; results in {output}, "
@@ -126,6 +140,31 @@ def record_data(
             f"data: {data.duplicates} file(s) byte-identical to another: each kept on the same "
             "side of every split as its original (raytl data inspect lists them)"
         )
+
+
+def with_costs(table: pd.DataFrame, costs: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Each trial's model size and latency (:mod:`raytl.latency`), by its backbone."""
+    table = table.copy()
+    for column in COLUMNS:
+        table[column] = [costs.get(b, {}).get(column, float("nan")) for b in table["backbone"]]
+    return table
+
+
+def pick(table: pd.DataFrame, config: SpaceConfig) -> pd.Series | None:
+    """The best trial whose model fits ``search.max_latency_ms`` / ``max_params``; an error
+    naming the limits when none does (results.parquet is written by then)."""
+    s = config.search
+    if not len(table) or (s.max_latency_ms is None and s.max_params is None):
+        return best_row(table, s.metric)
+    fits = table[[within_limits(r, s.max_latency_ms, s.max_params) for _, r in table.iterrows()]]
+    if len(table[table["status"] != "error"]) and not len(fits):
+        raise RaytlError(
+            f"no trial's model fits search.max_latency_ms={s.max_latency_ms} / "
+            f"max_params={s.max_params}: the smallest measured were "
+            f"{table['latency_ms_batch1'].min():.1f} ms and {table['params'].min():.0f} parameters "
+            "(results.parquet has every trial's)"
+        )
+    return best_row(fits, s.metric)
 
 
 def trials_line(config: SpaceConfig) -> str:

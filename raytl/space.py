@@ -37,6 +37,9 @@ class Hyperparameters:
     layer_decay: float = 1.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    # balanced: the training loss weighs class c by n / (classes * count_c) over the unit's own
+    # train labels (scikit-learn's "balanced"), for imbalanced data; validation stays unweighted
+    class_weight: Literal["none", "balanced"] = "none"
     batch_size: int = 64
     epochs: int | None = None  # None: search.max_epochs
     augment: bool = False

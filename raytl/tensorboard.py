@@ -9,8 +9,9 @@ Layout under ``DIR/tensorboard/``::
     trial_<id>/            one HParams session per trial; the mean (and std) over units per epoch,
                            and when the trial ends ``final/*`` (its last epoch) and ``best/*``
                            (its best epoch by the search's metric, and which epoch that was)
-    trial_<id>/<unit>/     each unit's curves: train/val loss, val accuracy, learning rate per group
-    best/                  the refit model: confusion matrix and misclassified test images
+    trial_<id>/<unit>/     each unit's curves: train/val loss, the validation metrics, learning rate
+                           per group
+    best/                  the refit model: test figures, confusion matrix, misclassified images
 
 HParams entries are written with TensorBoard's own API (``tensorboard.plugins.hparams.summary_v2``),
 with discrete domains for choices and integer ranges and real intervals for continuous values, so
@@ -32,26 +33,25 @@ from tensorboard.plugins.hparams import summary_v2 as hparams
 from torch.utils.tensorboard import SummaryWriter
 
 from raytl.attempts import HISTORY_COLUMNS
+from raytl.metrics import TOP5, VAL_METRICS, classification_figures
 from raytl.plots import confusion_figure
 from raytl.results import trial_status
 from raytl.space import ParamSpec
 
 # a trial's curves: the per-epoch values history.parquet keeps, but the bookkeeping ones
 TRIAL_SCALARS = tuple(c for c in HISTORY_COLUMNS if c not in ("epoch", "phase", "timestamp"))
-UNIT_SCALARS = ("train_loss", "val_accuracy", "val_loss", "images_per_second")
+UNIT_SCALARS = ("train_loss", *VAL_METRICS, "images_per_second")
 # status as a number, so the HParams views can colour and filter by it
 # "lost": a trial whose run was written but that Tune never recorded (the driver was killed first);
 # the resumed search ran another in its place
 STATUS_CODES = {"completed": 2.0, "stopped": 1.0, "error": 0.0, "lost": -1.0}
 FINAL_METRICS = (
-    "final/val_accuracy",
+    *(f"final/{metric}" for metric in VAL_METRICS),
     "final/val_accuracy_std",
-    "final/val_loss",
     "final/epochs",
     "final/status",
     # the trial's best epoch by the search's metric: what people compare trials by
-    "best/val_accuracy",
-    "best/val_loss",
+    *(f"best/{metric}" for metric in VAL_METRICS),
     "best/epoch",
 )
 
@@ -187,17 +187,15 @@ class SearchBoard:
         writer = self._writer(run)
         last = self._last.get(trial_id, {})
         step = int(last.get("epoch") or 0)
+        best = self._best.get(trial_id, {})
+        # top-5 accuracy only where the trial recorded it (more than 5 classes)
+        metrics = [m for m in VAL_METRICS if m != TOP5 or TOP5 in last]
         finals = {
-            "final/val_accuracy": last.get("val_accuracy", math.nan),
+            **{f"final/{m}": last.get(m, math.nan) for m in metrics},
             "final/val_accuracy_std": last.get("val_accuracy_std", math.nan),
-            "final/val_loss": last.get("val_loss", math.nan),
             "final/epochs": float(step),
             "final/status": STATUS_CODES[status],
-        }
-        best = self._best.get(trial_id, {})
-        finals |= {
-            "best/val_accuracy": best.get("val_accuracy", math.nan),
-            "best/val_loss": best.get("val_loss", math.nan),
+            **{f"best/{m}": best.get(m, math.nan) for m in metrics},
             "best/epoch": float(best.get("epoch") or math.nan),
         }
         for tag, value in finals.items():
@@ -280,7 +278,8 @@ def write_refit_images(
     images: Any,
     max_images: int = 16,
 ) -> None:
-    """The refit model's confusion matrix and a few misclassified test images, under ``best/``."""
+    """The refit model's test figures (accuracy, balanced accuracy, macro-F1), its confusion
+    matrix and a few misclassified test images, under ``best/``."""
     writer = SummaryWriter(str(Path(logdir) / "best"))
     try:
         writer.add_figure(
@@ -290,7 +289,7 @@ def write_refit_images(
         for n, i in enumerate(wrong[:max_images]):
             tag = f"test/misclassified/{n:02d}_true_{class_names[labels[i]]}_pred_{class_names[predictions[i]]}"
             writer.add_image(tag.replace(" ", "_"), np.asarray(images[i]), 0, dataformats="HWC")
-        accuracy = 1.0 - len(wrong) / max(1, len(labels))
-        writer.add_scalar("test/accuracy", accuracy, 0)
+        for name, value in classification_figures(np.array(labels), np.array(predictions)).items():
+            writer.add_scalar(f"test/{name}", value, 0)  # accuracy, balanced_accuracy, macro_f1
     finally:
         writer.close()

@@ -16,10 +16,9 @@ report (:mod:`raytl.probe`).
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from raytl import strategies
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.data.stream import epoch_order, rows_of
+from raytl.metrics import EvalResult, evaluation_counts, loss_weights, scored
 from raytl.models import (
     backbone_blocks,
     classifier_of,
@@ -46,13 +46,6 @@ from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_
 from raytl.unit_group import UnitGroup, learning_rate_scale, rank_batches, steps_per_epoch
 
 EVAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    predictions: np.ndarray  # predicted class per image, in the order of the indices given
 
 
 class UnitTrainer:
@@ -208,8 +201,16 @@ class UnitTrainer:
             device_type="cuda", dtype=self.amp_dtype, enabled=self.device.type == "cuda"
         )
 
+    @functools.cached_property
+    def class_weight(self) -> torch.Tensor | None:
+        """The training loss's class weights: ``class_weight: balanced`` weighs by the unit's own
+        train labels (validation's loss stays unweighted); None when unweighted."""
+        labels = self.data.labels[self.train_idx]
+        return loss_weights(self.hp.class_weight, labels, len(self.data.class_names), self.device)
+
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.hp.label_smoothing)
+        smoothing = self.hp.label_smoothing
+        return F.cross_entropy(logits.float(), target, self.class_weight, label_smoothing=smoothing)
 
     def _cached(self, key: str, indices: np.ndarray) -> torch.Tensor:
         """Pre-logit features of the (frozen, eval-mode) backbone, computed once per phase, or
@@ -297,7 +298,7 @@ class UnitTrainer:
         if len(self.val_idx):
             val = self.evaluate(self.val_idx, head_only=head_only)
         else:  # a refit on train+val has nothing to validate on (the test split is not for that)
-            val = EvalResult(math.nan, math.nan, np.empty(0, dtype=np.int64))
+            val = EvalResult.nothing()
         self.epoch += 1
         seen_all = max(1.0, float(sums[2]))
         metrics: dict[str, Any] = {
@@ -305,8 +306,7 @@ class UnitTrainer:
             "phase": phase.name,
             "train_loss": float(sums[0]) / seen_all,
             "train_accuracy": float(sums[1]) / seen_all,
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
+            **val.metrics("val_"),  # raytl.metrics.VAL_METRICS (top-5: > 5 classes only)
             "epoch_seconds": time.perf_counter() - start,
             "images_per_second": seen / max(train_seconds, 1e-9),
             "head_only": head_only,
@@ -328,7 +328,8 @@ class UnitTrainer:
 
     @torch.no_grad()
     def evaluate(self, indices: np.ndarray, *, head_only: bool = False) -> EvalResult:
-        """Loss, accuracy and predictions on ``indices`` (sharded over the unit's ranks, if any).
+        """Scores (:class:`~raytl.metrics.EvalResult`) and predictions on ``indices`` (sharded
+        over the unit's ranks, if any).
 
         ``head_only``: the backbone is frozen in this phase, so its cached features serve.
         """
@@ -344,21 +345,12 @@ class UnitTrainer:
                 with self._autocast():
                     chunks.append(self.forward(x).float())
             logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.data.class_names))
-        loss_sum = (
-            F.cross_entropy(logits, labels, reduction="sum") if len(mine) else torch.zeros(())
-        )
+        n_classes = len(self.data.class_names)
+        counts = evaluation_counts(logits, labels, n_classes).to(self.device)
+        if self.group is not None:  # the ranks' shares: one all-reduce of the counts
+            counts = self.group.sum(counts)
         predictions = logits.argmax(1) if len(mine) else torch.empty(0, dtype=torch.long)
-        sums = torch.stack(
-            [
-                loss_sum.float().to(self.device),
-                (predictions == labels).sum().float().to(self.device),
-                torch.tensor(float(len(mine)), device=self.device),
-            ]
-        )
-        if self.group is not None:
-            sums = self.group.sum(sums)
-        n = max(1.0, float(sums[2]))
-        return EvalResult(float(sums[0]) / n, float(sums[1]) / n, predictions.cpu().numpy())
+        return scored(counts, n_classes, predictions.cpu().numpy())
 
     # ------------------------------------------------------------------ checkpoints
 

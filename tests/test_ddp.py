@@ -166,6 +166,14 @@ def test_two_ranks_train_a_unit_as_one_process_with_twice_the_batch(runs, case):
         assert first["metrics"]["val_loss"] == pytest.approx(
             single[case]["metrics"]["val_loss"], rel=tolerance
         )
+    # the ranks' validation counts (confusion matrix, top-5 hits) are summed before scoring: every
+    # rank reports the whole split's scores, those of the single process (one image may flip)
+    for name in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_top5_accuracy"):
+        assert first["metrics"][name] == second["metrics"][name], name
+        if tolerance is not None:
+            assert first["metrics"][name] == pytest.approx(
+                single[case]["metrics"][name], abs=1.5 / VAL
+            ), name
 
 
 def test_the_learning_rate_is_kept_for_the_larger_batch():

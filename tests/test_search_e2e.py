@@ -103,6 +103,25 @@ def test_search_end_to_end(search, tmp_path):
         assert np.isclose(accs.std(), row["val_accuracy_std"])
         assert row["worker_seconds"] > 0 and row["wall_seconds"] > 0
     assert results["val_accuracy_mean"].max() > 0.4  # 10 classes: chance is 0.1
+    # every metric a search can select by, per trial and per unit (10 classes: top-5 too)
+    for name in ("val_balanced_accuracy", "val_macro_f1", "val_top5_accuracy"):
+        assert results[f"{name}_mean"].between(0, 1).all() and results[f"{name}_std"].notna().all()
+        for _, row in results.iterrows():
+            units = np.array(row[f"unit_{name}"], dtype=float)
+            assert len(units) == 2 and np.isclose(units.mean(), row[f"{name}_mean"])
+    assert (results["val_top5_accuracy_mean"] >= results["val_accuracy_mean"]).all()
+    # every trial's model size and latency; the first trials were the seeded recipes, in order
+    assert (results["params"] > 3e6).all() and (results["latency_ms_batch1"] > 0).all()
+    from raytl.rundir import read_trial_clock
+
+    seeds = parse_space(SPACE, "e2e.yaml").seed_points()
+    clock = read_trial_clock(out)
+    started = results.set_index("trial_id").loc[
+        sorted(clock, key=lambda t: clock[t]["launched_at"])
+    ]
+    assert len(seeds) == 3  # no lp_ft in this space
+    for (_, row), seed in zip(started.iterrows(), seeds, strict=False):
+        assert {k: row[k] for k in seed} == pytest.approx(seed), (row.to_dict(), seed)
     storage = Path(results["path"].iloc[0]).parents[1]
     # the Ray experiment lives on search.storage, for resuming, in a folder of this run's own
     run_id = json.loads((out / ".raytl-run.json").read_text())["run_id"]
@@ -122,6 +141,8 @@ def test_search_end_to_end(search, tmp_path):
         assert (best / name).is_file()
     metrics = pd.read_json(best / "metrics.json", typ="series")
     assert metrics["test_accuracy"] > 0.4
+    assert 0 < metrics["test_macro_f1"] <= 1 and 0 < metrics["test_balanced_accuracy"] <= 1
+    assert metrics["test_top5_accuracy"] >= metrics["test_accuracy"]
 
     from raytl.data import load_data
 
@@ -173,6 +194,9 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
         "final/status",
         "best/val_accuracy",
         "best/epoch",
+        "final/val_macro_f1",
+        "best/val_balanced_accuracy",
+        "final/val_top5_accuracy",
     }
 
     for _, row in results.iterrows():
@@ -206,6 +230,7 @@ def test_tensorboard_scalars_and_hparams_read_back(search):
             unit_acc.Reload()
             tags = unit_acc.Tags()["scalars"]
             assert {"train_loss", "val_accuracy", "val_loss", "lr/head"} <= set(tags)
+            assert {"val_balanced_accuracy", "val_macro_f1", "val_top5_accuracy"} <= set(tags)
             assert len(unit_acc.Scalars("val_loss")) == row["epochs"]
 
     best = EventAccumulator(str(logdir / "best"))
@@ -292,7 +317,13 @@ def test_tensorboard_server_serves_the_hparams_plugin(search):
 def test_report_has_sections_and_valid_plots(search):
     out, _, _ = search
     report = (out / "report.md").read_text()
-    for heading in ("## Best configuration", "## Trials", "## Plots", "tensorboard --logdir"):
+    for heading in (
+        "## Best configuration",
+        "### Per class on the test split",
+        "## Trials",
+        "## Plots",
+        "tensorboard --logdir",
+    ):
         assert heading in report
     for name in (
         "metric_per_trial.png",
