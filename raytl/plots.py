@@ -150,13 +150,19 @@ def confusion_figure(labels: list[int], predictions: list[int], class_names: lis
     return fig
 
 
-def _strategy_legend(ax: plt.Axes, extra: bool = False) -> None:
+def _strategy_legend(ax: plt.Axes, extra: bool | str = False, star: bool = False) -> None:
+    """The strategies' colours; ``extra``: the black line's label ("running best" for True)."""
     handles = [
         Line2D([], [], marker="o", linestyle="", color=c, label=s)
         for s, c in STRATEGY_COLOURS.items()
     ]
     if extra:
-        handles.append(Line2D([], [], color="black", label="running best"))
+        label = extra if isinstance(extra, str) else "running best"
+        handles.append(Line2D([], [], color="black", label=label))
+    if star:
+        handles.append(
+            Line2D([], [], marker="*", markersize=12, linestyle="", color="black", label="the pick")
+        )
     ax.legend(handles=handles, fontsize=8)
 
 
@@ -197,5 +203,40 @@ def scheme_cost_fidelity(summary: pd.DataFrame) -> Figure:
         ax.bar(mean.index, mean[column].fillna(0), yerr=std[column], color=colours, capsize=4)
         ax.set(title=title)
         ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_latency(
+    results: pd.DataFrame, metric: str, maximise: bool, pick: str | None
+) -> Figure:
+    """Each trial's score against its model's batch-1 latency, the front of best trade-offs
+    (no faster model scores better) and the pick (a star)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ok = results.dropna(subset=[f"{metric}_mean", "latency_ms_batch1"])
+    x, y = ok["latency_ms_batch1"].to_numpy(float), ok[f"{metric}_mean"].to_numpy(float)
+    ax.scatter(x, y, c=[_colour(s) for s in ok["strategy"]], zorder=3)
+    front, best = [], -np.inf
+    for i in np.lexsort((-y if maximise else y, x)):  # by latency, then the better score first
+        score = y[i] if maximise else -y[i]
+        if score > best:
+            best = score
+            front.append((x[i], y[i]))
+    if front:
+        ax.step(*zip(*front, strict=True), where="post", color="black", label="best trade-offs")
+    picked = ok[ok["trial_id"] == pick]
+    if len(picked):
+        ax.scatter(
+            picked["latency_ms_batch1"],
+            picked[f"{metric}_mean"],
+            marker="*",
+            s=300,
+            facecolors="none",
+            edgecolors="black",
+            zorder=4,
+            label="the pick",
+        )
+    ax.set(xlabel="latency at batch 1 (ms)", ylabel=metric, title=f"{metric} against latency")
+    _strategy_legend(ax, extra="best trade-offs", star=len(picked) > 0)
     fig.tight_layout()
     return fig

@@ -33,6 +33,8 @@ PLOTS = {
     "metric_by_strategy.png": "Scores by strategy",
     "metric_vs_freeze_depth.png": "Scores against freeze depth",
     "learning_curves.png": "Learning curves of the top trials",
+    "metric_vs_latency.png": "Scores against each model's batch-1 latency: the front of best "
+    "trade-offs and the pick (star)",
     "confusion_matrix.png": "The refit model on the untouched test split",
 }
 
@@ -97,6 +99,11 @@ def write_plots(out: Path, results: pd.DataFrame, metric: str, best: dict[str, A
     save_figure(
         plots.learning_curves(history, results, metric, maximise), out / "learning_curves.png"
     )
+    if "latency_ms_batch1" in results:
+        pick = str(best["trial_id"]) if best else None
+        save_figure(
+            plots.metric_vs_latency(results, metric, maximise, pick), out / "metric_vs_latency.png"
+        )
     if best and best.get("test_labels"):
         class_names = json.loads((out / "best" / "class_names.json").read_text())
         save_figure(

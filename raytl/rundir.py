@@ -40,6 +40,7 @@ PLOTS = (
     "metric_by_strategy.png",
     "metric_vs_freeze_depth.png",
     "learning_curves.png",
+    "metric_vs_latency.png",
     "confusion_matrix.png",
 )
 PUBLISHED = (

@@ -49,3 +49,25 @@ def test_the_pick_respects_the_deployment_limits():
     assert pick(table, config(max_latency_ms=20, max_params=5e6))["trial_id"] == "a"
     with pytest.raises(RaytlError, match=r"no trial's model fits search.max_latency_ms=5.0"):
         pick(table, config(max_latency_ms=5))
+
+
+def test_the_latency_plot_draws_the_front_of_best_trade_offs_and_marks_the_pick():
+    from raytl.plots import metric_vs_latency
+
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "strategy": ["fine_tune", "linear_probe", "fine_tune", "lp_ft"],
+            "latency_ms_batch1": [10.0, 10.0, 20.0, 5.0],
+            "val_accuracy_mean": [0.8, 0.9, 0.95, 0.7],
+        }
+    )
+    fig = metric_vs_latency(trials, "val_accuracy", True, "b")
+    (front,) = fig.axes[0].lines
+    assert list(zip(front.get_xdata(), front.get_ydata(), strict=True)) == [
+        (5.0, 0.7),
+        (10.0, 0.9),  # a (10 ms, 0.8) is beaten by b at the same latency
+        (20.0, 0.95),
+    ]
+    star = fig.axes[0].collections[-1]
+    assert star.get_offsets().tolist() == [[10.0, 0.9]]

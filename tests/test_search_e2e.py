@@ -330,6 +330,7 @@ def test_report_has_sections_and_valid_plots(search):
         "metric_by_strategy.png",
         "metric_vs_freeze_depth.png",
         "learning_curves.png",
+        "metric_vs_latency.png",
         "confusion_matrix.png",
     ):
         assert f"({name})" in report
