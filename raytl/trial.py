@@ -17,7 +17,10 @@ in one of two places, told apart only by how a report leaves (the :class:`TrialS
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Collection
@@ -53,6 +56,28 @@ from raytl.unit import UnitTrainer
 from raytl.unit_group import UnitGroup, groups_for_rank
 
 UNIT_STATE = "unit_{}.pt"
+# a file each process of a trial appends its start-up stages to, one JSON line per stage (wall
+# clock, pid, the trial's start as its key): what benchmarks/startup.py times; unset, nothing is written
+STARTUP_TRACE = "RAYTL_STARTUP_TRACE"
+
+
+def trace_startup(stage: str, trial: float, **extra: Any) -> None:
+    """Append one start-up stage of the trial that started at ``trial`` to $RAYTL_STARTUP_TRACE."""
+    path = os.environ.get(STARTUP_TRACE)
+    if path:
+        line = {"stage": stage, "time": time.time(), "pid": os.getpid(), "trial": trial, **extra}
+        with open(path, "a") as trace:  # one short append per line: whole lines on Linux
+            trace.write(json.dumps(line) + "\n")
+
+
+def process_started() -> float:
+    """When this process started (wall clock, from /proc: 10 ms resolution); NaN elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ def unit_trainers(
     plan = assign_units(len(units), session.world)
     groups = session.unit_groups(plan)
     features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
+    trace_startup("data_fetched", ctx.started)
     trainers = {
         a.unit: UnitTrainer.for_space(
             ctx.config,
@@ -238,6 +264,7 @@ def unit_trainers(
         for a in plan[session.rank]
     }
     owners = {a.unit for a in plan[session.rank] if a.rank_in_unit == 0}
+    trace_startup("trainers_built", ctx.started)
     return trainers, owners, [u.name for u in units]
 
 
@@ -254,6 +281,7 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
         entered=entered,
         startup_seconds=entered - ctx.started,
     )
+    trace_startup("ready", ctx.started)
     first = next(iter(trainers.values()))
     if first.epoch >= first.total_epochs and attempt.last_report is not None:
         session.report(attempt.report_again(), None, first.epoch)  # see Attempt.report_again
@@ -291,26 +319,40 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
         resumed = {}
 
 
-def train_loop_per_worker(loop_config: dict[str, TrialContext]) -> None:
-    """The Ray Train worker's entry point (Ray Train hands over its config as a dict)."""
-    train_units(loop_config["trial"], RayTrainSession())
+def train_loop_per_worker(ctx: TrialContext) -> None:
+    """The Ray Train worker's entry point.
+
+    The trial's context comes bound into the training function (:func:`run_trial`), not as
+    ``train_loop_config``: the function is unpickled by the workers alone, but the config also by
+    Ray Train's controller, which then imported raytl (timm, scikit-learn) for nothing, about 3 s
+    of every trial's start-up (docs/benchmarks.md, "Trial start-up").
+    """
+    trace_startup("worker_entered", ctx.started, process=process_started())
+    train_units(ctx, RayTrainSession())
 
 
 def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:
     """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback), or,
     for a head-only trial on cached features, the training itself."""
     ctx = TrialContext.create(inputs, sampled)
+    trace_startup("trial_entered", ctx.started, process=process_started())
     if ctx.lean:
         train_units(ctx, TuneSession())
         return
+    trainer = make_trainer(ctx, tune.get_context().get_trial_id())
+    trace_startup("fit_called", ctx.started)
+    trainer.fit()
+
+
+def make_trainer(ctx: TrialContext, trial_id: str) -> TorchTrainer:
+    """The trial's TorchTrainer: its workers, checkpoints (on the search's storage, resumed by
+    name) and failure budget."""
     r = ctx.config.resources
     per_worker = {"CPU": float(r.cpus_per_worker)}
     if r.gpus_per_worker:
         per_worker["GPU"] = float(r.gpus_per_worker)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": ctx},
+    return TorchTrainer(
+        functools.partial(train_loop_per_worker, ctx),  # not train_loop_config: see there
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers_per_trial,
             use_gpu=r.gpus_per_worker > 0,
@@ -325,4 +367,3 @@ def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()

@@ -1,0 +1,488 @@
+"""Start-up of a trial: where the seconds go between Tune launching a 1-worker fine-tuning trial
+and its first training step, stage by stage.
+
+    .venv/bin/python benchmarks/startup.py                  # this checkout: 3 trials (~2 min)
+    .venv/bin/python benchmarks/startup.py --before REF     # and the code at REF (or a folder)
+    .venv/bin/python benchmarks/startup.py --variants       # and two mechanisms that were tried
+
+Each run is a real search in a fresh process, as ``raytl search`` runs one (a raytl-started local
+Ray, ``search.share_inputs`` + ``search.tune_search``; no refit): digits at 32 px, 300 images,
+holdout, ``fine_tune`` fixed, 1 epoch, 3 trials one at a time, 1 worker x 1 CPU, no seeded
+recipes. The stages come from two clocks that need nothing but the run itself: Ray's task
+timeline (``ray.timeline()``: when the Train controller and worker actors run their methods) and
+raytl's start-up trace (``RAYTL_STARTUP_TRACE``, :func:`raytl.trial.trace_startup`), joined with
+the results table's ``launched_at`` (the driver's clock when Tune launched the trial). A code
+older than the trace shows only the timeline's stages. Each stage is the median over the trials
+(each trial's figure in brackets); the imports are timed separately, in fresh processes.
+
+``--variants`` adds two runs of this checkout: with ``RAY_preload_python_modules`` (every Python
+worker Ray starts imports torch, timm and raytl.trial first) and with Tune's ``reuse_actors``
+(one Tune trial process for consecutive trials; ``raytl.tune`` does not set it).
+
+Writes the "## Trial start-up" section of docs/benchmarks.md. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from strategies import provenance, write_section  # noqa: E402
+from stream import busy_seconds, wait_quiet  # noqa: E402
+
+HEADING = "## Trial start-up (`benchmarks/startup.py`)"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One column of the table: a checkout, run with extra environment or Tune's reuse_actors."""
+
+    name: str
+    code: Path
+    env: dict[str, str] = field(default_factory=dict)
+    reuse_actors: bool = False
+
+
+SPACE: dict[str, Any] = {
+    "name": "startup",
+    "data": {"source": "digits", "image_size": 32, "limit": 300, "seed": 0},
+    "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
+    "scheme": {"kind": "holdout"},
+    "search": {
+        "num_samples": 3,
+        "max_concurrent": 1,
+        "max_epochs": 1,
+        "scheduler": "fifo",
+        "seed": 0,
+        "seed_configs": [],
+    },
+    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    "space": {"strategy": "fine_tune", "freeze_depth": 3, "head_lr": 0.01, "backbone_lr": 0.001},
+}
+# (label, start, end): each stage runs from one event to the next, so the stages add up to the
+# launch-to-first-step total (a missing event merges its stage into the next)
+STAGES = [
+    ("Tune starts the trial's actor, `run_trial` entered", "launched", "trial_entered"),
+    ("`run_trial`: context, `TorchTrainer` built, `fit()` called", "trial_entered", "fit_called"),
+    ("controller actor: a process started for it", "fit_called", "controller_init"),
+    (
+        "controller: its arguments unpickled (imports), `__init__`",
+        "controller_init",
+        "controller_ready",
+    ),
+    (
+        "controller: placement group, helper actors, worker process",
+        "controller_ready",
+        "worker_init",
+    ),
+    ("worker: run context unpickled (imports)", "worker_init", "context_done"),
+    ("worker: torch.distributed set-up (gloo `init_process_group`)", "context_done", "torch_done"),
+    (
+        "worker: train function launched, `train_loop_per_worker` entered",
+        "torch_done",
+        "worker_entered",
+    ),
+    ("worker: `ray.get` of the data (and features), units", "worker_entered", "data_fetched"),
+    ("worker: `UnitTrainer` (model build, weights load)", "data_fetched", "trainers_built"),
+    ("worker: checkpoint check; first training step starts", "trainers_built", "ready"),
+]
+IMPORTS = ["torch", "timm", "ray.train.torch", "ray.tune", "raytl.trial"]
+PRELOAD = {"RAY_preload_python_modules": "torch,timm,raytl.trial"}
+GOAL_SECONDS = 5.0  # issue 15, item 7: launch to first training step of a 1-worker trial
+WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers/default_worker.py)
+    "- Why every trial pays it: Ray Train V2 starts a trial's controller and workers as new "
+    "actors, and every actor gets a new Python process (7 per trial here: the Tune trial, its "
+    "report queue, the Train controller, the placement-group cleaner, the synchronization "
+    "actor, the dataset manager and the worker; 8 with the preemption watcher). A pooled idle "
+    "process cannot serve them: Ray prestarts idle workers only once (as many as CPUs, when the "
+    "first driver connects) and only with an empty runtime env, Train V2 gives its controller "
+    "and workers a runtime env of their own (`env_vars`, always), and a process that ran a "
+    "task is not handed to an actor (both checked on this machine).",
+    "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
+    "function (`functools.partial`), which only the workers unpickle, instead of "
+    "`train_loop_config`, which is part of the run context the controller unpickles too: the "
+    "controller imported raytl, timm and scikit-learn just to start the workers (its second "
+    "row). The workers import what they did before, now when they unpickle the function.",
+    "- Cut (raytl/cluster.py, the local Ray raytl starts, where the environment does not set "
+    "them): `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, one process fewer per trial, whose start "
+    "competed with the worker's imports on 2 cores (a Ray on one machine is never drained); "
+    "`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5` (Ray: 2): the controller sees reports and the end "
+    "of the trial at its next poll, about 2 s less per trial (after start-up). A cluster "
+    "(`--address`) keeps its own settings: set the interval in its nodes' environment.",
+    "- Tried, no help: `RAY_preload_python_modules` (`+ preload`, with `--variants`): the "
+    "raylet imports them in each Python worker it starts, before it takes work, so for the "
+    "fresh processes above it only moves the worker's imports before its `__init__` and adds "
+    "them to every helper actor's process. Caching the model per worker process: the process "
+    "is new every trial, and the build takes 0.1 s.",
+    "- Not in the files this change touched (raytl/tune.py): Tune's `reuse_actors=True` "
+    "(`+ reuse_actors`) keeps the Tune trial's process for the next trial, whose launch then "
+    "follows the previous trial's end at once; it does not change the start-up itself.",
+    "- Other Train V2 settings (environment, ray/train/v2/_internal/constants.py): "
+    "`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, `RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S`, "
+    "`RAY_TRAIN_COLLECTIVE_TIMEOUT_S`, `RAY_TRAIN_ENABLE_*_STRUCTURED_LOGGING`, "
+    "`RAY_TRAIN_METRICS_ENABLED`, `RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION`: none is on "
+    "the start-up path (the placement group is ready in 0.02 s).",
+    "- Below this needs Ray to hand Train a warm process (a prestarted pool for a runtime env, "
+    "or a worker group kept across `fit()` calls); no setting raytl controls does that.",
+]
+
+
+# --------------------------------------------------------------------------- one search (child)
+
+
+def run_search(out: Path, reuse_actors: bool = False) -> None:
+    """The search, in this process (the code importable here), into ``out``; ``reuse_actors``:
+    with Tune's ``reuse_actors`` (a variant: raytl does not set it)."""
+    import functools
+
+    import ray
+    from ray import tune
+
+    if reuse_actors:
+        tune.TuneConfig = functools.partial(tune.TuneConfig, reuse_actors=True)  # type: ignore
+
+    from raytl.cluster import ray_session
+    from raytl.config import parse_space
+    from raytl.search import share_inputs, tune_search
+
+    os.environ["RAYTL_STARTUP_TRACE"] = str(out / "trace.jsonl")  # Ray's processes inherit it
+    config = parse_space(SPACE, "benchmarks/startup.py")
+    with ray_session(None):
+        inputs = share_inputs(config, config.data.load(), out, lambda line: None)
+        table = tune_search(inputs, out, resume=False, echo=lambda line: None)
+        timeline = ray.timeline()
+    table.to_parquet(out / "trials.parquet")
+    (out / "timeline.json").write_text(json.dumps(timeline))
+
+
+def session_cpu(sid: int) -> dict[int, float]:
+    """CPU seconds so far of every process in session ``sid`` (a run's driver and its Ray)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == sid:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return out
+
+
+def search_in(run: Run, out: Path) -> float:
+    """:func:`run_search` in a fresh process on the raytl at ``run.code`` (a checkout), after a
+    quiet moment; the cores that other processes used meanwhile (this machine may be shared):
+    the machine's busy time less that of the run's session, sampled twice a second."""
+    out.mkdir(parents=True)
+    wait_quiet(limit=0.3, patience=180.0)
+    t0, busy0 = time.perf_counter(), busy_seconds()
+    flags = ["--reuse-actors"] if run.reuse_actors else []
+    with open(out / "stderr.txt", "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--run-search", str(out), *flags],
+            cwd=run.code,
+            env={**os.environ, **run.env, "PYTHONPATH": str(run.code)},  # Ray's workers too
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # Ray's processes stay in it: their CPU is the run's own
+        )
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        while child.poll() is None:
+            for pid, cpu in session_cpu(child.pid).items():
+                first.setdefault(pid, cpu if time.perf_counter() - t0 < 0.6 else 0.0)
+                last[pid] = cpu
+            time.sleep(0.5)
+    if child.returncode:
+        raise SystemExit(
+            f"the search {run.name} failed:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+        )
+    mine = sum(last[pid] - first[pid] for pid in last)
+    return max(0.0, (busy_seconds() - busy0 - mine) / (time.perf_counter() - t0))
+
+
+# --------------------------------------------------------------------------- stages per trial
+
+
+def ray_events(out: Path) -> list[tuple[float, float, str]]:
+    """(start, end, method) of every actor method in Ray's timeline, wall clock in seconds."""
+    events = json.loads((out / "timeline.json").read_text())
+    return sorted(
+        (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e.get("cat", ""))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat", "").startswith("task::")
+    )
+
+
+def trial_events(out: Path) -> list[dict[str, float]]:
+    """Each trial's stage times (wall clock), from launch to its first training step."""
+    import pandas as pd
+
+    table = pd.read_parquet(out / "trials.parquet").sort_values("launched_at")
+    trace: dict[float, dict[str, Any]] = {}
+    if (out / "trace.jsonl").exists():
+        for line in (out / "trace.jsonl").read_text().splitlines():
+            mark = json.loads(line)
+            trace.setdefault(mark["trial"], {})[mark["stage"]] = mark
+    events = ray_events(out)
+    trials = []
+    for _, row in table.iterrows():
+        launched = float(row["launched_at"])
+        ready = launched + float(row["overhead_seconds"])
+        spans = [e for e in events if launched - 1 <= e[0] <= ready]
+
+        def first(method: str, end: bool = False, spans: list = spans) -> float:
+            hits = [e[1] if end else e[0] for e in spans if e[2].endswith(method)]
+            return min(hits) if hits else math.nan
+
+        t: dict[str, float] = {
+            "launched": launched,
+            "trial_entered": first("ImplicitFunc.train"),
+            "controller_init": first("TrainController.__init__"),
+            "controller_ready": first("TrainController.__init__", end=True),
+            "worker_init": first("RayTrainWorker.__init__"),
+            "context_done": first("RayTrainWorker.init_train_context", end=True),
+            "torch_done": first("execute._setup_torch_process_group", end=True),
+            "worker_entered": entered_from_table(row, first("ImplicitFunc.train")),
+            "ready": ready,
+            "trial_seconds": float(row["trial_seconds"]),
+        }
+        for key, marks in trace.items():  # the trace's key: the trial's TrialContext.started
+            if launched - 1 <= key <= ready:
+                t.update({stage: mark["time"] for stage, mark in marks.items()})
+                t["worker_process"] = marks.get("worker_entered", {}).get("process", math.nan)
+        trials.append(t)
+    for this, after in zip(trials, trials[1:], strict=False):
+        this["to_next_launch"] = after["launched"] - (this["launched"] + this["trial_seconds"])
+    return trials
+
+
+def entered_from_table(row: Any, trial_called: float) -> float:
+    """Where the trace is missing (older code): the worker's entry from the results table's
+    start-up seconds, counted from Tune's call of the trainable (where the context is made)."""
+    return trial_called + float(row["startup_seconds"])
+
+
+def stage_seconds(trial: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage of one trial (NaN where an event is missing: merged into the next)."""
+    out, previous = {}, trial["launched"]
+    for label, _start, end in STAGES:
+        at = trial.get(end, math.nan)
+        out[label] = at - previous if not math.isnan(at) else math.nan
+        previous = at if not math.isnan(at) else previous
+    out["launch to first training step"] = trial["ready"] - trial["launched"]
+    out["worker process started, after `fit()`"] = trial.get(
+        "worker_process", math.nan
+    ) - trial.get("fit_called", math.nan)
+    out["trial end to the next trial's launch"] = trial.get("to_next_launch", math.nan)
+    out["trial, launch to end (1 epoch)"] = trial["trial_seconds"]
+    return out
+
+
+# --------------------------------------------------------------------------- imports, fresh process
+
+
+def import_seconds(code: Path, repeats: int) -> dict[str, float]:
+    """Median seconds each of :data:`IMPORTS` adds, in order, in a fresh Python (``repeats``)."""
+    script = (
+        "import importlib, json, time\n"
+        f"out = {{}}\nfor name in {IMPORTS!r}:\n"
+        "    t = time.perf_counter(); importlib.import_module(name)\n"
+        "    out[name] = time.perf_counter() - t\n"
+        "print(json.dumps(out))"
+    )
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(json.loads(done.stdout))
+    return {name: statistics.median(r[name] for r in runs) for name in IMPORTS}
+
+
+# --------------------------------------------------------------------------- the section
+
+
+def median_cell(values: list[float]) -> str:
+    real = [v for v in values if not math.isnan(v)]
+    if not real:
+        return "n/a"
+    each = ", ".join(f"{v:.1f}" for v in values if not math.isnan(v))
+    return f"{statistics.median(real):.1f} [{each}]"
+
+
+def breakdown(results: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The table: one row per stage, one column per code (median over its trials)."""
+    per_code = {code: [stage_seconds(t) for t in trials] for code, trials in results.items()}
+    labels = list(next(iter(per_code.values()))[0])
+    lines = [
+        "| stage (seconds) | " + " | ".join(per_code) + " |",
+        "| --- | " + " | ".join("---:" for _ in per_code) + " |",
+    ]
+    for label in labels:
+        cells = [median_cell([s[label] for s in stages]) for stages in per_code.values()]
+        bold = label == "launch to first training step"
+        lines.append(f"| {'**' + label + '**' if bold else label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def section(command: str, results: dict, imports: dict, others: dict) -> str:
+    cols = list(imports)
+    return "\n".join(
+        [
+            HEADING,
+            "",
+            provenance(command),
+            "",
+            "A search of 3 trials one at a time (digits, 32 px, 300 images, holdout, `fine_tune`, "
+            "1 epoch, 1 Ray Train worker x 1 CPU, no seeded recipes), each run in a fresh "
+            "process with a Ray of its own, after waiting for a quiet moment. Stages are "
+            "consecutive (they add up to the total); each cell is the median over the trials, "
+            "each trial's figure in brackets. Sources: the results table's `launched_at` and "
+            "`overhead_seconds`, Ray's task timeline (the Train controller's and worker's actor "
+            "methods) and raytl's start-up trace (`RAYTL_STARTUP_TRACE`); n/a: no such event.",
+            "",
+            *breakdown(results),
+            "| others' CPU during the run (cores of "
+            f"{os.cpu_count()}) | "
+            + " | ".join(", ".join(f"{o:.2f}" for o in others[c]) for c in results)
+            + " |",
+            "",
+            "Imports in a fresh Python (seconds each adds, in this order; median of 3):",
+            "",
+            "| module | " + " | ".join(cols) + " |",
+            "| --- | " + " | ".join("---:" for _ in cols) + " |",
+            *(
+                f"| `{name}` | " + " | ".join(f"{imports[c][name]:.2f}" for c in cols) + " |"
+                for name in IMPORTS
+            ),
+            "| all | " + " | ".join(f"{sum(imports[c].values()):.2f}" for c in cols) + " |",
+            "",
+            "Reading:",
+            "",
+            *reading(results, imports),
+            "",
+        ]
+    )
+
+
+def median_stage(trials: list[dict[str, float]], label: str) -> float:
+    values = [v for v in (stage_seconds(t)[label] for t in trials) if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def reading(results: dict[str, list], imports: dict[str, dict[str, float]]) -> list[str]:
+    """What the table says: the totals against the goal, the cuts, and what remains."""
+    total, gap = "launch to first training step", "trial end to the next trial's launch"
+    lines = []
+    for name, trials in results.items():
+        first, wait = median_stage(trials, total), median_stage(trials, gap)
+        trial = median_stage(trials, "trial, launch to end (1 epoch)")
+        verdict = "met" if first <= GOAL_SECONDS else "NOT met"
+        lines.append(
+            f"- {name}: launch to first training step {first:.1f} s (goal <= {GOAL_SECONDS:.0f} s:"
+            f" {verdict}); a trial from its launch to the next one's {trial + wait:.1f} s."
+        )
+    after = [t for name, t in results.items() if not name.startswith("before")][0]
+    stage = {label: median_stage(after, label) for label, _, _ in STAGES}
+    worker_imports = stage[STAGES[5][0]] + stage[STAGES[7][0]]
+    controller = stage[STAGES[2][0]] + stage[STAGES[3][0]]
+    code = [c for c in imports if not c.startswith("before")][0]
+    lines += [
+        f"- What remains: the Train worker is a new Python process, and its imports take "
+        f"{worker_imports:.1f} s (torch, torchvision's ops, which import `torch._dynamo`, timm, "
+        f"scikit-learn, raytl: {sum(imports[code].values()):.1f} s in a fresh Python, table "
+        f"below). It starts only once the controller's new process is up and has imported "
+        f"torch and Ray Train ({controller:.1f} s) and the placement group, the cleaner and "
+        f"the synchronization actor are up ({stage[STAGES[4][0]]:.1f} s, most of it the "
+        "worker process's own Python and Ray start). torch.distributed, the data and the "
+        "model take 0.2 s together.",
+        *WHY,
+    ]
+    return lines
+
+
+def code_for(ref: str, scratch: Path) -> Path:
+    """The checkout to measure as "before": a folder holding one, or a git worktree of ``ref``."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
+    tree = scratch / "before"
+    subprocess.run(
+        ["git", "worktree", "add", "-q", "--detach", str(tree), ref], cwd=REPO, check=True
+    )
+    return tree
+
+
+def measure(runs: list[Run], searches: int, folder: Path) -> tuple[dict, dict, dict]:
+    """Each run's trials (``searches`` searches each, the runs alternating), imports, others."""
+    results: dict[str, list] = {run.name: [] for run in runs}
+    others: dict[str, list[float]] = {run.name: [] for run in runs}
+    for rep in range(searches):
+        for i, run in enumerate(runs):
+            out = folder / f"run{i}-search{rep}"
+            others[run.name].append(search_in(run, out))
+            results[run.name] += trial_events(out)
+    codes = {run.code: run.name for run in runs if not run.env and not run.reuse_actors}
+    imports = {name: import_seconds(code, repeats=3) for code, name in codes.items()}
+    return results, imports, others
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", help="a git ref (or a folder with a checkout) to measure too")
+    parser.add_argument("--before-label", help="how the table names --before (default: it)")
+    parser.add_argument("--variants", action="store_true", help="also the two tried mechanisms")
+    parser.add_argument("--searches", type=int, default=1, help="searches of 3 trials per run")
+    parser.add_argument("--keep", type=Path, help="keep each search's raw events in this folder")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
+    parser.add_argument("--run-search", type=Path, help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--reuse-actors", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_search:
+        run_search(args.run_search, args.reuse_actors)
+        return
+    with tempfile.TemporaryDirectory(prefix="raytl-startup-") as scratch:
+        runs = [Run("this checkout" if not args.before else "after", REPO)]
+        if args.before:
+            label = f"before ({args.before_label or args.before})"
+            runs.insert(0, Run(label, code_for(args.before, Path(scratch))))
+        if args.variants:
+            runs += [
+                Run("+ preload", REPO, env=PRELOAD),
+                Run("+ reuse_actors", REPO, reuse_actors=True),
+            ]
+        try:
+            results, imports, others = measure(runs, args.searches, args.keep or Path(scratch))
+        finally:
+            if args.before and not Path(args.before).is_dir():
+                subprocess.run(["git", "worktree", "remove", "--force", runs[0].code], cwd=REPO)
+    command = ".venv/bin/python benchmarks/startup.py"
+    command += f" --before {args.before}" if args.before else ""
+    command += f" --before-label '{args.before_label}'" if args.before_label else ""
+    command += " --variants" if args.variants else ""
+    command += f" --searches {args.searches}" if args.searches != 1 else ""
+    text = section(command, results, imports, others)
+    print(text)
+    if not args.no_write:
+        write_section(text, HEADING)
+
+
+if __name__ == "__main__":
+    main()

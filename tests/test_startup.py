@@ -1,0 +1,56 @@
+"""A trial's start-up: what Ray Train's controller unpickles, the local Ray's Train settings, and
+the start-up trace that benchmarks/startup.py reads (docs/benchmarks.md, "Trial start-up")."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ray import cloudpickle
+from ray.train.v2.api.callback import UserCallback
+
+import raytl.trial
+from raytl.cluster import LOCAL_TRAIN_SETTINGS, local_train_settings
+from raytl.config import parse_space
+from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
+
+SPACE = {"name": "t", "data": {"source": "digits"}, "space": {"strategy": "fine_tune"}}
+
+
+def test_the_trial_context_reaches_the_workers_but_not_the_controller(tmp_path, monkeypatch):
+    # TuneReportCallback refuses to exist outside a Tune session; any callback will do here
+    monkeypatch.setattr(raytl.trial, "TuneReportCallback", UserCallback)
+    config = parse_space(SPACE)
+    ctx = TrialContext.create(SearchInputs(config, "data-ref", str(tmp_path)), {})
+    trainer = raytl.trial.make_trainer(ctx, "trial_1")
+    # the controller unpickles the run context: nothing of raytl's in it, so it imports no
+    # raytl (nor timm, nor scikit-learn) before it can start the workers
+    assert b"raytl" not in cloudpickle.dumps(trainer.train_run_context)
+    # the training function, which only the workers unpickle, carries the whole context
+    train_fn = cloudpickle.loads(cloudpickle.dumps(trainer.train_loop_per_worker))
+    assert train_fn.func is raytl.trial.train_loop_per_worker and train_fn.args == (ctx,)
+
+
+def test_local_ray_gets_the_train_settings_but_the_environment_wins(monkeypatch):
+    for key in LOCAL_TRAIN_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    with local_train_settings():
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"  # the user's own value
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # put back as it was
+
+
+def test_the_startup_trace_is_written_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv(STARTUP_TRACE, raising=False)
+    trace_startup("trial_entered", 1.0)  # unset: nothing is written, nothing fails
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(STARTUP_TRACE, str(path))
+    trace_startup("trial_entered", 1.0, process=process_started())
+    trace_startup("ready", 1.0)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [m["stage"] for m in lines] == ["trial_entered", "ready"]
+    assert all(m["trial"] == 1.0 and m["pid"] == os.getpid() for m in lines)
+    assert lines[0]["process"] <= lines[0]["time"] <= time.time()
