@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,32 @@ def remove_ray_temp_of(pid: int) -> None:
                 gone_since = time.monotonic()
             elif time.monotonic() - gone_since >= 3:
                 break
+
+
+@contextlib.contextmanager
+def shared_ray_temp_restored():
+    """For a block that runs a plain ``ray.init()`` (Ray's shared temp folder, ``/tmp/ray``):
+    afterwards the session folders it created are removed and Ray's links to the latest session
+    point where they pointed before (or are gone, as before). Nothing else is touched."""
+    import shutil
+
+    import ray._private.utils
+
+    root = Path(ray._private.utils.get_ray_temp_dir())
+    links = ("session_latest", "prom_metrics_service_discovery.json")
+    sessions = set(root.glob("session_2*"))
+    targets = {
+        name: os.readlink(root / name) if (root / name).is_symlink() else None for name in links
+    }
+    try:
+        yield
+    finally:
+        for folder in set(root.glob("session_2*")) - sessions:
+            shutil.rmtree(folder, ignore_errors=True)
+        for name, target in targets.items():
+            (root / name).unlink(missing_ok=True)
+            if target is not None:
+                (root / name).symlink_to(target)
 
 
 def write_space(tmp_path: Path, body: dict, name: str = "space.yaml") -> Path:

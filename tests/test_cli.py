@@ -49,7 +49,8 @@ def test_train_then_predict_on_an_image_folder(tmp_path, space_file, digits):
     out = tmp_path / "out"
     proc = raytl("train", str(space), "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert "test accuracy" in proc.stdout and "epoch  4/4" in proc.stdout
+    # a probe trains its head to convergence in one report, whatever max_epochs says
+    assert "test accuracy" in proc.stdout and "epoch  1/1" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["images"] == 90 and metrics["test_accuracy"] > 0.6  # 3 classes
     assert "broken.png" in (out / "skipped.txt").read_text()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from raytl.config import parse_space
 from raytl.search import run_search
-from tests.conftest import remove_ray_temp_of
+from tests.conftest import remove_ray_temp_of, shared_ray_temp_restored
 
 SPACE = {
     "name": "e2e",
@@ -393,7 +393,7 @@ def test_plain_ray_init_in_another_program_works_after_a_search(tmp_path, space_
     for ray_line in ("To visualize your results", "Number of trials", "(raylet)", "Trial status"):
         assert ray_line not in search.stdout + search.stderr, ray_line
     assert "To visualize your results" in log.read_text()
-    with current_cluster_file_as(None):
+    with current_cluster_file_as(None), shared_ray_temp_restored():
         other = subprocess.run(
             [
                 sys.executable,
