@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import precision_recall_fscore_support
 
 from raytl.errors import RaytlError
+
+if TYPE_CHECKING:  # pandas and scikit-learn are imported where used: the per-unit trainer runs
+    import pandas as pd  # where they are missing (a bare GPU machine) and they slow a worker's start
 
 TOP_K = 5  # top-5 accuracy is recorded only with more classes than this (else it is always 1)
 TOP5 = "val_top5_accuracy"
@@ -139,6 +141,9 @@ def per_class_table(
 ) -> pd.DataFrame:
     """class, precision, recall, f1, support (scikit-learn's): one row per class that occurs as
     a true or a predicted class, in ``class_names`` order."""
+    import pandas as pd
+    from sklearn.metrics import precision_recall_fscore_support
+
     labels = sorted(set(np.asarray(true).tolist()) | set(np.asarray(predicted).tolist()))
     precision, recall, f1, support = precision_recall_fscore_support(
         true, predicted, labels=labels, zero_division=0
