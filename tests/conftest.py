@@ -51,7 +51,7 @@ def shared_ray_temp_restored():
 
     import ray._private.utils
 
-    root = Path(ray._private.utils.get_ray_temp_dir())
+    root = Path(ray._private.utils.get_ray_address_file(None)).parent  # /tmp/ray
     links = ("session_latest", "prom_metrics_service_discovery.json")
     sessions = set(root.glob("session_2*"))
     targets = {
