@@ -28,13 +28,13 @@ from raytl.console import wait_for
 from raytl.data.dataset import ImageData
 from raytl.data.stream import rows_of
 from raytl.errors import RaytlError
-from raytl.models import SoftmaxEnsemble, classifier_of, create_model, save_model, to_json
+from raytl.models import SoftmaxEnsemble, classifier_of, create_model
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
+from raytl.refit import write_best
 from raytl.results import sampled_values
 from raytl.space import Hyperparameters
-from raytl.storage import atomic_folder, atomic_write, is_uri
+from raytl.storage import is_uri
 from raytl.strategies import STRATEGIES
-from raytl.tensorboard import write_refit_images
 from raytl.trial import UNIT_STATE, SearchInputs
 
 TEST_BATCH = 256
@@ -156,32 +156,8 @@ def ensemble_best(
         [create_model(hp.backbone_name, len(data.class_names), "none") for _ in range(units)]
     )
     model.load_state_dict(result.state)
-    summary = {
-        "trial_id": best["trial_id"],
-        "final": "fold_ensemble",
-        "hyperparameters": dataclasses.asdict(hp),
-        "search_metric": config.search.metric,
-        "search_value": float(best[f"{config.search.metric}_mean"]),
-        **result.figures(),
-    }
-    with atomic_folder(output / "best") as staging:
-        save_model(
-            staging,
-            model,
-            backbone=hp.backbone_name,
-            class_names=list(data.class_names),
-            preprocessing=result.preprocessing,
-            extra={"hyperparameters": dataclasses.asdict(hp), "ensemble": units},
-        )
-        atomic_write(staging / "metrics.json", to_json(summary))
-    _, test = config.data.split_test(data)
-    write_refit_images(
-        output / "tensorboard",
-        list(data.class_names),
-        result.test_labels,
-        result.test_predictions,
-        rows_of(data.images, test),
-    )
+    extra = {"final": "fold_ensemble", "ensemble": units}
+    summary = write_best(output, config, data, best, hp, model, result, extra)
     echo(
         f"best configuration as a {units}-fold ensemble: test accuracy {result.test_accuracy:.4f} "
         f"on {result.test_images} untouched images; saved to {output / 'best'}"

@@ -131,6 +131,48 @@ def searched_batch(config: SpaceConfig, hp: Hyperparameters, data: ImageData) ->
     return dataclasses.replace(hp, batch_size=hp.batch_size * per_unit) if per_unit > 1 else hp
 
 
+def write_best(
+    output: Path,
+    config: SpaceConfig,
+    data: ImageData,
+    best: pd.Series,
+    hp: Hyperparameters,
+    model: torch.nn.Module,
+    result: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``best/`` (the final model, its config and ``metrics.json``) and its test figures in
+    TensorBoard; ``result`` is a :class:`RefitResult` or a fold ensemble's result; ``extra``
+    goes into both ``metrics.json`` and the model's config. Returns the summary."""
+    summary = {
+        "trial_id": best["trial_id"],
+        **(extra or {}),
+        "hyperparameters": dataclasses.asdict(hp),
+        "search_metric": config.search.metric,
+        "search_value": float(best[f"{config.search.metric}_mean"]),
+        **result.figures(),
+    }
+    with atomic_folder(output / "best") as staging:  # a full disk leaves no half a best/
+        save_model(
+            staging,
+            model,
+            backbone=hp.backbone_name,
+            class_names=list(data.class_names),
+            preprocessing=result.preprocessing,
+            extra={"hyperparameters": dataclasses.asdict(hp), **(extra or {})},
+        )
+        atomic_write(staging / "metrics.json", to_json(summary))
+    _, test = config.data.split_test(data)
+    write_refit_images(
+        output / "tensorboard",
+        list(data.class_names),
+        result.test_labels,
+        result.test_predictions,
+        rows_of(data.images, test),  # a few are shown: a stream decodes only those
+    )
+    return summary
+
+
 def refit_best(
     inputs: SearchInputs,
     data: ImageData,
@@ -161,31 +203,7 @@ def refit_best(
     )
     model = create_model(hp.backbone_name, len(data.class_names), "none")
     model.load_state_dict(result.state or {})
-    summary = {
-        "trial_id": best["trial_id"],
-        "hyperparameters": dataclasses.asdict(hp),
-        "search_metric": config.search.metric,
-        "search_value": float(best[f"{config.search.metric}_mean"]),
-        **result.figures(),
-    }
-    with atomic_folder(output / "best") as staging:  # a full disk leaves no half a best/
-        save_model(
-            staging,
-            model,
-            backbone=hp.backbone_name,
-            class_names=list(data.class_names),
-            preprocessing=result.preprocessing,
-            extra={"hyperparameters": dataclasses.asdict(hp)},
-        )
-        atomic_write(staging / "metrics.json", to_json(summary))
-    _, test = config.data.split_test(data)
-    write_refit_images(
-        output / "tensorboard",
-        list(data.class_names),
-        result.test_labels,
-        result.test_predictions,
-        rows_of(data.images, test),  # a few are shown: a stream decodes only those
-    )
+    summary = write_best(output, config, data, best, hp, model, result)
     echo(
         f"best configuration: test accuracy {result.test_accuracy:.4f} on "
         f"{result.test_images} untouched images (refit {result.seconds:.0f}s); saved to {output / 'best'}"
