@@ -88,9 +88,9 @@ def run_search(
                 f"{figures['latency_ms_batch1']:.1f} ms at batch 1, "
                 f"{figures['latency_ms_batch64']:.0f} ms at batch 64 ({config.data.image_size} px)"
             )
-        table = tune_search(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
-        table = with_costs(table, costs)
-        write_results(output, table)  # with the costs; history.parquet is as tune_search wrote it
+        table = tune_search(
+            inputs, output, resume=resume, echo=echo, trust_storage=trust_storage, costs=costs
+        )
         best = pick(table, config)
         if best is not None:
             final = ensemble_best if config.search.final == "fold_ensemble" else refit_best
@@ -185,16 +185,25 @@ def share_inputs(config: SpaceConfig, data: ImageData, output: Path, echo: Echo)
 
 
 def tune_search(
-    inputs: SearchInputs, output: Path, *, resume: bool, echo: Echo, trust_storage: bool = False
+    inputs: SearchInputs,
+    output: Path,
+    *,
+    resume: bool,
+    echo: Echo,
+    trust_storage: bool = False,
+    costs: dict[str, dict[str, float]] | None = None,
 ) -> pd.DataFrame:
-    """Run the Tuner and write ``results.parquet`` and ``history.parquet``; a search whose every
-    trial failed is an error (after its results are written)."""
+    """Run the Tuner and write ``results.parquet`` (with each model's ``costs``, when measured,
+    :func:`with_costs`) and ``history.parquet``; a search whose every trial failed is an error
+    (after its results are written)."""
     config = inputs.config
     tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
     started = time.perf_counter()
     grid = tuner.fit()
     seconds = time.perf_counter() - started
     table = results_table(grid, config, clock=read_trial_clock(output))
+    if costs is not None:
+        table = with_costs(table, costs)
     write_results(output, table, history_table(grid))
     budget = config.search.time_budget_s
     ended_by_budget = budget is not None and seconds >= budget
