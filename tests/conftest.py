@@ -94,6 +94,27 @@ def synthetic():
     return load_data("synthetic", synthetic_classes=4, synthetic_per_class=40, seed=0)
 
 
+def unit_trainer(data, train, val, *, image_size: int = 48, probe_passes=None, **hp):
+    """A UnitTrainer on the CPU with efficientnet_lite0's packaged weights, seed 0; ``hp``
+    overrides the hyperparameters (default: 1 epoch, batch 64)."""
+    import torch
+
+    from raytl.space import Hyperparameters
+    from raytl.unit import UnitTrainer
+
+    settings = {"backbone": "efficientnet_lite0", "epochs": 1, "batch_size": 64, **hp}
+    return UnitTrainer(
+        Hyperparameters(**settings),
+        data,
+        train,
+        val,
+        pretrained="package",
+        image_size=image_size,
+        device=torch.device("cpu"),
+        probe_passes=probe_passes,
+    )
+
+
 def save_test_model(folder: Path, image_size: int) -> Path:
     """efficientnet_lite0 with the packaged ImageNet weights and a fresh 3-class head (seeded),
     saved as raytl saves a model into ``folder``, for the commands that read a saved model."""

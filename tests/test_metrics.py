@@ -38,9 +38,8 @@ from raytl.models import to_json
 from raytl.refit import RefitResult
 from raytl.report import write_report
 from raytl.results import history_table, results_table, write_results
-from raytl.space import Hyperparameters
 from raytl.tensorboard import SearchBoard
-from raytl.unit import UnitTrainer
+from tests.conftest import unit_trainer
 
 NO_VAL = np.array([], dtype=np.int64)
 
@@ -49,17 +48,7 @@ def make_trainer(data, train, val, probe_passes=None, **kw):
     """A linear probe on efficientnet_lite0's packaged weights (the probe trains in one report:
     to convergence, or ``probe_passes`` passes where there is no validation split)."""
     settings = {"strategy": "linear_probe", "head_lr": 0.01, "batch_size": 32, **kw}
-    hp = Hyperparameters(backbone="efficientnet_lite0", epochs=1, **settings)
-    return UnitTrainer(
-        hp,
-        data,
-        train,
-        val,
-        pretrained="package",
-        image_size=48,
-        device=torch.device("cpu"),
-        probe_passes=probe_passes,
-    )
+    return unit_trainer(data, train, val, probe_passes=probe_passes, **settings)
 
 
 @pytest.fixture(scope="module")

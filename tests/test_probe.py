@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from raytl import probe
 from raytl.data.splits import carve_test, stratified_split
-from raytl.space import Hyperparameters
-from raytl.unit import UnitTrainer
+from tests.conftest import unit_trainer
 
 
 def expected_stop(losses: list[float]) -> tuple[int, int]:
@@ -72,10 +71,7 @@ def test_without_validation_it_runs_the_passes_it_is_given():
 
 
 def trainer(data, train, val, **kw):
-    hp = Hyperparameters(**{"backbone": "efficientnet_lite0", "epochs": 2, "batch_size": 64, **kw})
-    return UnitTrainer(
-        hp, data, train, val, pretrained="package", image_size=48, device=torch.device("cpu")
-    )
+    return unit_trainer(data, train, val, **{"epochs": 2, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import torch
 
 from raytl.data.splits import carve_test, stratified_split
 from raytl.preprocess import BatchPreparer, preprocessing_for
-from raytl.space import Hyperparameters
-from raytl.unit import UnitTrainer
+from tests.conftest import unit_trainer
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +19,7 @@ def digit_splits(digits):
 
 
 def make_trainer(data, train, val, **kw):
-    hp = Hyperparameters(**{"backbone": "efficientnet_lite0", "epochs": 1, "batch_size": 64, **kw})
-    return UnitTrainer(
-        hp,
-        data,
-        train,
-        val,
-        pretrained="package",
-        image_size=64,
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    return unit_trainer(data, train, val, image_size=64, **kw)
 
 
 @pytest.mark.slow
