@@ -9,7 +9,7 @@ function and one :data:`STRATEGIES` entry: the space file's strategy names come 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,7 @@ class Phase:
     layer_decay: float
     augment: bool
     converge: bool = False  # a head on frozen features, trained to convergence in one report
+    running_statistics: bool = False  # every BatchNorm normalizes with its running statistics
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,16 @@ def _fine_tune(hp: StrategySettings, n_blocks: int) -> list[Phase]:
 
 
 def _lp_ft(hp: StrategySettings, n_blocks: int) -> list[Phase]:
-    # Kumar et al. 2022: probe first so fine-tuning starts from a good head and distorts features
-    # less; the probe converges in its one report, then ``epochs`` fine-tuning epochs follow
-    return [_probe(hp, n_blocks), *_fine_tune(hp, n_blocks)]
+    """Kumar et al. 2022: probe first so fine-tuning starts from a good head and distorts features
+    less; the probe converges in its one report, then ``epochs`` fine-tuning epochs follow.
+
+    The fine-tuning phase keeps every BatchNorm on its running statistics (its weights still
+    train): the probe's head was fitted to features normalized by them, and switching to batch
+    statistics changes every feature at once. Measured on digits (48 px, Lite0, holdout): with
+    batch statistics the train accuracy fell from 0.997 after the probe to 0.35 in the first
+    fine-tuning epoch, at backbone_lr 1e-4 as at 1e-3."""
+    (fine_tune,) = _fine_tune(hp, n_blocks)
+    return [_probe(hp, n_blocks), replace(fine_tune, running_statistics=True)]
 
 
 def _scratch(hp: StrategySettings, n_blocks: int) -> list[Phase]:
@@ -156,13 +164,14 @@ def apply_freeze(model: nn.Module, blocks: list[list[str]], freeze_depth: int) -
     return frozen
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, except frozen BatchNorm layers, which keep using their running statistics."""
+def set_train_mode(model: nn.Module, running_statistics: bool = False) -> None:
+    """``model.train()``, except frozen BatchNorm layers (every one with ``running_statistics``),
+    which keep normalizing with their running statistics and leave them unchanged."""
     model.train()
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if running_statistics or (params and not any(p.requires_grad for p in params)):
                 module.eval()
 
 

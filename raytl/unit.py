@@ -241,7 +241,7 @@ class UnitTrainer:
         labels = torch.from_numpy(self.data.labels[self.train_idx])
         # the cached feature matrix has one row per train index, in train_idx order
         features = self._cached("train", self.train_idx) if head_only else None
-        set_train_mode(self.model)
+        set_train_mode(self.model, phase.running_statistics)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         images = 0

@@ -67,7 +67,7 @@ CASES = {
 }
 
 
-def running_statistics_mode(model: nn.Module) -> None:
+def running_statistics_mode(model: nn.Module, running_statistics: bool = False) -> None:
     """``set_train_mode`` with every BatchNorm layer on its running statistics."""
     model.train()
     for module in model.modules():

@@ -96,7 +96,18 @@ def test_lp_ft_probes_to_convergence_then_its_fine_tuning_epochs_meet_the_rungs(
     kw = dict(strategy="lp_ft", freeze_depth=6, head_lr=0.01, backbone_lr=1e-3)
     unit = trainer(digits, train, val, **kw)
     assert unit.total_epochs == 3  # the probe's one report, then epochs=2 of fine-tuning
+    batchnorms = [m for m in unit.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.weight.clone()) for m in batchnorms]
     reports = [unit.run_epoch() for _ in range(3)]
+    # fine-tuning keeps every BatchNorm on the statistics the probe's features were normalized by,
+    # while the unfrozen BatchNorm weights train
+    assert all(
+        torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        for m, (mean, var, _) in zip(batchnorms, before, strict=True)
+    )
+    assert any(
+        not torch.equal(m.weight, w) for m, (_, _, w) in zip(batchnorms, before, strict=True)
+    )
     assert [(r["phase"], r["rung_epoch"]) for r in reports] == [
         ("probe", 0),
         ("fine_tune", 1),

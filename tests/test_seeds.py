@@ -27,17 +27,18 @@ SPACE = {
 def test_the_default_recipes_fitted_to_a_space(space_file):
     points = load_space(space_file(SPACE)).seed_points()
     half = count_blocks("efficientnet_lite0") // 2
+    rate, head = pytest.approx(1e-3 * (32 / 64) ** 0.5), pytest.approx(1e-2 * (32 / 64) ** 0.5)
     assert points == [
         {"strategy": "linear_probe", "head_lr": 1e-2},
-        # BiT-like: the top half of the blocks, rates linear in the batch (32 here)
-        {"strategy": "fine_tune", "freeze_depth": half, "backbone_lr": 1.25e-4, "head_lr": 1.25e-3},
+        # BiT-like: the top half of the blocks, AdamW's rate with the root of the batch (32 here)
+        {"strategy": "fine_tune", "freeze_depth": half, "backbone_lr": rate, "head_lr": head},
         # MAE-like: every block, layer decay 0.7
         {
             "strategy": "fine_tune",
             "freeze_depth": 0,
             "layer_decay": 0.7,
-            "backbone_lr": 1.25e-4,
-            "head_lr": 1.25e-3,
+            "backbone_lr": rate,
+            "head_lr": head,
         },
         {"strategy": "lp_ft", "freeze_depth": 0, "head_lr": 1e-2, "backbone_lr": 1e-4},
     ]
