@@ -127,9 +127,17 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "fresh processes above it only moves the worker's imports before its `__init__` and adds "
     "them to every helper actor's process. Caching the model per worker process: the process "
     "is new every trial, and the build takes 0.1 s.",
-    "- Not in the files this change touched (raytl/tune.py): Tune's `reuse_actors=True` "
-    "(`+ reuse_actors`) keeps the Tune trial's process for the next trial, whose launch then "
-    "follows the previous trial's end at once; it does not change the start-up itself.",
+    "- Not in raytl (raytl/tune.py): Tune's `reuse_actors=True` (`+ reuse_actors`) keeps the "
+    "Tune trial's process for the next trial, whose launch then follows the previous trial's "
+    "end at once; it does not change the start-up itself. Tried in raytl (2026-11-30, commit "
+    "5a3a365) and taken out again (the commit after): in a quickstart search it deadlocked. "
+    "Tune reuses the trial's process only if the previous trial's thread ends within "
+    '`TUNE_FUNCTION_THREAD_TIMEOUT_S` (2 s); when it does not, the reset fails ("Could not '
+    're-use actor ... reset_config() ... return True", in ray-output.log), and a later '
+    "trial's Train controller then waited forever in `TuneReportCallback.after_report`, "
+    "putting a report into Tune's report queue that no thread read (py-spy of the controller; "
+    "the worker idle, the search stalled for minutes). The kill-resume and Tune tests had "
+    "passed with it, so the failure depends on timing: not safe to turn on.",
     "- Other Train V2 settings (environment, ray/train/v2/_internal/constants.py): "
     "`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, `RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S`, "
     "`RAY_TRAIN_COLLECTIVE_TIMEOUT_S`, `RAY_TRAIN_ENABLE_*_STRUCTURED_LOGGING`, "

@@ -289,8 +289,6 @@ def make_tuner(
             num_samples=s.trials,
             max_concurrent_trials=s.max_concurrent,
             time_budget_s=s.time_budget_s,
-            # the next trial starts in the finished trial's process (docs/benchmarks.md, start-up)
-            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,

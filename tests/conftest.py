@@ -68,6 +68,14 @@ def shared_ray_temp_restored():
                 (root / name).symlink_to(target)
 
 
+@pytest.fixture
+def restores_shared_ray_temp():
+    """A test that starts Ray in its shared temp folder (``ray.cluster_utils.Cluster``, a plain
+    ``ray.init()``) leaves no session folder there and Ray's latest-session links as they were."""
+    with shared_ray_temp_restored():
+        yield
+
+
 def write_space(tmp_path: Path, body: dict, name: str = "space.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(body, sort_keys=False))

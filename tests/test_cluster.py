@@ -137,7 +137,9 @@ def test_submit_to_unreachable_address_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkeypatch):
+def test_search_spreads_over_nodes_and_writes_to_shared_storage(
+    tmp_path, monkeypatch, restores_shared_ray_temp
+):
     """A head with no CPUs and two 1-CPU worker nodes: each 2-worker trial must span both."""
     import ray
     from ray.cluster_utils import Cluster
@@ -206,7 +208,7 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path):
+def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path, restores_shared_ray_temp):
     import ray
     from ray.cluster_utils import Cluster
 
