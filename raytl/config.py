@@ -22,7 +22,7 @@ from raytl.config_checks import check_space
 from raytl.data.dataset import ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources import SOURCES, load_data
-from raytl.data.splits import carve_test
+from raytl.data.splits import carve_test, stratified_indices
 from raytl.errors import ConfigError
 from raytl.schema import (
     OneOf,
@@ -57,6 +57,7 @@ class DataConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.2
     limit: int | None = None
+    pool_size: int | None = None  # a stratified subsample of the pool, after the test split
     seed: int = 0
     on_bad_file: Literal["skip", "error"] = "skip"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -74,6 +75,11 @@ class DataConfig:
             self.limit is None or self.limit >= 10,
             "limit",
             f"expected >= 10 images, got {self.limit}",
+        )
+        require(
+            self.pool_size is None or self.pool_size >= 10,
+            "pool_size",
+            f"expected >= 10 images, got {self.pool_size}",
         )
         require(self.max_pixels > 0, "max_pixels", f"expected > 0, got {self.max_pixels}")
         require(
@@ -99,10 +105,15 @@ class DataConfig:
 
     def split_test(self, data: ImageData) -> tuple[np.ndarray, np.ndarray]:
         """(pool, test): the untouched test split of ``data``, carved once for this seed, every
-        byte-identical copy on the same side as its original."""
-        return carve_test(
+        byte-identical copy on the same side as its original; ``pool_size`` then keeps a
+        stratified subsample of the pool (the test split stays whole, so pools of different
+        sizes are scored on the same test images)."""
+        pool, test = carve_test(
             data.labels, self.test_fraction, self.seed, data.class_names, groups=data.groups
         )
+        if self.pool_size is not None:
+            pool = pool[stratified_indices(data.labels[pool], self.pool_size, seed=self.seed)]
+        return pool, test
 
     def load(self) -> ImageData:
         """The images this section names, decoded (``limit`` applied, unreadable files skipped)."""

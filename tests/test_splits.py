@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,19 @@ def test_validation_split_comes_from_the_pool_only(digits):
     train, val = stratified_split(digits.labels, pool, 0.25, 0, digits.class_names, "validation")
     assert set(train) | set(val) == set(pool)
     assert not set(val) & set(test) and not set(train) & set(val)
+
+
+def test_pool_size_subsamples_the_pool_stratified_and_keeps_the_test_split_whole(digits):
+    from raytl.config import DataConfig
+
+    full = DataConfig(source="digits", seed=3)
+    pool, test = full.split_test(digits)
+    small_pool, same_test = dataclasses.replace(full, pool_size=300).split_test(digits)
+    assert np.array_equal(test, same_test)  # pools of any size are tested on the same images
+    assert len(small_pool) == 300 and set(small_pool) <= set(pool)
+    assert np.bincount(digits.labels[small_pool], minlength=10).min() >= 29  # 30 per class
+    again, _ = dataclasses.replace(full, pool_size=300).split_test(digits)
+    assert np.array_equal(small_pool, again)
 
 
 def test_class_too_small_names_the_class():
