@@ -30,10 +30,11 @@ import torch
 
 from raytl import plots
 from raytl.cluster import check_resources, ray_session
-from raytl.compare_figures import aggregate, summarize, verdict
+from raytl.compare_figures import aggregate, scheme_scores, selected_index, summarize, verdict
 from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
 from raytl.data.dataset import ImageData
+from raytl.ensemble import EnsembleResult, checkpoint_location, remote_fold_ensemble
 from raytl.errors import RaytlError
 from raytl.metrics import check_metric
 from raytl.refit import RefitResult, remote_refit, searched_passes
@@ -69,15 +70,12 @@ def run_name(scheme: str, seed: int) -> str:
     return f"{scheme}_seed{seed}"
 
 
-def scheme_config(config: SpaceConfig, scheme: str, seed: int, storage: str | None) -> SpaceConfig:
-    """The space with another scheme and search seed; everything else (data, test split) unchanged.
-
-    ``storage``: on a shared ``search.storage``, the scheme's own folder in the comparison's.
-    """
+def scheme_config(config: SpaceConfig, scheme: str, seed: int) -> SpaceConfig:
+    """The space with another scheme and search seed; everything else (data, test split) unchanged."""
     return dataclasses.replace(
         config,
         scheme=dataclasses.replace(config.scheme, kind=scheme),
-        search=dataclasses.replace(config.search, seed=seed, storage=storage),
+        search=dataclasses.replace(config.search, seed=seed),
     )
 
 
@@ -144,29 +142,84 @@ def compare_once(
 ) -> list[pd.DataFrame]:
     """One repeat: every scheme's search with the repeat's seed, then the refits of what they tried."""
     seed = shared.config.search.seed + repeat
-    tables = {scheme: search_scheme(shared, data, output, scheme, seed, echo) for scheme in schemes}
+    tables = {
+        scheme: search_scheme(
+            shared,
+            data,
+            output,
+            scheme_config(shared.config, scheme, seed),
+            run_name(scheme, seed),
+            echo,
+        )
+        for scheme in schemes
+    }
     for table in tables.values():
         table["repeat"], table["seed"] = repeat, seed
+    config = dataclasses.replace(
+        shared.config, search=dataclasses.replace(shared.config.search, seed=seed)
+    )
+    measure_on_test(shared, config, tables, refit_sample, echo)
+    return list(tables.values())
+
+
+def measure_on_test(
+    shared: SearchInputs,
+    config: SpaceConfig,
+    tables: dict[str, pd.DataFrame],
+    sample: int | None,
+    echo: Echo,
+) -> None:
+    """Each table's ``config_key``, ``test_accuracy`` and ``refit_seconds`` (its configurations
+    refit on ``config``'s pool and tested on its test split), and for cv's table the
+    ``ensemble_test_accuracy`` of its pick."""
+    for table in tables.values():
         table["config_key"] = [config_key(sampled_values(row)) for _, row in table.iterrows()]
-    tests = refit_configurations(shared, tables, seed, refit_sample, echo)
+    tests = refit_configurations(shared, config, tables, sample, echo)
     for table in tables.values():
         for column, name in (("test_accuracy", "test_accuracy"), ("refit_seconds", "seconds")):
             table[column] = [
                 getattr(tests[k], name) if k in tests else math.nan for k in table["config_key"]
             ]
-    return list(tables.values())
+    if "cv" in tables:
+        tables["cv"]["ensemble_test_accuracy"] = pick_ensemble(shared, config, tables["cv"], echo)
+
+
+def pick_ensemble(
+    shared: SearchInputs, config: SpaceConfig, table: pd.DataFrame, echo: Echo
+) -> float:
+    """The test accuracy of the fold ensemble of the trial the comparison counts as cv's pick
+    (:func:`~raytl.compare_figures.selected_index`), so that it stands beside that pick's refit."""
+    t, scores, tests = scheme_scores(table, shared.config.search.metric)
+    index = selected_index(scores, tests)
+    if index is None:
+        return math.nan
+    row = t.iloc[index]
+    if not isinstance(row.get("checkpoint"), str) or not row["checkpoint"]:
+        return math.nan
+    hp = config.hyperparameters(sampled_values(row))
+    location = checkpoint_location(row["checkpoint"], row["storage"])
+    echo(f"cv's pick (trial {row['trial_id']}): testing its {int(row['units'])} fold models")
+    result: EnsembleResult = ray.get(
+        remote_fold_ensemble(config).remote(config, hp, shared.data, location, int(row["units"]))
+    )
+    return result.test_accuracy
 
 
 def search_scheme(
-    shared: SearchInputs, data: ImageData, output: Path, scheme: str, seed: int, echo: Echo
+    shared: SearchInputs,
+    data: ImageData,
+    output: Path,
+    config: SpaceConfig,
+    name: str,
+    echo: Echo,
 ) -> pd.DataFrame:
-    """One scheme's own search (no refit) in ``output/runs/SCHEME_seedN``, on the shared inputs."""
-    run_dir = output / "runs" / run_name(scheme, seed)
-    shared_storage = shared.config.search.storage  # the scheme's folder in the comparison's
-    storage = join_location(shared.storage, run_name(scheme, seed)) if shared_storage else None
-    config = scheme_config(shared.config, scheme, seed, storage)
+    """One scheme's search of ``config`` (no refit) in ``output/runs/NAME``, on the shared inputs;
+    on a shared ``search.storage`` it stores in its own folder of the comparison's."""
+    run_dir = output / "runs" / name
+    storage = join_location(shared.storage, name) if shared.config.search.storage else None
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search, storage=storage))
     run_dir.mkdir(parents=True, exist_ok=True)
-    echo(f"== {scheme}, seed {seed} ==")
+    echo(f"== {name} ==")
     started = time.perf_counter()
     write_space(run_dir, config)
     record_data(config, run_dir, data, resume=False, echo=echo)
@@ -177,34 +230,41 @@ def search_scheme(
     table = tune_search(inputs, run_dir, resume=False, echo=echo).copy()
     finish_run(config, run_dir, inputs.storage)
     table["search_wall_seconds"] = time.perf_counter() - started
-    table["run_dir"] = str(run_dir)
+    table["run_dir"], table["storage"] = str(run_dir), inputs.storage
     return table
 
 
 def refit_configurations(
-    shared: SearchInputs, tables: dict[str, pd.DataFrame], seed: int, sample: int | None, echo: Echo
+    shared: SearchInputs,
+    config: SpaceConfig,
+    tables: dict[str, pd.DataFrame],
+    sample: int | None,
+    echo: Echo,
 ) -> dict[str, RefitResult]:
     """Refit each distinct configuration the schemes tried (or a seeded random ``sample`` of them)
-    on the whole training pool, as parallel Ray tasks; the result per configuration key."""
+    on ``config``'s whole training pool, as parallel Ray tasks; the result per configuration key.
+
+    A probe's refit has no validation split to stop on: it runs the median of the passes the
+    schemes' own probes of that configuration kept, so that no one scheme sets it."""
     distinct: dict[str, dict[str, Any]] = {}
-    passes: dict[str, int | None] = {}
+    passes: dict[str, list[int]] = {}
     for table in tables.values():
         for _, row in table[table["status"] != "error"].iterrows():
             distinct.setdefault(row["config_key"], sampled_values(row))
-            passes.setdefault(row["config_key"], searched_passes(row))
+            kept = searched_passes(row)
+            passes.setdefault(row["config_key"], []).extend([] if kept is None else [kept])
     keys = sorted(distinct)
+    seed = config.search.seed
     if sample is not None and sample < len(keys):
         keys = sorted(np.random.default_rng(seed).choice(keys, size=sample, replace=False).tolist())
     echo(f"refitting {len(keys)} configuration(s) on the whole training pool for the test figures")
-    config = dataclasses.replace(
-        shared.config, search=dataclasses.replace(shared.config.search, seed=seed)
-    )
     refit = remote_refit(config)
     futures = {}
     for key in keys:
         hp = config.hyperparameters(distinct[key])
+        median = int(np.median(passes[key])) if passes[key] else None
         futures[key] = refit.remote(
-            config, hp, shared.data, shared.features.get(hp.backbone_name), False, passes[key]
+            config, hp, shared.data, shared.features.get(hp.backbone_name), False, median
         )
     return {key: ray.get(future) for key, future in futures.items()}
 
@@ -248,7 +308,9 @@ def write_compare(
         f"test accuracy; selected_test_accuracy is the test accuracy of the trial with the best "
         f"{metric}; regret is how far that is below the best test accuracy of any configuration "
         "tried in the same repeat (by any scheme). Test figures come from refitting each "
-        "configuration on the whole training pool, for this analysis only.",
+        "configuration on the whole training pool, for this analysis only; "
+        "ensemble_test_accuracy (cv) is the test accuracy of the fold ensemble of the same pick "
+        "(its k fold models' averaged softmax, `search.final: fold_ensemble`).",
         "",
     ]
     if (agg["repeats"] > 1).any():

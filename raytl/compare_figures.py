@@ -6,17 +6,17 @@ verdict in plain sentences. Pure functions of the trial tables, tested on known 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.stats import kendalltau, spearmanr
 
 from raytl.config import metric_mode
 
 
-def rank_correlations(scores: Sequence[float], tests: Sequence[float]) -> tuple[float, float]:
+def rank_correlations(scores: ArrayLike, tests: ArrayLike) -> tuple[float, float]:
     """Kendall tau-b and Spearman rho between validation scores and test accuracies.
 
     NaN when fewer than three pairs remain after dropping missing values, or when either side is
@@ -31,34 +31,43 @@ def rank_correlations(scores: Sequence[float], tests: Sequence[float]) -> tuple[
     return float(kendalltau(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
-def selection_regret(
-    scores: Sequence[float], tests: Sequence[float], oracle: float
-) -> tuple[float, float]:
-    """The test accuracy of the highest-scoring configuration, and how far it is below ``oracle``.
-
-    Ties on the score go to the earlier entry (the order the search would have reported them).
-    """
+def selected_index(scores: ArrayLike, tests: ArrayLike) -> int | None:
+    """The position of the highest-scoring configuration among those with a test figure (None:
+    none has both). Ties on the score go to the earlier entry (the order the search reported)."""
     x = np.asarray(scores, dtype=float)
     y = np.asarray(tests, dtype=float)
     keep = ~(np.isnan(x) | np.isnan(y))
     if not keep.any():
+        return None
+    return int(np.flatnonzero(keep)[int(np.argmax(x[keep]))])
+
+
+def selection_regret(scores: ArrayLike, tests: ArrayLike, oracle: float) -> tuple[float, float]:
+    """The test accuracy of the highest-scoring configuration (:func:`selected_index`), and how
+    far it is below ``oracle``."""
+    index = selected_index(scores, tests)
+    if index is None:
         return math.nan, math.nan
-    index = np.flatnonzero(keep)[int(np.argmax(x[keep]))]
-    return float(y[index]), float(oracle - y[index])
+    chosen = float(np.asarray(tests, dtype=float)[index])
+    return chosen, float(oracle - chosen)
+
+
+def scheme_scores(t: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A scheme's trials in the order it reported them, their scores oriented so that higher is
+    better, and their refit test accuracies."""
+    sign = -1.0 if metric_mode(metric) == "min" else 1.0
+    t = t.sort_values("trial_id")
+    return t, sign * t[f"{metric}_mean"].to_numpy(dtype=float), t["test_accuracy"].to_numpy(float)
 
 
 def summarize(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per (repeat, scheme): cost and fidelity figures."""
     rows = []
-    score_col = f"{metric}_mean"
-    sign = -1.0 if metric_mode(metric) == "min" else 1.0  # higher is better for every score below
     for repeat in sorted(trials["repeat"].unique()):
         in_repeat = trials[trials["repeat"] == repeat]
         oracle = float(in_repeat["test_accuracy"].max())
         for scheme, t in in_repeat.groupby("scheme", sort=False):
-            t = t.sort_values("trial_id")
-            scores = sign * t[score_col].to_numpy(dtype=float)
-            tests = t["test_accuracy"].to_numpy(dtype=float)
+            t, scores, tests = scheme_scores(t, metric)
             tau, rho = rank_correlations(scores, tests)
             chosen, regret = selection_regret(scores, tests, oracle)
             rows.append(
@@ -80,6 +89,12 @@ def summarize(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
                     "selected_test_accuracy": chosen,
                     "oracle_test_accuracy": oracle,
                     "regret": regret,
+                    # cv: the fold ensemble of the same pick, tested on the same split
+                    "ensemble_test_accuracy": (
+                        float(t["ensemble_test_accuracy"].iloc[0])
+                        if "ensemble_test_accuracy" in t
+                        else math.nan
+                    ),
                     "refit": int(t["test_accuracy"].notna().sum()),
                 }
             )
@@ -96,6 +111,7 @@ FIGURES = (
     "spearman",
     "selected_test_accuracy",
     "regret",
+    "ensemble_test_accuracy",
 )
 
 
@@ -138,6 +154,7 @@ def verdict(agg: pd.DataFrame) -> list[str]:
         lines.append("**Ranking:** too few refit trials per scheme for a rank correlation.")
     if by["regret_mean"].notna().any():
         lines += _selection_lines(by, cheapest)
+    lines += _final_model_lines(by)
     if (agg["repeats"] > 1).any():
         lines.append("Figures are means over repeats; see the std columns for how much they move.")
     else:
@@ -178,5 +195,20 @@ def _selection_lines(by: pd.DataFrame, cheapest: Any) -> list[str]:
         lines.append(
             f"**Verdict:** {best}'s {extra:.1f}x cost bought {gain:.4f} test accuracy over "
             f"{cheapest}'s pick."
+        )
+    return lines
+
+
+def _final_model_lines(by: pd.DataFrame) -> list[str]:
+    """The refit of a scheme's pick against the fold ensemble of the same pick (cv only)."""
+    lines = []
+    for scheme, row in by.iterrows():
+        ensemble, refit = row["ensemble_test_accuracy_mean"], row["selected_test_accuracy_mean"]
+        if math.isnan(ensemble) or math.isnan(refit):
+            continue
+        better = "above" if ensemble > refit else "below" if ensemble < refit else "level with"
+        lines.append(
+            f"**Final model ({scheme}):** the fold ensemble of its pick tested {ensemble:.4f}, "
+            f"{better} the refit of the same configuration on the whole pool ({refit:.4f})."
         )
     return lines

@@ -18,7 +18,10 @@ from raytl.compare_figures import (
     summarize,
     verdict,
 )
+from raytl.config import load_space
+from raytl.ensemble import checkpoint_location, fold_ensemble
 from raytl.errors import RaytlError
+from raytl.results import sampled_values
 
 
 def test_rank_correlations_on_known_inputs():
@@ -83,12 +86,17 @@ def _trials(scheme: str, scores, tests, seconds, repeat=0, loss=False):
 def test_summarize_and_verdict_on_known_trials():
     trials = pd.concat(
         [
-            _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0),  # perfect ranking
+            # perfect ranking; the fold ensemble of its pick tested 0.92
+            _trials("cv", [0.7, 0.8, 0.9], [0.70, 0.80, 0.90], seconds=30.0).assign(
+                ensemble_test_accuracy=0.92
+            ),
             _trials("segments", [0.9, 0.8, 0.7], [0.70, 0.80, 0.88], seconds=10.0),  # inverted
         ],
         ignore_index=True,
     )
     summary = summarize(trials, "val_accuracy").set_index("scheme")
+    assert summary.loc["cv", "ensemble_test_accuracy"] == pytest.approx(0.92)
+    assert math.isnan(summary.loc["segments", "ensemble_test_accuracy"])
     assert summary.loc["cv", "kendall_tau"] == pytest.approx(1.0)
     assert summary.loc["segments", "kendall_tau"] == pytest.approx(-1.0)
     assert summary.loc["cv", "regret"] == pytest.approx(
@@ -102,6 +110,11 @@ def test_summarize_and_verdict_on_known_trials():
     assert "segments was the cheapest" in text and "cv cost 3.0x" in text
     assert "cv picked the configuration closest" in text
     assert "cv's 3.0x cost bought 0.2000 test accuracy" in text
+    assert (
+        "**Final model (cv):** the fold ensemble of its pick tested 0.9200, above the refit of "
+        "the same configuration on the whole pool (0.9000)." in text
+    )
+    assert "Final model (segments)" not in text
 
 
 def test_summarize_orients_loss_scores():
@@ -173,6 +186,17 @@ def test_compare_end_to_end(space_file, tmp_path):
         assert row["selected_test_accuracy"] == pytest.approx(chosen)
         assert row["regret"] == pytest.approx(oracle - chosen) and row["regret"] >= 0
         assert row["worker_seconds"] == pytest.approx(t["worker_seconds"].sum())
+    # cv's pick as its fold ensemble, tested on the same split: the pick's own checkpoint
+    cv = trials[trials["scheme"] == "cv"].sort_values("trial_id")
+    picked = cv.loc[cv["val_accuracy_mean"].idxmax()]
+    config = load_space(path)
+    data = config.data.load()
+    hp = config.hyperparameters(sampled_values(picked))
+    location = checkpoint_location(picked["checkpoint"], picked["storage"])
+    expected = fold_ensemble(config, hp, data, location, 2).test_accuracy
+    row = summary.set_index("scheme").loc["cv"]
+    assert row["ensemble_test_accuracy"] == pytest.approx(expected)
+    assert summary.set_index("scheme")["ensemble_test_accuracy"].drop("cv").isna().all()
     # which scheme costs more is a measured figure (docs/schemes.md), not asserted here: at this
     # size the fixed set-up per trial outweighs the work and the order of the costs is noise
 
@@ -180,6 +204,7 @@ def test_compare_end_to_end(space_file, tmp_path):
     for scheme in ("holdout", "cv", "segments"):
         assert f"| {scheme} |" in text
     assert "**Cost:**" in text and "**Selection:**" in text and "Machine:" in text
+    assert "**Final model (cv):** the fold ensemble of its pick tested" in text
     for name in ("compare_val_vs_test.png", "compare_cost_fidelity.png"):
         with Image.open(out / name) as image:
             assert image.size[0] > 400
