@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from raytl import __version__
+from raytl.cli_compare import add_compare, paired_options
 from raytl.cli_models import MODEL_COMMANDS, add_model_commands
 from raytl.errors import RaytlError
 
@@ -82,31 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ray(p)
 
-    p = sub.add_parser(
-        "compare",
-        help="run the space once per evaluation scheme and compare cost "
-        "and fidelity against untouched test data",
-    )
-    p.add_argument("space", help="space file (search_spaces/compare_schemes.yaml)")
-    p.add_argument(
-        "--schemes",
-        default="holdout,cv,segments",
-        help="comma-separated schemes to compare (default: holdout,cv,segments)",
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="run everything with this many seeds (search.seed, +1, ...) for the spread",
-    )
-    p.add_argument(
-        "--refit-sample",
-        type=int,
-        help="refit only this many (seeded random) distinct configurations per repeat "
-        "for the test figures (default: all)",
-    )
-    p.add_argument("--output", help="output folder (default: runs/NAME-compare)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p = add_compare(sub)
     _add_ray(p)
     _add_set(p)
 
@@ -258,25 +235,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from raytl.compare import COMPARE_OUTPUTS, parse_schemes, run_compare
     from raytl.config import load_space
+    from raytl.paired import PAIRED_OUTPUTS, run_paired
     from raytl.rundir import prepare_output
 
     schemes = parse_schemes(args.schemes)
+    try:
+        paired = paired_options(args)
+    except ValueError as exc:
+        raise RaytlError(str(exc)) from None
     config = load_space(args.space, list(args.overrides))
     output = prepare_output(
         Path(args.output or f"runs/{config.name}-compare"),
         overwrite=args.overwrite,
         protect=_inputs(args.space, config.data.path),
-        clear=COMPARE_OUTPUTS,
+        clear=COMPARE_OUTPUTS + PAIRED_OUTPUTS,
     )
-    run_compare(
-        config,
-        output,
-        schemes=schemes,
-        repeats=args.repeats,
-        refit_sample=args.refit_sample,
-        address=args.address,
-        verbose=args.verbose,
-    )
+    common = {"schemes": schemes, "repeats": args.repeats, "address": args.address}
+    if paired is not None:
+        run_paired(config, output, **paired, **common, verbose=args.verbose)
+    else:
+        run_compare(config, output, **common, refit_sample=args.refit_sample, verbose=args.verbose)
     return 0
 
 

@@ -207,6 +207,53 @@ def scheme_cost_fidelity(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+def paired_tau(intervals: pd.DataFrame) -> Figure:
+    """Kendall tau per scheme and pool size, with its 95% bootstrap interval as the error bar."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    pools = sorted(intervals["pool_size"].unique())
+    schemes = list(dict.fromkeys(intervals["scheme"]))
+    width = 0.8 / max(len(schemes), 1)
+    for s, scheme in enumerate(schemes):
+        t = intervals[intervals["scheme"] == scheme].set_index("pool_size").reindex(pools)
+        x = np.arange(len(pools)) + (s - (len(schemes) - 1) / 2) * width
+        low = (t["kendall_tau"] - t["kendall_tau_low"]).clip(lower=0).fillna(0)
+        high = (t["kendall_tau_high"] - t["kendall_tau"]).clip(lower=0).fillna(0)
+        colour = SCHEME_COLOURS.get(scheme.split("_")[0], "tab:gray")
+        ax.errorbar(
+            x, t["kendall_tau"], yerr=[low, high], fmt="o", capsize=4, color=colour, label=scheme
+        )
+    ax.set_xticks(np.arange(len(pools)), [f"{int(p):,}" for p in pools])
+    ax.set(xlabel="pool size (images)", ylabel="Kendall tau (val score vs test)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def paired_cost_regret(summary: pd.DataFrame) -> Figure:
+    """Each scheme's regret of its pick against its worker-seconds (mean over repeats), one point
+    per pool size: the cost-fidelity frontier."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    mean = summary.groupby(["scheme", "pool_size"], sort=False)[["worker_seconds", "regret"]].mean()
+    for scheme, t in mean.reset_index().groupby("scheme", sort=False):
+        colour = SCHEME_COLOURS.get(str(scheme).split("_")[0], "tab:gray")
+        ax.plot(t["worker_seconds"], t["regret"], "o-", color=colour, label=str(scheme))
+        for _, row in t.iterrows():
+            ax.annotate(
+                f"{int(row['pool_size']):,}",
+                (row["worker_seconds"], row["regret"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set(xlabel="worker-seconds (cost)", ylabel="regret of the pick (test accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def metric_vs_latency(
     results: pd.DataFrame, metric: str, maximise: bool, pick: str | None
 ) -> Figure:
