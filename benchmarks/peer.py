@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/peer.py                          # digits + Fashion-MNIST, 3 seeds
     .venv/bin/python benchmarks/peer.py --datasets digits --repeats 2
     .venv/bin/python benchmarks/peer.py --quick --no-write       # smoke test: ~3 min on 2 cores
+    .venv/bin/python benchmarks/peer.py --space search_spaces/backbones.yaml --datasets digits
 
 For each dataset and seed: raytl's search (``search_spaces/quickstart.yaml``'s search: TPE with
 raytl's seeded recipes, ASHA, cv with 2 folds, the frozen-feature cache, then the refit of the
@@ -11,6 +12,10 @@ for the same wall time W (its data load and Ray start-up included: the Tuner's `
 is W minus them) and its best trial by validation accuracy is read at the same untouched test
 split. Prints a table and writes the "## Search against a plain Ray Tune script" section of
 docs/benchmarks.md (``--no-write``: prints only).
+
+``--space`` runs another space file the same way (the backbone search,
+``search_spaces/backbones.yaml``, where the plain script samples the backbone too) and writes its
+own section.
 
 Datasets: ``digits`` is the quickstart file as shipped; ``fashion`` is the same file with the data
 swapped for a stratified Fashion-MNIST subset (``--fashion-limit``, 2,000 images, 48 px, read from
@@ -128,7 +133,7 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any], setup: dict[str
     )
     strategy = config["strategy"]
     weights = "none" if strategy == "scratch" else setup["pretrained"]
-    model = create_model(setup["backbone"], setup["num_classes"], weights)
+    model = create_model(config.get("backbone", setup["backbone"]), setup["num_classes"], weights)
     data_config = timm.data.resolve_model_data_config(model)
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
@@ -236,7 +241,8 @@ def run_peer(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    check_same_freezing(config.model.backbone)
+    for backbone in searched_backbones(config):
+        check_same_freezing(backbone)
     started = time.perf_counter()
     data = config.data.load()
     pool, test = config.data.split_test(data)  # raytl's own untouched test split
@@ -292,7 +298,11 @@ def run_peer(
         "completed": len(done),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "pick": pick_of(best, "config/") if best is not None else None,
+        "pick": (
+            pick_of(best, "config/", len(searched_backbones(config)) > 1)
+            if best is not None
+            else None
+        ),
         "val": float(best["val_accuracy"]) if best is not None else math.nan,
         "test": float(best["test_accuracy"]) if best is not None else math.nan,
         "probes": [
@@ -301,8 +311,14 @@ def run_peer(
     }
 
 
-def pick_of(row: pd.Series, prefix: str = "") -> str:
-    """``fine_tune, freeze 3, head_lr 0.0069, backbone_lr 0.0023`` from a table row."""
+def searched_backbones(config: SpaceConfig) -> list[str]:
+    spec = config.space.get("backbone")
+    return [str(b) for b in spec.options()] if spec is not None else [config.model.backbone]
+
+
+def pick_of(row: pd.Series, prefix: str = "", backbone: bool = False) -> str:
+    """``fine_tune, freeze 3, head_lr 0.0069, backbone_lr 0.0023`` from a table row (the
+    backbone first, ``lite1``, when the space searches it)."""
 
     def value(name: str) -> Any:
         v = row.get(prefix + name)
@@ -310,6 +326,8 @@ def pick_of(row: pd.Series, prefix: str = "") -> str:
 
     strategy = value("strategy")
     parts = [str(strategy)]
+    if backbone and value("backbone") is not None:
+        parts.insert(0, str(value("backbone")).removeprefix("efficientnet_"))
     if strategy in ("fine_tune", "lp_ft") and value("freeze_depth") is not None:
         parts.append(f"freeze {int(value('freeze_depth'))}")
     if value("head_lr") is not None:
@@ -322,9 +340,9 @@ def pick_of(row: pd.Series, prefix: str = "") -> str:
 # --------------------------------------------------------------------------- raytl, one repeat
 
 
-def dataset_raw(name: str, quick: bool, fashion_limit: int) -> dict[str, Any]:
-    """The quickstart file, for digits as shipped; for ``fashion`` its data swapped."""
-    raw = yaml.safe_load(QUICKSTART.read_text())
+def dataset_raw(name: str, quick: bool, fashion_limit: int, space: Path) -> dict[str, Any]:
+    """The space file (the quickstart's), for digits as shipped; for ``fashion`` its data swapped."""
+    raw = yaml.safe_load(space.read_text())
     if name == "fashion":
         raw["name"] = "peer_fashion"
         raw["data"] = {**raw["data"], "source": "fashion-mnist", "limit": fashion_limit}
@@ -358,7 +376,7 @@ def one_repeat(config: SpaceConfig, seed: int) -> dict[str, Any]:
             "seconds": wall,
             "trials": len(table),
             "completed": int((table["status"] == "completed").sum()),
-            "pick": pick_of(pd.Series(hp)),
+            "pick": pick_of(pd.Series(hp), backbone=len(searched_backbones(config)) > 1),
             "val": float(best["search_value"]),
             "test": float(best["test_accuracy"]),
             "probes": [
@@ -409,13 +427,25 @@ def mean_of(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else "none"
 
 
-def section(results: dict[str, list[dict[str, Any]]], command: str, labels: dict[str, str]) -> str:
+def heading_of(space: Path) -> str:
+    """The doc section a space file's figures go to: the quickstart's is the main one."""
+    if space.resolve() == QUICKSTART.resolve():
+        return HEADING
+    return (
+        f"## The {yaml.safe_load(space.read_text())['name']} search against a plain Ray Tune script"
+    )
+
+
+def section(
+    results: dict[str, list[dict[str, Any]]], command: str, labels: dict[str, str], space: Path
+) -> str:
+    shown = space.resolve().relative_to(REPO) if space.resolve().is_relative_to(REPO) else space
     lines = [
-        f"{HEADING} (`benchmarks/peer.py`)",
+        f"{heading_of(space)} (`benchmarks/peer.py`)",
         "",
         provenance(command),
         "",
-        "raytl: the quickstart search (`search_spaces/quickstart.yaml`: TPE with raytl's seeded "
+        f"raytl: the search of `{shown}` as shipped (TPE with raytl's seeded "
         "recipes, ASHA, cv with 2 folds, the frozen-feature cache, refit of the best on train+val, "
         "one test). Plain: a Ray Tune function trainable with a hand-written AdamW loop on one "
         "holdout split, random search over the same space, no early stopping, no cache, no refit, "
@@ -520,6 +550,12 @@ def main() -> None:
         help="smoke test: digits, seed 0, 300 images, 2 trials of 1 epoch",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave the doc alone")
+    parser.add_argument(
+        "--space",
+        type=Path,
+        default=QUICKSTART,
+        help="the space file raytl searches (the quickstart's)",
+    )
     args = parser.parse_args()
     datasets = ["digits"] if args.quick else [d.strip() for d in args.datasets.split(",") if d]
     unknown = set(datasets) - {"digits", "fashion"}
@@ -540,7 +576,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
     for name in datasets:
-        raw = dataset_raw(name, args.quick, args.fashion_limit)
+        raw = dataset_raw(name, args.quick, args.fashion_limit, args.space)
         for seed in seeds:
             run = one_repeat(repeat_config(raw, name, seed, args.fixed_split), seed)
             results.setdefault(name, []).append(run)
@@ -553,12 +589,12 @@ def main() -> None:
                 + (f" | plain errors: {b['errors']} ({b['first_error']})" if b["errors"] else ""),
                 flush=True,
             )
-    text = section(results, command, labels)
+    text = section(results, command, labels, args.space)
     print()
     print(text)
     print(f"{(time.perf_counter() - started) / 60:.1f} min in all")
     if not args.no_write:
-        write_section(text, HEADING)
+        write_section(text, heading_of(args.space))
         print(f"wrote {DOC}")
 
 
