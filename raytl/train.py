@@ -84,12 +84,6 @@ def train_single(
         "val": len(val_idx),
         "test": len(test_idx),
     }
-    sizes = {
-        "images": len(data),
-        "train": len(train_idx),
-        "val": len(val_idx),
-        "test": len(test_idx),
-    }
     summary = {
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
