@@ -146,7 +146,7 @@ def section(runs: list[dict[str, Any]], command: str, args: argparse.Namespace) 
         "",
         f"Every figure below comes from this one run. Per dataset: K = {args.k} configurations "
         f"drawn per repeat from `search_spaces/compare_schemes.yaml`'s space (Optuna's random "
-        f"sampler), {args.repeats} repeats (each re-draws the configurations, the seeds and the "
+        f"sampler), {args.repeats} repeat(s) (each re-draws the configurations, the seeds and the "
         f"splits), every configuration scored by holdout (val fraction 0.2), cv (3 folds) and "
         f"segments (3) for {args.epochs} epoch(s) with no early stopping, 2 trials at once, then "
         "refit on the whole pool and tested once on the untouched test split (20% of the images). "
@@ -168,9 +168,9 @@ def section(runs: list[dict[str, Any]], command: str, args: argparse.Namespace) 
             *[f"- {line}" for line in run["rules"]],
             f"- {final_models(run)}.",
             "",
-            f"![Kendall tau with intervals, {c.data.source}](schemes_{c.name}_tau.png)",
+            f"![Kendall tau with intervals, {c.data.source}]({c.name}_tau.png)",
             "",
-            f"![regret against worker-seconds, {c.data.source}](schemes_{c.name}_cost_regret.png)",
+            f"![regret against worker-seconds, {c.data.source}]({c.name}_cost_regret.png)",
             "",
         ]
     return "\n".join(lines)
@@ -218,7 +218,7 @@ def main() -> None:
             for kind in ("tau", "cost_regret"):
                 shutil.copy(
                     run["out"] / f"paired_{kind}.png",
-                    DOC.parent / f"schemes_{run['config'].name}_{kind}.png",
+                    DOC.parent / f"{run['config'].name}_{kind}.png",
                 )
         write_doc(text)
         print(f"wrote {DOC} ({datetime.date.today()})")
