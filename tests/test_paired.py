@@ -153,19 +153,19 @@ def test_a_pool_too_small_for_its_segments_fails_before_any_trial(space_file, tm
 
 @pytest.mark.slow
 def test_a_paired_study_with_repeats_pool_sizes_and_segments(space_file, tmp_path):
-    """cv and segments (3 segments) score the same 3 configurations per repeat, on pools of 150
-    and 300 images, 2 repeats: a real local Ray, real refits."""
+    """cv and segments (2 and 3 segments) score the same 3 configurations per repeat, on pools of
+    150 and 300 images, 2 repeats: every sweep at once, a real local Ray, real refits."""
     space = {**SPACE, "space": {**SPACE["space"], "strategy": "linear_probe"}}
     space["space"].pop("freeze_depth")
     path = space_file(space)
     out = tmp_path / "paired"
-    flags = ["--paired", "3", "--repeats", "2", "--pool-sizes", "150,300", "--segments", "3"]
+    flags = ["--paired", "3", "--repeats", "2", "--pool-sizes", "150,300", "--segments", "2,3"]
     argv = ["compare", str(path), "--schemes", "cv,segments", "--output", str(out), *flags]
     assert main(argv) == 0
 
     trials = pd.read_parquet(out / "paired_trials.parquet")
     config = load_space(path)
-    assert set(trials["scheme"]) == {"cv", "segments"}
+    assert set(trials["scheme"]) == {"cv", "segments_2", "segments_3"}
     assert sorted(trials["pool_size"].unique()) == [150, 300]
     assert (trials["status"] == "completed").all() and trials["test_accuracy"].notna().all()
     for (_, repeat), cell in trials.groupby(["pool_size", "repeat"]):
@@ -174,10 +174,11 @@ def test_a_paired_study_with_repeats_pool_sizes_and_segments(space_file, tmp_pat
             assert {round(v, 12) for v in t["head_lr"]} == drawn and len(t) == 3
         # one refit per configuration, shared by the schemes
         assert cell.groupby("config_key")["test_accuracy"].nunique().eq(1).all()
-    assert set(trials[trials["scheme"] == "segments"]["units"]) == {3}
+    assert set(trials[trials["scheme"] == "segments_2"]["units"]) == {2}
+    assert set(trials[trials["scheme"] == "segments_3"]["units"]) == {3}
 
     summary = pd.read_parquet(out / "paired.parquet")
-    assert len(summary) == 2 * 2 * 2
+    assert len(summary) == 2 * 2 * 3
     for _, row in summary.iterrows():
         t = trials[
             (trials["pool_size"] == row["pool_size"])
@@ -194,13 +195,13 @@ def test_a_paired_study_with_repeats_pool_sizes_and_segments(space_file, tmp_pat
         assert (row["scheme"] == "cv") != math.isnan(row["ensemble_test_accuracy"])
 
     intervals = pd.read_parquet(out / "paired_intervals.parquet")
-    assert len(intervals) == 2 * 2 and (intervals["repeats"] == 2).all()
+    assert len(intervals) == 2 * 3 and (intervals["repeats"] == 2).all()
     ok = intervals.dropna(subset=["kendall_tau_low"])
     assert (ok["kendall_tau_low"] <= ok["kendall_tau_high"]).all()
     text = (out / "compare.md").read_text()
     assert "## What the study supports" in text
-    assert text.count("At pool size 150") == 1 and text.count("At pool size 300") == 1
+    assert text.count("At pool size 150") == 2 and text.count("At pool size 300") == 2
     for name in ("paired_tau.png", "paired_cost_regret.png", "paired_val_vs_test.png"):
         with Image.open(out / name) as image:
             assert image.size[0] > 400
-    assert (out / "runs" / "segments_pool300_repeat1" / "results.parquet").is_file()
+    assert (out / "runs" / "segments_3_pool300_repeat1" / "results.parquet").is_file()
