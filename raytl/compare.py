@@ -93,6 +93,20 @@ def parse_schemes(text: str) -> list[str]:
     return schemes
 
 
+def prepare_comparison(config: SpaceConfig, output: Path, repeats: int) -> tuple[Path, ImageData]:
+    """What every comparison does before Ray starts: its inputs checked, space.yaml and
+    skipped.txt written, the data loaded once for all of its runs."""
+    if repeats < 1:
+        raise RaytlError(f"--repeats: expected 1 or more, got {repeats}")
+    output = Path(output).resolve()
+    check_storage(config.search.storage)
+    write_space(output, config)
+    data = config.data.load()
+    check_metric(config.search.metric, len(data.class_names))
+    write_skipped(output, data)
+    return output, data
+
+
 def run_compare(
     config: SpaceConfig,
     output: Path,
@@ -106,15 +120,8 @@ def run_compare(
 ) -> pd.DataFrame:
     """Run the space once per scheme and repeat, refit the configurations, write the comparison
     (Ray's and Tune's own output in ``OUTPUT/ray-output.log`` unless ``verbose``)."""
-    if repeats < 1:
-        raise RaytlError(f"--repeats: expected 1 or more, got {repeats}")
     started = time.perf_counter()
-    output = Path(output).resolve()
-    check_storage(config.search.storage)
-    write_space(output, config)
-    data = config.data.load()
-    check_metric(config.search.metric, len(data.class_names))
-    write_skipped(output, data)
+    output, data = prepare_comparison(config, output, repeats)
     if not verbose:
         echo(f"Ray's and Tune's own output: {output / LOG_NAME} (--verbose shows it here)")
     with ray_output_to(output / LOG_NAME, verbose=verbose), ray_session(address):

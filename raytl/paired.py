@@ -26,15 +26,19 @@ import pandas as pd
 
 from raytl import plots
 from raytl.cluster import ray_session
-from raytl.compare import config_key, machine_description, measure_on_test, search_scheme
+from raytl.compare import (
+    config_key,
+    machine_description,
+    measure_on_test,
+    prepare_comparison,
+    search_scheme,
+)
 from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
 from raytl.errors import RaytlError
-from raytl.metrics import check_metric
 from raytl.paired_stats import BOOTSTRAP, bootstrap_intervals, paired_summary, rule_lines
 from raytl.report import markdown_table, save_figure
 from raytl.results import write_parquet
-from raytl.rundir import check_storage, write_skipped, write_space
 from raytl.search import Echo, share_inputs
 from raytl.space import DefineByRun
 from raytl.storage import atomic_write
@@ -128,15 +132,8 @@ def run_paired(
     plots to ``output``; returns the per-scheme intervals."""
     if k < 3:
         raise RaytlError(f"--paired: expected 3 or more configurations, got {k}")
-    if repeats < 1:
-        raise RaytlError(f"--repeats: expected 1 or more, got {repeats}")
     started = time.perf_counter()
-    output = Path(output).resolve()
-    check_storage(config.search.storage)
-    write_space(output, config)
-    data = config.data.load()
-    check_metric(config.search.metric, len(data.class_names))
-    write_skipped(output, data)
+    output, data = prepare_comparison(config, output, repeats)
     sweep = list(segments) or [config.scheme.segments]
     cells = [
         (pool_size, scheme, count)
