@@ -33,10 +33,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from strategies import provenance  # noqa: E402
+from strategies import provenance, write_section  # noqa: E402
 
 from raytl.config import parse_space  # noqa: E402
 from raytl.paired import run_paired  # noqa: E402
+from raytl.paired_stats import rule_lines  # noqa: E402
 
 DOC = REPO / "docs" / "schemes.md"
 HEADING = "## Measured: the paired study"
@@ -74,21 +75,15 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         pool_sizes=pools,
         echo=lambda line: print(f"[{name}] {line}", flush=True),
     )
+    summary = pd.read_parquet(out / "paired.parquet")
+    intervals = pd.read_parquet(out / "paired_intervals.parquet")
     return {
         "name": name,
         "out": out,
         "seconds": time.perf_counter() - started,
-        "summary": pd.read_parquet(out / "paired.parquet"),
-        "intervals": pd.read_parquet(out / "paired_intervals.parquet"),
-        "rules": [
-            line.removeprefix("- ")
-            for line in (out / "compare.md")
-            .read_text()
-            .split("## What the study supports")[1]
-            .split("\n## ")[0]
-            .strip()
-            .splitlines()
-        ],
+        "summary": summary,
+        "intervals": intervals,
+        "rules": rule_lines(intervals, summary),
         "config": config,
     }
 
@@ -176,17 +171,6 @@ def section(runs: list[dict[str, Any]], command: str, args: argparse.Namespace) 
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    """Replace the measured section of docs/schemes.md (and the superseded ones), keep the rest."""
-    doc = DOC.read_text()
-    for heading in (HEADING, *OLD_HEADINGS):
-        start = doc.find(heading)
-        if start >= 0:
-            end = doc.find("\n## ", start + len(heading))
-            doc = doc[:start] + (doc[end + 1 :] if end >= 0 else "")
-    DOC.write_text(doc.rstrip("\n") + "\n\n" + text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="fashion,digits")
@@ -220,7 +204,9 @@ def main() -> None:
                     run["out"] / f"paired_{kind}.png",
                     DOC.parent / f"{run['config'].name}_{kind}.png",
                 )
-        write_doc(text)
+        for heading in [h for h in OLD_HEADINGS if h in DOC.read_text()]:
+            write_section("", heading, DOC)
+        write_section(text, HEADING, DOC)
         print(f"wrote {DOC} ({datetime.date.today()})")
 
 

@@ -122,14 +122,15 @@ def provenance(command: str) -> str:
     )
 
 
-def write_section(section: str, heading: str) -> None:
-    """Replace (or append) one ``## `` section of docs/benchmarks.md, keeping the others. A
-    section must say which commit its figures come from (:func:`provenance`)."""
+def write_section(section: str, heading: str, doc: Path = DOC) -> None:
+    """Replace (or append) one ``## `` section of ``doc`` (docs/benchmarks.md), keeping the
+    others; an empty ``section`` removes it. A section must say which commit its figures come
+    from (:func:`provenance`)."""
     if section and "commit " not in section:
         raise ValueError(f"{heading}: a section must name the commit it measured (provenance())")
     text = (
-        DOC.read_text()
-        if DOC.exists()
+        doc.read_text()
+        if doc.exists()
         else "# Benchmarks\n\nFigures measured by the scripts in benchmarks/.\n\n"
     )
     start = text.find(heading)
@@ -138,7 +139,7 @@ def write_section(section: str, heading: str) -> None:
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    doc.write_text(text)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,11 @@ def _aligned(cell: pd.DataFrame, schemes: list[str], metric: str) -> tuple[np.nd
     """(scores, tests) of one repeat: scores[s, i] is scheme s's oriented score of configuration
     i, tests[i] its refit test accuracy; configurations in ``config_key`` order."""
     keys = sorted(cell["config_key"].unique())
+    position = {k: i for i, k in enumerate(keys)}
     scores = np.full((len(schemes), len(keys)), np.nan)
     tests = np.full(len(keys), np.nan)
     for s, scheme in enumerate(schemes):
         t, oriented, test = scheme_scores(cell[cell["scheme"] == scheme], metric)
-        position = {k: i for i, k in enumerate(keys)}
         for key, score, value in zip(t["config_key"], oriented, test, strict=True):
             scores[s, position[key]] = score
             tests[position[key]] = value
