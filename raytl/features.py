@@ -34,15 +34,17 @@ import timm
 import torch
 
 from raytl.config import SpaceConfig
-from raytl.console import wait_for
+from raytl.console import bar
 from raytl.data.dataset import ImageData
+from raytl.data.stream import STREAM_MEMORY_SHARE, total_memory
+from raytl.feature_pool import extract_features
+from raytl.feature_rows import FEATURES_FILE, FeatureCacheError, FeatureFile
 from raytl.models import create_model, package_weights_path, pooled_features
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
 from raytl.storage import Storage, join_location
 from raytl.strategies import STRATEGIES
 
 CACHE_VERSION = 1  # bump when the way features are computed changes
-FEATURES_FILE = "features.parquet"
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,50 @@ def read_features(root: str, key: FeatureKey) -> np.ndarray | None:
 
 
 def write_features(root: str, key: FeatureKey, features: np.ndarray) -> str:
-    """Write the cache to a temporary name, then rename it into place (never half-visible)."""
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1])
-    table = pa.table(
-        {"row": pa.array(np.arange(len(features), dtype=np.int64)), "features": column}
-    )
-    table = table.replace_schema_metadata({"raytl_key": json.dumps(asdict(key), sort_keys=True)})
-    return Storage(root).write(
-        f"{key.digest()}/{FEATURES_FILE}", lambda path: pq.write_table(table, path)
-    )
+    """Write a whole matrix as the cache for ``key`` (:func:`write_feature_chunks`)."""
+    return write_feature_chunks(root, key, iter([features]))[0]
+
+
+def write_feature_chunks(
+    root: str, key: FeatureKey, chunks: Iterator[np.ndarray]
+) -> tuple[str, int, int]:
+    """Write the cache from consecutive row chunks, one Parquet row group each, to a temporary
+    name renamed into place when complete (never half-visible); returns its path and shape."""
+    metadata = {"raytl_key": json.dumps(asdict(key), sort_keys=True)}
+    shape = [0, 0]
+
+    def fill(where: Any) -> None:
+        writer = None
+        try:
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+                rows = np.arange(shape[0], shape[0] + len(chunk), dtype=np.int64)
+                column = pa.FixedSizeListArray.from_arrays(
+                    pa.array(chunk.reshape(-1)), chunk.shape[1]
+                )
+                table = pa.table({"row": rows, "features": column})
+                if writer is None:
+                    writer = pq.ParquetWriter(where, table.schema.with_metadata(metadata))
+                writer.write_table(table, row_group_size=len(chunk))
+                shape[:] = [shape[0] + len(chunk), chunk.shape[1]]
+        finally:
+            if writer is not None:
+                writer.close()
+
+    path = Storage(root).write_streamed(f"{key.digest()}/{FEATURES_FILE}", fill)
+    return path, shape[0], shape[1]
+
+
+def cached_shape(root: str, key: FeatureKey) -> tuple[int, int] | None:
+    """The (rows, width) of a complete cache for ``key``, from its footer alone; else None."""
+    storage = Storage(root)
+    if not storage.is_file(key.digest(), FEATURES_FILE):
+        return None
+    parquet = pq.ParquetFile(storage.path(key.digest(), FEATURES_FILE), filesystem=storage.fs)
+    schema = parquet.schema_arrow
+    if json.loads((schema.metadata or {}).get(b"raytl_key", b"null")) != asdict(key):
+        return None
+    return parquet.metadata.num_rows, schema.field("features").type.list_size
 
 
 @contextlib.contextmanager
@@ -205,47 +241,93 @@ def cacheable_backbones(config: SpaceConfig) -> list[str]:
     return [b or config.model.backbone for b in config.options("backbone", None)]
 
 
-FeatureRefs = dict[str, Any]  # backbone -> ray.ObjectRef of its (N, D) feature matrix
+FeatureRefs = dict[str, Any]  # backbone -> ObjectRef of its (N, D) matrix, or its FeatureFile
+
+
+def driver_key(backbone: str, pretrained: str, data: ImageData, image_size: int) -> FeatureKey:
+    """The cache key, without loading weights: the preprocessing is the architecture's (timm's
+    pretrained config comes with the model whatever its weights)."""
+    model = create_model(backbone, len(data.class_names), "none")
+    return feature_key(backbone, pretrained, data, preprocessing_for(model, image_size))
+
+
+def streams_features(config: SpaceConfig, rows: int, width: int) -> tuple[bool, str]:
+    """Whether trials read the cache memory-mapped (:class:`FeatureFile`) instead of through the
+    object store, and why: ``data.mode: stream`` streams everything; otherwise the matrix is
+    streamed when it would take more than the share of memory ``data.mode: auto`` allows images."""
+    size = rows * width * 4
+    if config.data.mode != "auto":
+        return config.data.mode == "stream", f"data.mode: {config.data.mode}"
+    memory = total_memory()
+    streamed = size > STREAM_MEMORY_SHARE * memory
+    relation = ">" if streamed else "<="
+    return streamed, (
+        f"{size / 1e9:.2f} GB {relation} {STREAM_MEMORY_SHARE:.0%} of {memory / 1e9:.1f} GB"
+    )
 
 
 def prepare_feature_cache(
-    config: SpaceConfig, data_ref: Any, root: str, echo: Callable[[str], None]
+    config: SpaceConfig, data: ImageData, data_ref: Any, root: str, echo: Callable[[str], None]
 ) -> FeatureRefs:
-    """Compute (or read) the frozen features once per backbone, before any trial starts (the
-    single producer), on a worker-sized Ray task; trials get them through the object store."""
-    backbones = cacheable_backbones(config)
-    r = config.resources
-    task: Any = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, num_returns=2)(
-        features_task
-    )
-    refs = {}
-    for backbone in backbones:
-        features_ref, info_ref = task.remote(
-            root,
-            backbone,
-            config.model.pretrained,
-            data_ref,
-            config.data.image_size,
-            r.cpus_per_worker,
-        )
-        info = wait_for(info_ref, f"feature cache: {backbone}")
+    """Compute (or find) the frozen features once per backbone before any trial starts: the
+    driver is the single producer, an actor pool the workers (:mod:`raytl.feature_pool`)."""
+    refs: FeatureRefs = {}
+    for backbone in cacheable_backbones(config):
+        started = time.perf_counter()
+        key = driver_key(backbone, config.model.pretrained, data, config.data.image_size)
+        actors = 0
+        with producer_lock(root, key):
+            shape = cached_shape(root, key)
+            if shape is None:
+                actors, shape = compute_cache(config, data_ref, len(data), backbone, root, key)
+        streamed, why = streams_features(config, *shape)
+        path = entry_path(root, key)
+        if streamed:
+            refs[backbone] = FeatureFile(path, root, key.digest(), asdict(key), *shape)
+        else:
+            refs[backbone] = ray.remote(num_cpus=0)(held_features).remote(root, key)
+        how = f"computed by {actors} actor(s)" if actors else "read"
+        where = "memory-mapped on each node" if streamed else "through the object store"
         echo(
-            f"feature cache: {backbone} {'computed' if info['computed'] else 'read'} "
-            f"{info['shape'][0]}x{info['shape'][1]} in {info['seconds']:.1f}s ({info['path']})"
+            f"feature cache: {backbone} {how} {shape[0]}x{shape[1]} in "
+            f"{time.perf_counter() - started:.1f}s ({path}); trials read it {where} ({why})"
         )
-        refs[backbone] = features_ref
     return refs
 
 
-def features_task(
-    root: str, backbone: str, pretrained: str, data: ImageData, image_size: int, cpus: float
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The Ray task behind :func:`prepare_feature_cache` (``data`` arrives from the object store)."""
-    torch.set_num_threads(max(1, int(cpus)))
-    result = ensure_features(root, backbone, pretrained, data, image_size)
-    return result.features, {
-        "computed": result.computed,
-        "seconds": result.seconds,
-        "shape": result.features.shape,
-        "path": entry_path(root, result.key),
-    }
+def compute_cache(
+    config: SpaceConfig, data_ref: Any, rows: int, backbone: str, root: str, key: FeatureKey
+) -> tuple[int, tuple[int, int]]:
+    """Run the actor pool and write its chunks as the cache; the actors used and the shape."""
+    resources = (config.resources.cpus_per_worker, config.resources.gpus_per_worker)
+    written: list[tuple[str, int, int]] = []
+    progress = bar(rows, f"feature cache: {backbone}", "img")
+
+    def write(chunks: Iterator[np.ndarray]) -> None:
+        def counted() -> Iterator[np.ndarray]:
+            for chunk in chunks:
+                progress.update(len(chunk))
+                yield chunk
+
+        written.append(write_feature_chunks(root, key, counted()))
+
+    with progress:
+        actors = extract_features(
+            data_ref,
+            rows,
+            backbone,
+            config.model.pretrained,
+            config.data.image_size,
+            resources,
+            write,
+        )
+    _, n, width = written[0]
+    return actors, (n, width)
+
+
+def held_features(root: str, key: FeatureKey) -> np.ndarray:
+    """The Ray task that puts a held cache into the object store (the driver never holds it)."""
+    matrix = read_features(root, key)
+    if matrix is None:
+        raise FeatureCacheError(f"{entry_path(root, key)}: the feature cache is gone or changed")
+    return matrix

@@ -70,7 +70,7 @@ def refit(
     config: SpaceConfig,
     hp: Hyperparameters,
     data: ImageData,
-    features: np.ndarray | None = None,
+    features: Any = None,
     keep_state: bool = True,
     probe_passes: int | None = None,
 ) -> RefitResult:

@@ -180,7 +180,7 @@ def share_inputs(config: SpaceConfig, data: ImageData, output: Path, echo: Echo)
     """One copy of the data in the object store, and the frozen features computed (or read)
     once per backbone, for every trial of one or more searches writing to ``output``."""
     data_ref = ray.put(data)
-    features = prepare_feature_cache(config, data_ref, cache_root(config, output), echo)
+    features = prepare_feature_cache(config, data, data_ref, cache_root(config, output), echo)
     return SearchInputs(config, data_ref, storage_for(config, output), features)
 
 

@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -155,6 +156,25 @@ class Storage:
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open_output_stream(tmp) as stream:
             stream.write(content.encode() if isinstance(content, str) else content)
+        self.fs.move(tmp, target)
+        return target
+
+    def write_streamed(self, relative: str, fill: Callable[[Any], None]) -> str:
+        """Like :meth:`write` for a file written piece by piece: ``fill`` gets a local path, or
+        on a URI an output stream to a temporary object, so the file is never held whole."""
+        if self.is_local:
+            return str(atomic_write(self.path(relative), fill))
+        target = self.path(relative)
+        folder, _, name = target.rpartition("/")
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp) as stream:
+                fill(stream)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise
         self.fs.move(tmp, target)
         return target
 

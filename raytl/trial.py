@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -49,6 +48,7 @@ from raytl.attempts import (
 )
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
+from raytl.feature_rows import resolve_features
 from raytl.schemes import Assignment, Unit, assign_units, make_units
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES
@@ -247,7 +247,7 @@ def unit_trainers(
     units = scheme_units(ctx.config, data)
     plan = assign_units(len(units), session.world)
     groups = session.unit_groups(plan)
-    features: np.ndarray | None = ray.get(ctx.features) if ctx.features is not None else None
+    features = resolve_features(ctx.features)
     trace_startup("data_fetched", ctx.started)
     trainers = {
         a.unit: UnitTrainer.for_space(

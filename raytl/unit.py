@@ -30,6 +30,7 @@ from raytl import strategies
 from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.data.stream import epoch_order, rows_of
+from raytl.feature_rows import FeatureRows, resolve_features
 from raytl.metrics import EvalResult, evaluation_counts, loss_weights, scored
 from raytl.models import (
     backbone_blocks,
@@ -63,7 +64,7 @@ class UnitTrainer:
         unit: int = 0,
         device: torch.device | None = None,
         group: UnitGroup | None = None,
-        features: np.ndarray | None = None,
+        features: Any = None,
         probe_passes: int | None = None,
     ) -> UnitTrainer:
         """A trainer with the space file's weights, image size, seed (plus the unit's index) and
@@ -95,7 +96,7 @@ class UnitTrainer:
         device: torch.device | None = None,
         seed: int = 0,
         group: UnitGroup | None = None,
-        features: np.ndarray | None = None,
+        features: Any = None,
         compile: bool = False,
         probe_passes: int | None = None,
     ) -> None:
@@ -136,9 +137,10 @@ class UnitTrainer:
         self.phase_index: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: LRScheduler | None = None
-        self._features: dict[str, torch.Tensor] = {}
-        # the frozen backbone's pooled features for every image (raytl.feature_cache), if given
-        self.shared_features = features
+        self._features: dict[str, FeatureRows] = {}
+        # the frozen backbone's pooled features for every image (raytl.features), if given: an
+        # array, an ObjectRef of one, or a FeatureFile (memory-mapped)
+        self.shared_features = resolve_features(features)
         # passes of a converged probe phase (raytl.probe): kept by early stopping, or (no
         # validation split: a refit) the count given
         self.probe_passes = probe_passes
@@ -212,17 +214,15 @@ class UnitTrainer:
         smoothing = self.hp.label_smoothing
         return F.cross_entropy(logits.float(), target, self.class_weight, label_smoothing=smoothing)
 
-    def _cached(self, key: str, indices: np.ndarray) -> torch.Tensor:
+    def _cached(self, key: str, indices: np.ndarray) -> FeatureRows:
         """Pre-logit features of the (frozen, eval-mode) backbone, computed once per phase, or
         taken from the shared feature cache when the trainer was given one."""
         if key not in self._features:
-            if self.shared_features is not None:
-                rows = torch.from_numpy(np.ascontiguousarray(self.shared_features[indices]))
-                self._features[key] = rows.to(self.device, non_blocking=True)
-            else:
-                self._features[key] = pooled_features(
-                    self.model, self.prepare, rows_of(self.data.images, indices), self.device
-                )
+            matrix: np.ndarray | torch.Tensor | None = self.shared_features
+            if matrix is None:
+                images = rows_of(self.data.images, indices)
+                matrix = pooled_features(self.model, self.prepare, images, self.device)
+            self._features[key] = FeatureRows(matrix, indices, self.device)
         return self._features[key]
 
     def _train_steps(
@@ -250,13 +250,14 @@ class UnitTrainer:
             if features is None:  # uint8 pixels on the device (a streamed row may be dropped)
                 x, kept = self.prepare.load_rows(self.data.images, self.train_idx[batch])
                 return x, self.prepare.to_device(labels[batch][kept])
-            x = self.prepare.to_device(torch.from_numpy(batch))  # rows of the feature matrix
-            return x, self.prepare.to_device(labels[batch])
+            return features.batch(batch), self.prepare.to_device(labels[batch])
 
-        # the image path loads the next 2 batches in a thread while this one trains
-        with Prefetcher(batches, load, self.device, depth=2 if features is None else 0) as loaded:
+        # images (and memory-mapped features): the next 2 batches load in a thread meanwhile
+        ahead = 0 if features is not None and not features.streamed else 2
+        with Prefetcher(batches, load, self.device, depth=ahead) as loaded:
             for step, (x, y) in enumerate(loaded):
-                x = features[x] if features is not None else self.prepare.finish(x, phase.augment)
+                if features is None:
+                    x = self.prepare.finish(x, phase.augment)
                 with self._autocast():
                     logits = self.train_forward(x)
                     loss = self._loss(logits, y)
@@ -337,7 +338,10 @@ class UnitTrainer:
         self.model.eval()
         labels = torch.from_numpy(self.data.labels[mine]).to(self.device)
         if head_only:  # this rank's share of the cached features (the same share every pass)
-            logits = self.classifier(self._cached("val", mine)).float()
+            chunks = [
+                self.classifier(x).float() for x in self._cached("val", mine).chunks(EVAL_BATCH)
+            ]
+            logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.data.class_names))
         else:
             chunks = []
             for start in range(0, len(mine), EVAL_BATCH):

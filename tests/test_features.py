@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,15 +13,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
+from raytl.cluster import ray_session
+from raytl.config import parse_space
 from raytl.data.dataset import ImageData
+from raytl.feature_rows import FeatureFile
 from raytl.features import (
     ensure_features,
     entry_path,
     feature_key,
+    prepare_feature_cache,
     read_features,
+    streams_features,
     write_features,
 )
 from raytl.models import create_model, pooled_features
@@ -158,3 +166,81 @@ def test_two_concurrent_producers_compute_the_cache_once(tmp_path):
     assert sorted(r["computed"] for r in results) == [False, True]
     assert results[0]["sum"] == pytest.approx(results[1]["sum"])
     assert len(list(root.glob("*/features.parquet"))) == 1
+
+
+def test_an_actor_pool_writes_the_cache_in_chunks_and_trials_read_it_held_or_memory_mapped(
+    digits, tmp_path
+):
+    """Two actors compute 1,500 rows in two chunks, written as two row groups under the key a
+    single process computes; trials get it through the object store, or memory-mapped from a
+    copy in Ray's session folder, and a probe trains identically on either."""
+    data = ImageData(digits.images[:1500], digits.labels[:1500], digits.class_names, "d[:1500]")
+    config = parse_space(
+        {
+            "data": {"source": "digits", "image_size": 32},
+            "resources": {"cpus_per_worker": 1},
+            "space": {"strategy": "linear_probe"},
+        }
+    )
+    single = ensure_features(str(tmp_path / "single"), "efficientnet_lite0", "package", data, 32)
+    lines: list[str] = []
+    with ray_session(None):
+        refs = prepare_feature_cache(
+            config, data, ray.put(data), str(tmp_path / "pool"), lines.append
+        )
+        held = ray.get(refs["efficientnet_lite0"])
+        assert not isinstance(held, np.memmap)
+        again = prepare_feature_cache(
+            config, data, ray.put(data), str(tmp_path / "pool"), lines.append
+        )
+        mapped_file = FeatureFile(
+            entry_path(str(tmp_path / "pool"), single.key),
+            str(tmp_path / "pool"),
+            single.key.digest(),
+            dataclasses.asdict(single.key),
+            1500,
+            1280,
+        )
+        mapped = mapped_file.open()
+        session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+        assert list((session / "raytl_features").glob("*.npy")) == [
+            session / "raytl_features" / f"{single.key.digest()}.npy"
+        ]
+        del again
+    assert "efficientnet_lite0 computed by 2 actor(s) 1500x1280" in lines[0]
+    assert "trials read it through the object store" in lines[0]
+    assert "efficientnet_lite0 read 1500x1280" in lines[1]
+    path = entry_path(str(tmp_path / "pool"), single.key)  # the single process's key: one entry
+    parquet = pq.ParquetFile(path)
+    assert parquet.metadata.num_row_groups == 2 and parquet.metadata.row_group(0).num_rows == 1024
+    np.testing.assert_allclose(held, single.features, rtol=1e-4, atol=1e-5)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, held)
+
+    hp = Hyperparameters(
+        strategy="linear_probe",
+        backbone="efficientnet_lite0",
+        head_lr=0.01,
+        batch_size=64,
+        epochs=1,
+    )
+    train, val = np.arange(0, 1000), np.arange(1000, 1500)
+    heads = []
+    for features in (held, mapped):
+        trainer = UnitTrainer(
+            hp, data, train, val, pretrained="package", image_size=32, seed=1, features=features
+        )
+        epoch = trainer.run_epoch()
+        heads.append((epoch["val_loss"], trainer.classifier.weight.detach().clone()))
+    assert heads[0][0] == heads[1][0] and torch.equal(heads[0][1], heads[1][1])
+
+
+def test_features_are_streamed_when_asked_or_too_large_for_memory(tmp_path):
+    def config(mode):
+        return parse_space({"data": {"source": "imagefolder", "path": str(tmp_path), "mode": mode}})
+
+    assert streams_features(config("stream"), 10, 8) == (True, "data.mode: stream")
+    assert streams_features(config("memory"), 10**9, 8) == (False, "data.mode: memory")
+    streamed, why = streams_features(config("auto"), 1500, 1280)
+    assert not streamed and why.startswith("0.01 GB <= 25% of ")
+    streamed, why = streams_features(config("auto"), 10**9, 1280)
+    assert streamed and why.startswith("5120.00 GB > 25% of ")

@@ -206,6 +206,8 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
     remove_ray_temp_of(driver.pid)  # SIGKILL left it behind
     assert re.search(r"\| [23]/4 done", seen[-1]), "".join(seen[-30:])
     assert any("data.mode: stream (150 images decoded at 48 px" in line for line in seen)
+    # the feature cache went to the bucket; the probes read it memory-mapped, copied per node
+    assert any("trials read it memory-mapped on each node (data.mode: stream)" in x for x in seen)
 
     refused = _raytl("resume", str(out), timeout=300)
     assert refused.returncode != 0 and "--trust-storage" in refused.stderr
@@ -227,6 +229,8 @@ def test_search_on_s3_killed_then_resumed_from_the_bucket(s3, tmp_path):
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(run, recursive=True))}
     assert {"report.md", "tuner.pkl"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard runs
+    everything = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    assert sum(i.base_name == "features.parquet" for i in everything) == 1
     assert join_location(storage, runs[0].base_name).startswith("s3://raytl-test/e2e/runs/s3e2e-")
 
 

@@ -1,0 +1,155 @@
+"""How trials read the frozen-feature cache: held in the object store, or memory-mapped.
+
+A cache whose (N, D) matrix fits comfortably in memory travels through Ray's object store: one
+copy per node, read zero-copy by every trial there. One that does not (or a search that asked
+``data.mode: stream``) is a :class:`FeatureFile`: each node turns the Parquet cache, row group by
+row group, into one local ``.npy`` under Ray's session folder and memory-maps it, so the page cache
+holds what the node's trials touch and reclaims it under pressure, and no process holds the
+matrix. A unit then reads its features through :class:`FeatureRows`: its rows copied once onto
+its device (held), or each batch's rows read from the map (streamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raytl.errors import RaytlError
+from raytl.preprocess import to_device
+from raytl.storage import Storage, atomic_write
+
+FEATURES_FILE = "features.parquet"  # the cache entry's file, in its key's folder
+COPY_BATCH_ROWS = 4096  # rows converted at a time into a node's memory-mapped copy
+
+
+class FeatureCacheError(RaytlError, ValueError):
+    """The cache on storage is not the one the search computed (changed or removed under it)."""
+
+
+def local_folder() -> Path:
+    """Where this node keeps memory-mapped copies: Ray's session folder (removed with Ray's
+    temp folder), or the system's temporary folder outside Ray."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)  # set in a connected process
+    base = Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    folder = base / "raytl_features"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """A streamed feature cache: where its Parquet file lives, its key (a dict of
+    :class:`~raytl.features.FeatureKey`'s fields) and its shape. Pickles small."""
+
+    path: str  # the Parquet file, on ``root``'s storage
+    root: str
+    digest: str
+    key: dict[str, Any]
+    rows: int
+    width: int
+
+    def open(self) -> np.ndarray:
+        """This node's memory-mapped (rows, width) float32 matrix, copied from storage once."""
+        target = local_folder() / f"{self.digest}.npy"
+        if not target.exists():
+            with _locked(target.with_suffix(".lock")):
+                if not target.exists():  # another trial on this node may have copied it
+                    atomic_write(target, self._copy_to)
+        matrix = np.load(target, mmap_mode="r")
+        if matrix.shape != (self.rows, self.width):
+            raise FeatureCacheError(f"{target}: shape {matrix.shape}, expected {self.shape}")
+        return matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.width
+
+    def _copy_to(self, local: str) -> None:
+        storage = Storage(self.root)
+        parquet = pq.ParquetFile(storage.path(self.digest, FEATURES_FILE), filesystem=storage.fs)
+        written = json.loads((parquet.schema_arrow.metadata or {}).get(b"raytl_key", b"null"))
+        if written != self.key or parquet.metadata.num_rows != self.rows:
+            raise FeatureCacheError(
+                f"{self.path}: no longer the feature cache this search computed"
+            )
+        matrix = np.lib.format.open_memmap(local, "w+", np.float32, self.shape)
+        offset = 0
+        for batch in parquet.iter_batches(COPY_BATCH_ROWS, columns=["row", "features"]):
+            rows = batch.column(0).to_numpy()
+            if not np.array_equal(rows, np.arange(offset, offset + len(rows))):
+                raise FeatureCacheError(f"{self.path}: rows out of order at {offset}")
+            values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
+            matrix[offset : offset + len(rows)] = values.reshape(-1, self.width)
+            offset += len(rows)
+        matrix.flush()
+        del matrix
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_features(handle: Any) -> np.ndarray | None:
+    """A trial's or refit's feature matrix from what the search gave it: an ObjectRef (held), a
+    :class:`FeatureFile` (memory-mapped), an array (a resolved task argument), or None."""
+    if handle is None or isinstance(handle, np.ndarray):
+        return handle
+    if isinstance(handle, FeatureFile):
+        return handle.open()
+    import ray
+
+    return ray.get(handle)
+
+
+class FeatureRows:
+    """The cached features of a unit's rows (``indices``, in order), as it trains and evaluates:
+    held on its device, or (a memory-mapped matrix) read batch by batch."""
+
+    def __init__(
+        self, matrix: np.ndarray | torch.Tensor, indices: np.ndarray, device: torch.device
+    ) -> None:
+        self.indices, self.device = np.asarray(indices), device
+        self.streamed = isinstance(matrix, np.memmap)
+        self.matrix = matrix
+        self.held: torch.Tensor | None = None
+        if isinstance(matrix, torch.Tensor):  # computed by the unit itself: already its rows
+            self.held = matrix
+        elif not self.streamed:
+            rows = torch.from_numpy(np.ascontiguousarray(matrix[self.indices]))
+            self.held = rows.to(device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, positions: np.ndarray) -> torch.Tensor:
+        """The features of ``indices[positions]`` on the device."""
+        if self.held is not None:
+            return self.held[torch.from_numpy(positions).to(self.device)]
+        rows = np.asarray(self.matrix[self.indices[positions]])
+        return to_device(torch.from_numpy(rows), self.device)
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Every row in order: at once when held, else ``size`` rows at a time."""
+        if self.held is not None:
+            yield self.held
+            return
+        for start in range(0, len(self.indices), size):
+            yield self.batch(np.arange(start, min(start + size, len(self.indices))))
