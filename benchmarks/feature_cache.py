@@ -123,12 +123,14 @@ def run(kind: str, limit: int | None, scratch: Path) -> dict:
         raise SystemExit(f"{kind}: exit {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     actors = [p for pid, (p, c) in sampler.peaks.items() if "FeatureExtractor" in c]
-    others = [p for pid, (p, c) in sampler.peaks.items() if pid != proc.pid]
+    others = [(p, c) for pid, (p, c) in sampler.peaks.items() if pid != proc.pid]
+    largest = max(others, default=(0.0, ""))
     return {
         **result,
         "actor_mb": max(actors, default=0.0),
         "actors": len(actors),
-        "largest_other_mb": max(others, default=0.0),
+        "largest_other_mb": largest[0],
+        "largest_other": largest[1].split()[0] if largest[1] else "",
     }
 
 
@@ -155,7 +157,9 @@ def section(single: dict, pool: dict, limit: int | None) -> str:
         f"{pool['base_mb']:,.0f} -> {pool['peak_mb']:,.0f} (the driver) | {pool['actor_mb']:,.0f} |",
         "",
         f"The pool's line: `{pool['line'].split(' (')[0]}`. The largest other process of the "
-        f"pool's run (Ray's own included): {pool['largest_other_mb']:,.0f} MiB.",
+        f"pool's run (Ray's own included): {pool['largest_other_mb']:,.0f} MiB "
+        f"(`{pool['largest_other']}`; the task that reads the matrix into the object store "
+        "holds it once and one batch of rows).",
     ]
     return "\n".join(lines) + "\n"
 

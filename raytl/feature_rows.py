@@ -77,24 +77,41 @@ class FeatureFile:
         return self.rows, self.width
 
     def _copy_to(self, local: str) -> None:
-        storage = Storage(self.root)
-        parquet = pq.ParquetFile(storage.path(self.digest, FEATURES_FILE), filesystem=storage.fs)
-        written = json.loads((parquet.schema_arrow.metadata or {}).get(b"raytl_key", b"null"))
-        if written != self.key or parquet.metadata.num_rows != self.rows:
+        parquet = open_cache(self.root, self.digest)
+        if written_key(parquet) != self.key or parquet.metadata.num_rows != self.rows:
             raise FeatureCacheError(
                 f"{self.path}: no longer the feature cache this search computed"
             )
         matrix = np.lib.format.open_memmap(local, "w+", np.float32, self.shape)
-        offset = 0
-        for batch in parquet.iter_batches(COPY_BATCH_ROWS, columns=["row", "features"]):
-            rows = batch.column(0).to_numpy()
-            if not np.array_equal(rows, np.arange(offset, offset + len(rows))):
-                raise FeatureCacheError(f"{self.path}: rows out of order at {offset}")
-            values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
-            matrix[offset : offset + len(rows)] = values.reshape(-1, self.width)
-            offset += len(rows)
+        if not fill_matrix(parquet, matrix):
+            raise FeatureCacheError(f"{self.path}: its rows are not in order")
         matrix.flush()
         del matrix
+
+
+def open_cache(root: str, digest: str) -> pq.ParquetFile:
+    """The Parquet file of the cache entry ``digest`` under ``root`` (its footer read)."""
+    storage = Storage(root)
+    return pq.ParquetFile(storage.path(digest, FEATURES_FILE), filesystem=storage.fs)
+
+
+def written_key(parquet: pq.ParquetFile) -> Any:
+    """The key the cache file was written under (a dict), or None."""
+    return json.loads((parquet.schema_arrow.metadata or {}).get(b"raytl_key", b"null"))
+
+
+def fill_matrix(parquet: pq.ParquetFile, matrix: np.ndarray) -> bool:
+    """Copy the cache's rows into ``matrix`` a batch at a time (never the whole table at once);
+    False when its rows are not exactly 0..N-1 in order."""
+    offset = 0
+    for batch in parquet.iter_batches(COPY_BATCH_ROWS, columns=["row", "features"]):
+        rows = batch.column(0).to_numpy()
+        if not np.array_equal(rows, np.arange(offset, offset + len(rows))):
+            return False
+        values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
+        matrix[offset : offset + len(rows)] = values.reshape(len(rows), -1)
+        offset += len(rows)
+    return offset == len(matrix)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,14 @@ from raytl.console import bar
 from raytl.data.dataset import ImageData
 from raytl.data.stream import STREAM_MEMORY_SHARE, total_memory
 from raytl.feature_pool import extract_features
-from raytl.feature_rows import FEATURES_FILE, FeatureCacheError, FeatureFile
+from raytl.feature_rows import (
+    FEATURES_FILE,
+    FeatureCacheError,
+    FeatureFile,
+    fill_matrix,
+    open_cache,
+    written_key,
+)
 from raytl.models import create_model, package_weights_path, pooled_features
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
 from raytl.storage import Storage, join_location
@@ -109,21 +116,13 @@ def entry_path(root: str, key: FeatureKey) -> str:
 
 
 def read_features(root: str, key: FeatureKey) -> np.ndarray | None:
-    """The cached (N, D) float32 matrix, or None when there is no complete cache."""
-    storage = Storage(root)
-    if not storage.is_file(key.digest(), FEATURES_FILE):
+    """The cached (N, D) float32 matrix, or None when there is no complete cache (read a batch
+    of rows at a time into one matrix: the process holds the matrix and one batch)."""
+    shape = cached_shape(root, key)
+    if shape is None:
         return None
-    table = pq.read_table(storage.path(key.digest(), FEATURES_FILE), filesystem=storage.fs)
-    meta = json.loads((table.schema.metadata or {})[b"raytl_key"])
-    if meta != asdict(key):  # a digest collision or a hand-edited folder: never trust it
-        return None
-    column = table.column("features").combine_chunks()
-    width = column.type.list_size
-    matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    rows = table.column("row").to_numpy()
-    if not np.array_equal(rows, np.arange(len(rows))):
-        return None
-    return matrix.astype(np.float32, copy=False)
+    matrix = np.empty(shape, dtype=np.float32)
+    return matrix if fill_matrix(open_cache(root, key.digest()), matrix) else None
 
 
 def write_features(root: str, key: FeatureKey, features: np.ndarray) -> str:
@@ -162,15 +161,14 @@ def write_feature_chunks(
 
 
 def cached_shape(root: str, key: FeatureKey) -> tuple[int, int] | None:
-    """The (rows, width) of a complete cache for ``key``, from its footer alone; else None."""
-    storage = Storage(root)
-    if not storage.is_file(key.digest(), FEATURES_FILE):
+    """The (rows, width) of a complete cache for ``key``, from its footer alone; else None (a
+    digest collision or a hand-edited folder is never trusted)."""
+    if not Storage(root).is_file(key.digest(), FEATURES_FILE):
         return None
-    parquet = pq.ParquetFile(storage.path(key.digest(), FEATURES_FILE), filesystem=storage.fs)
-    schema = parquet.schema_arrow
-    if json.loads((schema.metadata or {}).get(b"raytl_key", b"null")) != asdict(key):
+    parquet = open_cache(root, key.digest())
+    if written_key(parquet) != asdict(key):
         return None
-    return parquet.metadata.num_rows, schema.field("features").type.list_size
+    return parquet.metadata.num_rows, parquet.schema_arrow.field("features").type.list_size
 
 
 @contextlib.contextmanager
