@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from raytl.errors import RaytlError
 from raytl.preprocess import to_device
-from raytl.storage import Storage, atomic_write
+from raytl.storage import Storage, atomic_write, join_location
 
 FEATURES_FILE = "features.parquet"  # the cache entry's file, in its key's folder
 COPY_BATCH_ROWS = 4096  # rows converted at a time into a node's memory-mapped copy
@@ -37,23 +36,23 @@ class FeatureCacheError(RaytlError, ValueError):
 
 
 def local_folder() -> Path:
-    """Where this node keeps memory-mapped copies: Ray's session folder (removed with Ray's
-    temp folder), or the system's temporary folder outside Ray."""
+    """Where this node keeps memory-mapped copies: Ray's session folder, which goes with Ray's
+    temp folder (a FeatureFile exists only in a search, so only in a process connected to Ray)."""
     import ray
 
     node = getattr(ray._private.worker.global_worker, "node", None)  # set in a connected process
-    base = Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
-    folder = base / "raytl_features"
+    if node is None:
+        raise FeatureCacheError("a memory-mapped feature cache is read only inside a Ray search")
+    folder = Path(node.get_session_dir_path()) / "raytl_features"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 @dataclass(frozen=True)
 class FeatureFile:
-    """A streamed feature cache: where its Parquet file lives, its key (a dict of
-    :class:`~raytl.features.FeatureKey`'s fields) and its shape. Pickles small."""
+    """A streamed feature cache: where its entry lives (the cache's root, the key's digest), its
+    key (a dict of :class:`~raytl.features.FeatureKey`'s fields) and its shape. Pickles small."""
 
-    path: str  # the Parquet file, on ``root``'s storage
     root: str
     digest: str
     key: dict[str, Any]
@@ -75,6 +74,11 @@ class FeatureFile:
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.width
+
+    @property
+    def path(self) -> str:
+        """The Parquet file on storage (as messages name it)."""
+        return join_location(self.root, self.digest, FEATURES_FILE)
 
     def _copy_to(self, local: str) -> None:
         parquet = open_cache(self.root, self.digest)

@@ -281,7 +281,7 @@ def prepare_feature_cache(
         streamed, why = streams_features(config, *shape)
         path = entry_path(root, key)
         if streamed:
-            refs[backbone] = FeatureFile(path, root, key.digest(), asdict(key), *shape)
+            refs[backbone] = FeatureFile(root, key.digest(), asdict(key), *shape)
         else:
             refs[backbone] = ray.remote(num_cpus=0)(held_features).remote(root, key)
         how = f"computed by {actors} actor(s)" if actors else "read"

@@ -21,7 +21,7 @@ import torch
 from raytl.cluster import ray_session
 from raytl.config import parse_space
 from raytl.data.dataset import ImageData
-from raytl.feature_rows import FeatureFile
+from raytl.feature_rows import FeatureCacheError, FeatureFile
 from raytl.features import (
     ensure_features,
     entry_path,
@@ -194,7 +194,6 @@ def test_an_actor_pool_writes_the_cache_in_chunks_and_trials_read_it_held_or_mem
             config, data, ray.put(data), str(tmp_path / "pool"), lines.append
         )
         mapped_file = FeatureFile(
-            entry_path(str(tmp_path / "pool"), single.key),
             str(tmp_path / "pool"),
             single.key.digest(),
             dataclasses.asdict(single.key),
@@ -215,6 +214,9 @@ def test_an_actor_pool_writes_the_cache_in_chunks_and_trials_read_it_held_or_mem
     assert parquet.metadata.num_row_groups == 2 and parquet.metadata.row_group(0).num_rows == 1024
     np.testing.assert_allclose(held, single.features, rtol=1e-4, atol=1e-5)
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, held)
+    assert mapped_file.path == path
+    with pytest.raises(FeatureCacheError, match="only inside a Ray search"):
+        mapped_file.open()  # no Ray session folder to copy it into (nothing left in /tmp)
 
     hp = Hyperparameters(
         strategy="linear_probe",
