@@ -194,7 +194,9 @@ def ray_session(address: str | None) -> Iterator[None]:
             ray._private.utils.write_ray_address(local_gcs_address())
             yield
         finally:
-            ray.shutdown()
+            # wait for Ray's processes to exit: one still exiting when the temp folder is removed
+            # writes its session folder again, and the folder is left behind
+            ray.shutdown(wait_for_processes=True)
 
 
 def local_gcs_address() -> str:

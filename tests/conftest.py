@@ -17,29 +17,30 @@ REPO = Path(__file__).resolve().parent.parent
 def remove_ray_temp_of(pid: int) -> None:
     """Remove the Ray temp folder (``$TMPDIR/raytl-ray-*``) of a search driver the test killed
     with SIGKILL (it had no chance to remove it): the one whose Ray session is named after the
-    driver's pid. Nothing else is touched. Ray's processes go on exiting for a moment after the
-    kill and can write into it again, so the removal is repeated (for up to 20 s) until the
-    folder has stayed gone for 3 s."""
-    import shutil
+    driver's pid. Nothing else is touched."""
     import tempfile
+
+    for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*"):
+        if list(folder.glob(f"ray/session_*_{pid}")):
+            remove_until_gone(folder)
+
+
+def remove_until_gone(folder: Path) -> None:
+    """Remove ``folder``, which Ray's processes, still exiting for a moment after a kill, can
+    write into again: the removal is repeated (for up to 20 s) until it has stayed gone for 3 s."""
+    import shutil
     import time
 
-    mine = [
-        folder
-        for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*")
-        if list(folder.glob(f"ray/session_*_{pid}"))
-    ]
-    for folder in mine:
-        gone_since = None
-        for _ in range(40):
-            shutil.rmtree(folder, ignore_errors=True)
-            time.sleep(0.5)
-            if folder.exists():
-                gone_since = None
-            elif gone_since is None:
-                gone_since = time.monotonic()
-            elif time.monotonic() - gone_since >= 3:
-                break
+    gone_since = None
+    for _ in range(40):
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.5)
+        if folder.exists():
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= 3:
+            break
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ import yaml
 from raytl.errors import RaytlError
 from raytl.jobs import entrypoint, find_token, run_location
 from raytl.rundir import new_run_id
+from tests.conftest import remove_until_gone
 
 TINY = {
     "name": "tiny",
@@ -249,13 +251,16 @@ HEAD_LOGS: dict[str, Path] = {}  # the dashboard's address -> the head's own log
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """``ray start --head --block`` with token auth on and the dashboard on 127.0.0.1."""
+    """``ray start --head --block`` with token auth on and the dashboard on 127.0.0.1, in a Ray
+    temp folder of its own (not the shared ``/tmp/ray``), removed once the head has stopped."""
     token = secrets.token_hex(32)
     dashboard, gcs_port = _free_port(), _free_port()
     # the job's `python` is the head's: this environment's, as on a cluster image
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    ray_temp = Path(tempfile.mkdtemp(prefix="raytl-head-"))  # short: Ray's socket paths
     env = {
         **os.environ,
+        "RAY_TMPDIR": str(ray_temp),  # the head, its job drivers and workers
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -304,6 +309,7 @@ def head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        remove_until_gone(ray_temp)  # its processes may still be exiting, and writing there
 
 
 def _raytl(
