@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,9 +195,57 @@ def ray_session(address: str | None) -> Iterator[None]:
             ray._private.utils.write_ray_address(local_gcs_address())
             yield
         finally:
-            # wait for Ray's processes to exit: one still exiting when the temp folder is removed
-            # writes its session folder again, and the folder is left behind
+            # Ray's processes must be gone before the temp folder is removed: a worker the raylet
+            # started just before the shutdown creates its session folders when it gets going
+            # (orphaned by then), and the folder would be left behind
+            started = ray_processes(os.environ["RAY_TMPDIR"])
             ray.shutdown(wait_for_processes=True)
+            wait_for_exit(started, timeout_s=30)
+
+
+def ray_processes(folder: str) -> set[int]:
+    """The processes of the local Ray this process started in ``folder``: its children that
+    name the folder on their command line (GCS, raylet, dashboard, monitors) and everything
+    below them (workers, agents); never another child of this process. Read from /proc (an
+    empty set where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parent = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(stat.parent.name))
+
+    def names_folder(pid: int) -> bool:
+        try:
+            return folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    todo = [pid for pid in children.get(os.getpid(), []) if names_folder(pid)]
+    found = set(todo)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def wait_for_exit(pids: set[int], timeout_s: float) -> None:
+    """Wait until none of ``pids`` runs any more (a zombie counts as gone), at most ``timeout_s``."""
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + timeout_s
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def local_gcs_address() -> str:

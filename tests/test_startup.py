@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import ray
 from ray import cloudpickle
 from ray.train.v2.api.callback import UserCallback
 
 import raytl.trial
-from raytl.cluster import LOCAL_TRAIN_SETTINGS, local_train_settings
+from raytl.cluster import LOCAL_TRAIN_SETTINGS, local_train_settings, ray_processes, ray_session
 from raytl.config import parse_space
 from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
 
@@ -54,3 +58,31 @@ def test_the_startup_trace_is_written_only_when_asked(tmp_path, monkeypatch):
     assert [m["stage"] for m in lines] == ["trial_entered", "ready"]
     assert all(m["trial"] == 1.0 and m["pid"] == os.getpid() for m in lines)
     assert lines[0]["process"] <= lines[0]["time"] <= time.time()
+
+
+def test_a_local_ray_session_waits_for_its_processes_then_removes_its_folder():
+    """Every process of the local Ray (its own children and what they started) has exited when
+    ray_session returns, and its temp folder is gone; another child of this process is not
+    Ray's and is neither counted nor waited for."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with ray_session(None):
+            folder = os.environ["RAY_TMPDIR"]
+            assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process, too
+            started = ray_processes(folder)
+        assert started and other.pid not in started
+        assert not os.path.exists(folder)
+        still = [pid for pid in started if running(pid)]
+        assert not still, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in still]
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
