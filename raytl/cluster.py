@@ -233,18 +233,19 @@ def ray_processes(folder: str) -> set[int]:
     return found
 
 
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` runs (from /proc; a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def wait_for_exit(pids: set[int], timeout_s: float) -> None:
-    """Wait until none of ``pids`` runs any more (a zombie counts as gone), at most ``timeout_s``."""
-
-    def running(pid: int) -> bool:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
-
+    """Wait until none of ``pids`` runs any more, at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -11,8 +11,6 @@ its device (held), or each batch's rows read from the map (streamed).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ import torch
 
 from raytl.errors import RaytlError
 from raytl.preprocess import to_device
-from raytl.storage import Storage, atomic_write, join_location
+from raytl.storage import Storage, atomic_write, file_lock, join_location
 
 FEATURES_FILE = "features.parquet"  # the cache entry's file, in its key's folder
 COPY_BATCH_ROWS = 4096  # rows converted at a time into a node's memory-mapped copy
@@ -63,7 +61,7 @@ class FeatureFile:
         """This node's memory-mapped (rows, width) float32 matrix, copied from storage once."""
         target = local_folder() / f"{self.digest}.npy"
         if not target.exists():
-            with _locked(target.with_suffix(".lock")):
+            with file_lock(target.with_suffix(".lock")):
                 if not target.exists():  # another trial on this node may have copied it
                     atomic_write(target, self._copy_to)
         matrix = np.load(target, mmap_mode="r")
@@ -116,16 +114,6 @@ def fill_matrix(parquet: pq.ParquetFile, matrix: np.ndarray) -> bool:
         matrix[offset : offset + len(rows)] = values.reshape(len(rows), -1)
         offset += len(rows)
     return offset == len(matrix)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_features(handle: Any) -> np.ndarray | None:

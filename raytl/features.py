@@ -15,7 +15,6 @@ such as s3:// the search driver is the single producer). Reading needs no pickle
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -48,7 +47,7 @@ from raytl.feature_rows import (
 )
 from raytl.models import create_model, package_weights_path, pooled_features
 from raytl.preprocess import BatchPreparer, Preprocessing, default_device, preprocessing_for
-from raytl.storage import Storage, join_location
+from raytl.storage import Storage, file_lock, join_location
 from raytl.strategies import STRATEGIES
 
 CACHE_VERSION = 1  # bump when the way features are computed changes
@@ -180,12 +179,8 @@ def producer_lock(root: str, key: FeatureKey) -> Iterator[None]:
         return
     folder = Path(storage.path(key.digest()))
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(folder / ".lock"):
+        yield
 
 
 @dataclass

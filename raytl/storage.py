@@ -10,6 +10,7 @@ file; a JSON file cut short would block a resume.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -72,6 +73,18 @@ def atomic_write(path: str | os.PathLike[str], content: Content) -> Path:
         tmp.replace(target)
     _fsync_folder(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on the file ``path`` (created) for the block: one process at
+    a time, on a local or shared POSIX folder."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,13 @@ from ray import cloudpickle
 from ray.train.v2.api.callback import UserCallback
 
 import raytl.trial
-from raytl.cluster import LOCAL_TRAIN_SETTINGS, local_train_settings, ray_processes, ray_session
+from raytl.cluster import (
+    LOCAL_TRAIN_SETTINGS,
+    is_running,
+    local_train_settings,
+    ray_processes,
+    ray_session,
+)
 from raytl.config import parse_space
 from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
 
@@ -72,17 +78,9 @@ def test_a_local_ray_session_waits_for_its_processes_then_removes_its_folder():
             started = ray_processes(folder)
         assert started and other.pid not in started
         assert not os.path.exists(folder)
-        still = [pid for pid in started if running(pid)]
+        still = [pid for pid in started if is_running(pid)]
         assert not still, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in still]
         assert other.poll() is None
     finally:
         other.kill()
         other.wait()
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
