@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,9 @@ if importlib.util.find_spec("raytl") is None:  # a bare GPU machine: the working
     sys.path.insert(0, str(REPO))
 from raytl.data import load_data  # noqa: E402
 from raytl.data.dataset import ImageData  # noqa: E402
+from raytl.models import create_model, pooled_features, timm_api  # noqa: E402
+from raytl.prefetch import Prefetcher  # noqa: E402
+from raytl.preprocess import BatchPreparer, preprocessing_for  # noqa: E402
 from raytl.space import Hyperparameters  # noqa: E402
 from raytl.unit import UnitTrainer  # noqa: E402
 
@@ -126,6 +131,22 @@ def ceiling_rate(trainer: UnitTrainer, setting: Setting, classes: int) -> float:
     return setting.steps * setting.batch / (clock.end - clock.start)
 
 
+def feed_rate(trainer: UnitTrainer, setting: Setting) -> float:
+    """Images/s of raytl's feed alone: the training loop's loads (gather, pin, copy, 2 batches
+    ahead in a thread) and its augmentation on the device, with no model: the most the feed could
+    give the model."""
+    rows = np.arange((setting.warmup + setting.steps) * setting.batch) % len(trainer.data.labels)
+    batches = np.split(rows, setting.warmup + setting.steps)
+    prepare, device = trainer.prepare, trainer.device
+    clock = StepClock(device, setting.warmup)
+    load = lambda b: prepare.load_rows(trainer.data.images, b)[0]  # noqa: E731
+    with Prefetcher(batches, load, device, 2) as loaded:
+        for step, x in enumerate(loaded, 1):
+            prepare.finish(x, augment=True)
+            clock(step, len(batches))
+    return setting.steps * setting.batch / (clock.end - clock.start)
+
+
 def measure(backbone: str, data: ImageData, setting: Setting, compile: bool) -> dict[str, object]:
     steps = setting.warmup + setting.steps
     hp = Hyperparameters(
@@ -148,13 +169,63 @@ def measure(backbone: str, data: ImageData, setting: Setting, compile: bool) -> 
         compile=compile,
     )
     raytl_rate(trainer, setting)  # warm-up: kernels chosen, memory cached, compiled if asked
-    raytl, ceiling = [], []
+    raytl, ceiling, feed = [], [], []
     for _ in range(setting.repeats):  # alternate, so drift in the machine hits both alike
         raytl.append(raytl_rate(trainer, setting))
         ceiling.append(ceiling_rate(trainer, setting, len(data.class_names)))
+        feed.append(feed_rate(trainer, setting))
     r, c = statistics.median(raytl), statistics.median(ceiling)
     amp = "bf16" if trainer.amp_dtype == torch.bfloat16 else "fp16 with loss scaling"
-    return {"backbone": backbone, "raytl": r, "ceiling": c, "ratio": r / c, "amp": amp}
+    return {
+        "backbone": backbone,
+        "raytl": r,
+        "ceiling": c,
+        "ratio": r / c,
+        "feed": statistics.median(feed),
+        "amp": amp,
+    }
+
+
+def measure_features(backbone: str, data: ImageData, setting: Setting) -> dict[str, object]:
+    """The feature cache's batch inference as one of its actors runs it (``pooled_features`` on
+    held uint8 rows: copied ahead, bf16, channels_last on a GPU) against the same forward on one
+    synthetic batch already on the device, both in eval mode without gradients."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = create_model(backbone, len(data.class_names), "none").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    prepare = BatchPreparer(preprocessing_for(model, setting.image_size), device)
+    rows = np.arange(setting.steps * setting.batch) % len(data.labels)
+    images = data.images[rows]  # as many rows as the timed training steps see
+    x = torch.randn(setting.batch, 3, setting.image_size, setting.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.no_grad()
+    def ceiling() -> None:
+        for _ in range(setting.steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                api = timm_api(model)
+                api.forward_head(api.forward_features(x), pre_logits=True).float()
+
+    def timed(run: Callable[[], object]) -> float:
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        return len(rows) / (time.perf_counter() - start)
+
+    def raytl() -> object:
+        return pooled_features(model, prepare, images, device, batch=setting.batch)
+
+    timed(raytl), timed(ceiling)  # warm-up
+    rates = [(timed(raytl), timed(ceiling)) for _ in range(setting.repeats)]
+    r, c = statistics.median(a for a, _ in rates), statistics.median(b for _, b in rates)
+    return {"backbone": backbone, "raytl": r, "ceiling": c, "ratio": r / c}
 
 
 def machine(device: torch.device) -> str:
@@ -172,13 +243,27 @@ def commit() -> str:
     try:
         head = git("rev-parse", "--short", "HEAD")
         return head + (" with uncommitted changes" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout)"
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git
+        return os.environ.get("RAYTL_COMMIT", "unknown (no git checkout)")
 
 
 def table(rows: list[dict[str, object]], setting: Setting) -> list[str]:
     lines = [
-        "| backbone | image px | batch | raytl img/s | ceiling img/s | raytl / ceiling |",
+        "| backbone | image px | batch | raytl img/s | ceiling img/s | raytl / ceiling "
+        "| feed alone img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['backbone']} | {setting.image_size} | {setting.batch} | {row['raytl']:.0f} "
+            f"| {row['ceiling']:.0f} | {row['ratio']:.2f} | {row['feed']:.0f} |"
+        )
+    return lines
+
+
+def feature_table(rows: list[dict[str, object]], setting: Setting) -> list[str]:
+    lines = [
+        "| backbone | image px | batch | cache img/s | ceiling img/s | cache / ceiling |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
@@ -190,7 +275,11 @@ def table(rows: list[dict[str, object]], setting: Setting) -> list[str]:
 
 
 def section(
-    rows: list[dict[str, object]], setting: Setting, device: torch.device, data: str
+    rows: list[dict[str, object]],
+    features: list[dict[str, object]],
+    setting: Setting,
+    device: torch.device,
+    data: str,
 ) -> str:
     gpu = device.type == "cuda"
     lines = [
@@ -206,9 +295,19 @@ def section(
         + (f", {rows[0]['amp']} autocast and channels_last. " if gpu else ", channels_last. ")
         + "Ceiling: the same model and optimizer stepping on one synthetic batch already on the "
         f"device. {setting.steps} timed steps after {setting.warmup} untimed ones, median of "
-        f"{setting.repeats} alternating runs after a warm-up epoch.",
+        f"{setting.repeats} alternating runs after a warm-up epoch. Feed alone: the same loads "
+        "and augmentation with no model (what the feed could deliver).",
         "",
         *table(rows, setting),
+        "",
+        "The frozen-feature cache, as each of its actors computes it (`pooled_features` on the "
+        f"same images held as uint8, {setting.steps * setting.batch} rows in "
+        f"{setting.batch}-row batches, the next batch copied ahead"
+        + (", bf16 autocast, channels_last" if gpu else "")
+        + ", eval mode, no gradients), against the same forward on one synthetic batch already "
+        "on the device:",
+        "",
+        *feature_table(features, setting),
         "",
     ]
     if not gpu:
@@ -247,14 +346,17 @@ def main() -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     setting = SMALL if args.small or device.type != "cuda" else GPU
     data = real_images(setting.stored, setting.image_size)
-    rows = []
+    rows, features = [], []
     for backbone in setting.backbones:
         torch.manual_seed(0)
         rows.append(measure(backbone, data, setting, args.compile))
         print(f"{backbone}: {rows[-1]}", flush=True)
+        features.append(measure_features(backbone, data, setting))
+        print(f"{backbone} features: {features[-1]}", flush=True)
     print("\n".join(table(rows, setting)))
+    print("\n".join(feature_table(features, setting)))
     if not args.no_write:
-        write_section(section(rows, setting, device, data.source))
+        write_section(section(rows, features, setting, device, data.source))
         print(f"wrote the '{HEADING}' section of {DOC}")
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import timm
 import torch
 from safetensors.torch import load_model as load_safetensors
@@ -26,7 +24,7 @@ from torch import nn
 from raytl.data.stream import is_streamed
 from raytl.errors import RaytlError
 from raytl.prefetch import Prefetcher
-from raytl.preprocess import Preprocessing
+from raytl.preprocess import BatchPreparer, Preprocessing
 from raytl.storage import atomic_write
 
 
@@ -223,24 +221,29 @@ def backbone_blocks(model: nn.Module) -> list[list[str]]:
 @torch.no_grad()
 def pooled_features(
     model: nn.Module,
-    prepare: Callable[[np.ndarray], torch.Tensor],
+    prepare: BatchPreparer,
     images: Any,
     device: torch.device,
     batch: int = 256,
 ) -> torch.Tensor:
     """Pre-logit features of the model's backbone in eval mode, float32, one row per image.
 
-    ``images``: a uint8 array, or streamed images (:mod:`raytl.data.stream`), whose next batch
-    is decoded in a thread while this one runs through the backbone: batch inference over the
-    stream, holding two batches of pixels at a time.
+    ``images``: a uint8 array, or streamed images (:mod:`raytl.data.stream`). The next batch is
+    read (decoded, if streamed), pinned and copied to a GPU in a thread while this one runs
+    through the backbone: batch inference over the stream, holding two batches at a time. Held
+    images on the CPU need no thread (the read is a slice).
     """
     model.eval()
     chunks = []
     starts = range(0, len(images), batch)
-    depth = 1 if is_streamed(images) else 0
-    with Prefetcher(starts, lambda start: images[start : start + batch], device, depth) as loaded:
+    depth = 1 if is_streamed(images) or device.type == "cuda" else 0
+
+    def load(start: int) -> torch.Tensor:
+        return prepare.load(images[start : start + batch])
+
+    with Prefetcher(starts, load, device, depth) as loaded:
         for pixels in loaded:
-            x = prepare(pixels)
+            x = prepare.finish(pixels)
             with torch.autocast(
                 device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
             ):
