@@ -132,17 +132,19 @@ def ceiling_rate(trainer: UnitTrainer, setting: Setting, classes: int) -> float:
 
 
 def feed_rate(trainer: UnitTrainer, setting: Setting) -> float:
-    """Images/s of raytl's feed alone: the training loop's loads (gather, pin, copy, 2 batches
-    ahead in a thread) and its augmentation on the device, with no model: the most the feed could
-    give the model."""
+    """Images/s of raytl's feed alone: the training loop's loads (gather, pin, copy, augment on
+    the device, 2 batches ahead in a thread), with no model: the most the feed could give it."""
     rows = np.arange((setting.warmup + setting.steps) * setting.batch) % len(trainer.data.labels)
     batches = np.split(rows, setting.warmup + setting.steps)
     prepare, device = trainer.prepare, trainer.device
     clock = StepClock(device, setting.warmup)
-    load = lambda b: prepare.load_rows(trainer.data.images, b)[0]  # noqa: E731
-    with Prefetcher(batches, load, device, 2) as loaded:
-        for step, x in enumerate(loaded, 1):
-            prepare.finish(x, augment=True)
+
+    def load(step: int) -> torch.Tensor:  # as the trainer's: augmented in the thread
+        x = prepare.load_rows(trainer.data.images, batches[step])[0]
+        return prepare.finish(x, augment=True, rng=np.random.default_rng(step))
+
+    with Prefetcher(range(len(batches)), load, device, 2) as loaded:
+        for step, _ in enumerate(loaded, 1):
             clock(step, len(batches))
     return setting.steps * setting.batch / (clock.end - clock.start)
 
@@ -290,8 +292,9 @@ def section(
         "",
         f"raytl: `UnitTrainer.run_epoch` (fine_tune, every block trainable, augment on, random "
         f"weights) on {data} held as uint8 in memory: per step the batch's rows are gathered, "
-        "copied to the device (pinned and non-blocking on a GPU, the next 2 batches ahead in a "
-        "thread), cropped and flipped per image on the device, normalised"
+        "copied to the device (pinned and non-blocking on a GPU), cropped and flipped per image "
+        "on the device (crops drawn with NumPy), normalised, 2 batches ahead in a thread (on a "
+        "GPU, on a side stream)"
         + (f", {rows[0]['amp']} autocast and channels_last. " if gpu else ", channels_last. ")
         + "Ceiling: the same model and optimizer stepping on one synthetic batch already on the "
         f"device. {setting.steps} timed steps after {setting.warmup} untimed ones, median of "

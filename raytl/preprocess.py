@@ -2,10 +2,11 @@
 
 Images are stored as uint8 ``(N, H, W, 3)``; :class:`BatchPreparer` turns a batch of them into
 normalised float input at the model's size on the trainer's device, in two steps: ``load`` copies
-the uint8 batch to the device (gathered into pinned memory, non-blocking, on a GPU) and draws no
-random numbers, so it can run ahead of the training step (:mod:`raytl.prefetch`); ``finish``
+the uint8 batch to the device (gathered into pinned memory, non-blocking, on a GPU); ``finish``
 augments, resizes and normalises the batch where it lies, the augmentation batched
-(:func:`crop_and_flip`: one ``roi_align`` for every image's own crop).
+(:func:`crop_and_flip`: one ``roi_align`` for every image's own crop) and drawn from a NumPy
+generator of the batch's own, so both steps can run ahead of the training step in a thread
+(:mod:`raytl.prefetch`) without touching torch's shared generator.
 """
 
 from __future__ import annotations
@@ -66,42 +67,46 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def random_resized_boxes(n: int, height: int, width: int) -> torch.Tensor:
+def random_resized_boxes(n: int, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
     """``n`` crop boxes ``(x1, y1, x2, y2)`` in pixels of a ``height x width`` image, each drawn
     as torchvision's ``RandomResizedCrop.get_params`` draws one (``AUGMENT_SCALE`` of the area, a
     log-uniform aspect ratio in ``AUGMENT_RATIO``, the first of ``CROP_TRIES`` tries that fits,
-    else the centre crop clamped to the ratio range), all at once from torch's CPU generator."""
+    else the centre crop clamped to the ratio range), all at once from ``rng``.
+
+    NumPy, not torch: on a many-core GPU machine torch's CPU kernels took milliseconds each on
+    these few thousand numbers (``benchmarks/gpu.py``), time the GPU then waited for."""
     area = height * width
-    target = area * torch.empty(n, CROP_TRIES, dtype=torch.float64).uniform_(*AUGMENT_SCALE)
-    log_ratio = (math.log(AUGMENT_RATIO[0]), math.log(AUGMENT_RATIO[1]))
-    aspect = torch.empty(n, CROP_TRIES, dtype=torch.float64).uniform_(*log_ratio).exp()
-    w, h = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()
+    target = area * rng.uniform(*AUGMENT_SCALE, size=(n, CROP_TRIES))
+    aspect = np.exp(
+        rng.uniform(math.log(AUGMENT_RATIO[0]), math.log(AUGMENT_RATIO[1]), (n, CROP_TRIES))
+    )
+    w, h = np.sqrt(target * aspect).round(), np.sqrt(target / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first of equal values
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    first = fits.argmax(1)[:, None]  # argmax gives the first of equal values
+    w, h = np.take_along_axis(w, first, 1)[:, 0], np.take_along_axis(h, first, 1)[:, 0]
     fallback_w, fallback_h = width, height  # no try fitted: the largest centred crop in range
     if width / height < AUGMENT_RATIO[0]:
         fallback_h = round(width / AUGMENT_RATIO[0])
     elif width / height > AUGMENT_RATIO[1]:
         fallback_w = round(height * AUGMENT_RATIO[1])
     none = ~fits.any(1)
-    w, h = torch.where(none, fallback_w, w), torch.where(none, fallback_h, h)
-    top = (torch.rand(n, dtype=torch.float64) * (height - h + 1)).floor()
-    left = (torch.rand(n, dtype=torch.float64) * (width - w + 1)).floor()
-    top = torch.where(none, (height - fallback_h) // 2, top)
-    left = torch.where(none, (width - fallback_w) // 2, left)
-    return torch.stack([left, top, left + w, top + h], dim=1)
+    w, h = np.where(none, fallback_w, w), np.where(none, fallback_h, h)
+    top = np.floor(rng.random(n) * (height - h + 1))
+    left = np.floor(rng.random(n) * (width - w + 1))
+    top = np.where(none, (height - fallback_h) // 2, top)
+    left = np.where(none, (width - fallback_w) // 2, left)
+    return torch.from_numpy(np.stack([left, top, left + w, top + h], axis=1))
 
 
-def crop_and_flip(x: torch.Tensor, size: int) -> torch.Tensor:
+def crop_and_flip(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
     """Every image of the float batch ``x`` (N, C, H, W) gets its own random resized crop
     (:func:`random_resized_boxes`), resized to ``size x size``, and a horizontal flip with
     probability 1/2: ``RandomResizedCrop`` + ``RandomHorizontalFlip`` per image, as one batched
-    ``roi_align`` on ``x``'s device. The draws come from torch's CPU generator (so a seed gives the
+    ``roi_align`` on ``x``'s device. The draws come from ``rng`` on the CPU (so a seed gives the
     same crops on every device) and are made before anything is queued on the device."""
     n, _, height, width = x.shape
-    boxes = random_resized_boxes(n, height, width)
-    flipped = torch.nonzero(torch.rand(n) < 0.5).squeeze(1)  # on the CPU: no device sync
+    boxes = random_resized_boxes(n, height, width, rng)
+    flipped = torch.from_numpy(np.flatnonzero(rng.random(n) < 0.5))  # on the CPU: no device sync
     rois = torch.cat([torch.arange(n, dtype=torch.float64)[:, None], boxes], dim=1)
     # aligned: pixel centres at +0.5, as interpolate(align_corners=False) (bilinear, the
     # RandomResizedCrop default); sampling_ratio -1: ceil(crop / size) samples per output pixel
@@ -111,6 +116,11 @@ def crop_and_flip(x: torch.Tensor, size: int) -> torch.Tensor:
     flipped = to_device(flipped, x.device)
     out[flipped] = out[flipped].flip(-1)
     return out
+
+
+def torch_seeded_rng() -> np.random.Generator:
+    """A NumPy generator seeded by one draw from torch's, for callers that seed with torch."""
+    return np.random.default_rng(int(torch.randint(0, 2**63 - 1, ())))
 
 
 class BatchPreparer:
@@ -153,13 +163,16 @@ class BatchPreparer:
         pixels, kept = images.take_readable(rows)
         return self.load(pixels), kept
 
-    def finish(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """A :meth:`load`-ed uint8 batch as normalised float input at the model's size (with a
-        random resized crop and flip per image if ``augment``: torch's RNG, in the caller)."""
+    def finish(
+        self, x: torch.Tensor, augment: bool = False, rng: np.random.Generator | None = None
+    ) -> torch.Tensor:
+        """A :meth:`load`-ed uint8 batch as normalised float input at the model's size, with a
+        random resized crop and flip per image if ``augment``, drawn from ``rng`` (by default a
+        generator seeded from torch's). Given its own ``rng``, it may run in a prefetch thread."""
         size = self.pre.image_size
         if augment:  # roi_align reads NCHW-contiguous: convert and lay out in one copy
             x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-            x = crop_and_flip(x, size)
+            x = crop_and_flip(x, size, rng or torch_seeded_rng())
         else:
             x = x.float().div_(255.0)
         if x.shape[-1] != size or x.shape[-2] != size:

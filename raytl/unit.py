@@ -5,7 +5,7 @@ where a process may own several units, or share one unit with other Ray Train wo
 :class:`~raytl.unit_group.UnitGroup`, whose ranks train one ``DistributedDataParallel`` model, each
 taking its share of every global batch. On a GPU it uses bf16 autocast (fp16 with loss scaling
 where bf16 is missing), channels_last and pinned, non-blocking copies; the next batch is copied
-while the current one trains (:mod:`raytl.prefetch`), and augmented on the device.
+while the current one trains, and augmented on the device (:mod:`raytl.train_feed`).
 
 Phases whose backbone is entirely frozen (``linear_probe``, ``lp_ft``'s probe) do not push images
 through the backbone every epoch: the pooled features are computed once in eval mode and only the
@@ -39,11 +39,11 @@ from raytl.models import (
     head_parameter_names,
     pooled_features,
 )
-from raytl.prefetch import Prefetcher
 from raytl.preprocess import BatchPreparer, default_device, preprocessing_for
 from raytl.probe import train_to_convergence
 from raytl.space import Hyperparameters
 from raytl.strategies import STRATEGIES, Phase, apply_freeze, param_groups, set_train_mode
+from raytl.train_feed import train_batches
 from raytl.unit_group import UnitGroup, learning_rate_scale, rank_batches, steps_per_epoch
 
 EVAL_BATCH = 256
@@ -173,6 +173,11 @@ class UnitTrainer:
         rank = self.group.rank if self.group else 0
         return rank_batches(order, self._ranks, rank, self.hp.batch_size)
 
+    def _augment_rng(self, pass_index: int, step: int) -> np.random.Generator:
+        """One training batch's crops and flips: fixed by seed, epoch, pass, rank and step."""
+        rank = self.group.rank if self.group else 0
+        return np.random.default_rng((self.seed, self.epoch, pass_index, rank, step))
+
     def _steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.train_idx), self._ranks, self.hp.batch_size)
 
@@ -245,19 +250,10 @@ class UnitTrainer:
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         images = 0
-
-        def load(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:  # no random draws here
-            if features is None:  # uint8 pixels on the device (a streamed row may be dropped)
-                x, kept = self.prepare.load_rows(self.data.images, self.train_idx[batch])
-                return x, self.prepare.to_device(labels[batch][kept])
-            return features.batch(batch), self.prepare.to_device(labels[batch])
-
-        # images (and memory-mapped features): the next 2 batches load in a thread meanwhile
-        ahead = 0 if features is not None and not features.streamed else 2
-        with Prefetcher(batches, load, self.device, depth=ahead) as loaded:
+        rng_for = functools.partial(self._augment_rng, pass_index)
+        data = (self.data.images, self.train_idx, labels, batches, features)
+        with train_batches(self.prepare, *data, phase.augment, rng_for) as loaded:
             for step, (x, y) in enumerate(loaded):
-                if features is None:
-                    x = self.prepare.finish(x, phase.augment)
                 with self._autocast():
                     logits = self.train_forward(x)
                     loss = self._loss(logits, y)

@@ -3,7 +3,6 @@ benchmarks/gpu.py end to end (on the CPU, small, without Ray or Optuna as on a G
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytl import unit
+from raytl import train_feed
 from raytl.data.splits import carve_test, stratified_split
 from raytl.prefetch import Prefetcher
 from raytl.space import Hyperparameters
@@ -110,11 +109,20 @@ def unit_split(synthetic):
     return stratified_split(synthetic.labels, pool, 0.25, 0, synthetic.class_names, "validation")
 
 
-def trained(data, split, depth: int | None, augment: bool, monkeypatch) -> tuple:
+def trained(
+    data, split, depth: int | None, augment: bool, monkeypatch, in_thread: bool = False
+) -> tuple:
     """One epoch of fine-tuning at 32 px: the trainer, and the uint8 pixels of every batch it
-    trained on, in order. ``depth``: the prefetch depth forced on it (None: its own)."""
-    if depth is not None:
-        monkeypatch.setattr(unit, "Prefetcher", functools.partial(Prefetcher, depth=depth))
+    trained on, in order. ``depth``: the prefetch depth forced on it (None: its own);
+    ``in_thread``: batches augmented in the prefetch thread, as on a GPU."""
+    forced = depth
+    if forced is not None:  # the feed's own depth is overridden
+        monkeypatch.setattr(
+            train_feed,
+            "Prefetcher",
+            lambda items, load, device, depth: Prefetcher(items, load, device, depth=forced),
+        )
+    monkeypatch.setattr(train_feed, "finishes_ahead", lambda device: in_thread)
     hp = Hyperparameters(
         backbone="efficientnet_lite0",
         strategy="fine_tune",
@@ -125,31 +133,39 @@ def trained(data, split, depth: int | None, augment: bool, monkeypatch) -> tuple
     )
     train, val = split[0], split[1][:0]  # no validation: every prepared batch is a train batch
     trainer = UnitTrainer(hp, data, train, val, pretrained="package", image_size=32, seed=0)
-    seen = []
+    seen, threads = [], set()
     finish = trainer.prepare.finish
 
-    def spy(x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+    def spy(x: torch.Tensor, augment: bool = False, rng=None) -> torch.Tensor:
         seen.append(x.clone())
-        return finish(x, augment)
+        threads.add(threading.current_thread().name)
+        return finish(x, augment, rng)
 
     trainer.prepare.finish = spy
     trainer.run_epoch()
     monkeypatch.undo()
-    return trainer, seen
+    return trainer, seen, threads
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_prefetching_changes_nothing_a_seed_fixes(synthetic, unit_split, augment, monkeypatch):
     """The trainer sees its batches in `_my_batches` order, and trains to the same weights with
-    and without the prefetch thread (augmentation draws stay in the training thread)."""
-    ahead, batches = trained(synthetic, unit_split, None, augment, monkeypatch)
-    inline, _ = trained(synthetic, unit_split, 0, augment, monkeypatch)
+    and without the prefetch thread, and with batches augmented in that thread (as on a GPU)
+    or in the training thread (each batch's crops come from a generator of its own)."""
+    ahead, batches, threads = trained(synthetic, unit_split, None, augment, monkeypatch)
+    assert threads == {"MainThread"}  # on a CPU the training thread finishes each batch
     rows = [ahead.train_idx[batch] for batch in ahead._my_batches(0)]
     assert len(batches) == len(rows) > 1
     for pixels, batch in zip(batches, rows, strict=True):
         assert torch.equal(pixels.permute(0, 2, 3, 1), torch.from_numpy(synthetic.images[batch]))
-    weights, again = ahead.model.state_dict(), inline.model.state_dict()
-    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    inline, _, _ = trained(synthetic, unit_split, 0, augment, monkeypatch)
+    # as on a GPU: the prefetch thread augments and normalises too
+    threaded, _, threads = trained(synthetic, unit_split, None, augment, monkeypatch, True)
+    assert threads == {"raytl-prefetch"}
+    weights = ahead.model.state_dict()
+    for other in (inline, threaded):
+        again = other.model.state_dict()
+        assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
 # --------------------------------------------------------------------------- benchmarks/gpu.py

@@ -55,8 +55,8 @@ def test_a_whole_image_crop_is_the_image_or_its_mirror(monkeypatch):
     """roi_align's alignment: a box over the whole image at its own size gives it back exactly."""
     x = torch.rand(64, 3, 16, 16)
     whole = torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(64, 1)
-    monkeypatch.setattr(preprocess, "random_resized_boxes", lambda n, h, w: whole[:n])
-    out = crop_and_flip(x, 16)
+    monkeypatch.setattr(preprocess, "random_resized_boxes", lambda n, h, w, rng: whole[:n])
+    out = crop_and_flip(x, 16, np.random.default_rng(0))
     same = (out - x).abs().amax((1, 2, 3)) < 1e-6
     mirrored = (out - x.flip(-1)).abs().amax((1, 2, 3)) < 1e-6
     assert (same ^ mirrored).all()
@@ -66,7 +66,7 @@ def test_a_whole_image_crop_is_the_image_or_its_mirror(monkeypatch):
 def test_boxes_are_drawn_as_torchvisions_random_resized_crop():
     torch.manual_seed(0)
     height, width, n = 40, 30, 4000
-    boxes = random_resized_boxes(n, height, width)
+    boxes = random_resized_boxes(n, height, width, np.random.default_rng(0))
     left, top, right, bottom = boxes.unbind(1)
     w, h = right - left, bottom - top
     assert (left >= 0).all() and (top >= 0).all()
@@ -87,7 +87,7 @@ def test_boxes_are_drawn_as_torchvisions_random_resized_crop():
 
 def test_an_image_no_try_fits_gets_the_centre_crop():
     """Like torchvision: after 10 misses, the largest centred crop within the ratio range."""
-    boxes = random_resized_boxes(5, 4, 64)  # every try is taller than 4 px
+    boxes = random_resized_boxes(5, 4, 64, np.random.default_rng(0))  # every try is too tall
     assert boxes.tolist() == [[29.0, 0.0, 34.0, 4.0]] * 5  # w = round(4 * 4/3) = 5, centred
 
 
@@ -116,3 +116,6 @@ def test_load_gathers_rows_and_finish_matches_call():
     a = prepare.finish(loaded, augment=True)
     torch.manual_seed(1)
     assert torch.equal(a, prepare(images[rows], augment=True))
+    given = prepare.finish(loaded, augment=True, rng=np.random.default_rng(5))
+    assert torch.equal(given, prepare.finish(loaded, True, np.random.default_rng(5)))
+    assert not torch.equal(given, prepare.finish(loaded, True, np.random.default_rng(6)))
