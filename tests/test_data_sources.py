@@ -29,12 +29,14 @@ from raytl.data import (
 )
 from raytl.data.images import UnreadableImage, decode_image
 from raytl.data.sources import stratified_subset
+from raytl.data.sources.decode import copy_groups
 from raytl.data.sources.fashion_mnist import (
     DEFAULT_FASHION_MNIST_PATH,
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     read_idx,
 )
+from raytl.data.sources.imagefolder import scan_imagefolder
 from raytl.data.sources.parquet import MANIFEST_NAME
 
 BIG = 10**9
@@ -273,6 +275,42 @@ def test_imagefolder_layout_extensions_hidden_and_stray(tmp_path):
     reds = data.images[data.labels == 0, 6, 6]
     blues = data.images[data.labels == 1, 6, 6]
     assert (reds[:, 0] > 200).all() and (blues[:, 2] > 200).all()
+
+
+def test_a_folder_scan_is_columnar_and_in_sorted_path_order(tmp_path):
+    """The scan keeps its file list as one Arrow string array and a label array (no Python
+    object per file) and lists files as sorted ``Path``s do, by path component, sub-folders
+    at their place among the files; streamed and in-memory loads see the same files."""
+    root = tmp_path / "data"
+    names = ["a-b/x.png", "a/b.png", "a/c/d.png", "a.png", "b.png", "a0.png", "A.png", "a/b/e.png"]
+    for c, name in enumerate(("cat", "dog")):
+        for i, file in enumerate(names):
+            solid(root / name / file, (10 * i, 100 * c, 0))
+    scan = scan_imagefolder(root)
+    assert isinstance(scan.relative, pa.Array) and scan.labels.dtype == np.int64
+    assert scan.files == sorted(root / c / n for c in ("cat", "dog") for n in names)
+    assert scan.labels.tolist() == [0] * len(names) + [1] * len(names)
+    held = load_data("imagefolder", path=str(root), image_size=8)
+    streamed = load_data("imagefolder", path=str(root), image_size=8, mode="stream")
+    assert np.array_equal(streamed.images[np.arange(len(held))], held.images)
+    assert np.array_equal(streamed.labels, held.labels)
+    files = streamed.images.rows
+    assert [files.path(i) for i in range(len(files))] == [str(f) for f in scan.files]
+
+
+def test_copy_groups_number_each_file_by_its_first_copy_in_its_class():
+    rng = np.random.default_rng(0)
+    digests = np.zeros((500, 16), dtype=np.uint8)
+    digests[:, 3] = rng.integers(0, 20, 500)  # 20 contents, many copies of each
+    labels = rng.integers(0, 3, 500)
+    first: dict[tuple[bytes, int], int] = {}
+    expected = [
+        first.setdefault((bytes(d), int(y)), i)
+        for i, (d, y) in enumerate(zip(digests, labels, strict=True))
+    ]
+    assert copy_groups(digests, labels).tolist() == expected
+    assert copy_groups([bytes(d) for d in digests], labels.tolist()).tolist() == expected
+    assert copy_groups([], []).tolist() == []
 
 
 def test_imagefolder_extensions_constant():

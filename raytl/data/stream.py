@@ -72,20 +72,32 @@ def choose_mode(
 
 @dataclass(frozen=True, eq=False)
 class FileRows:
-    """Rows that are files: local paths, or paths on ``fs`` (an image folder on a URI)."""
+    """Rows that are files: local paths, or paths on ``fs`` (an image folder on a URI). Row
+    ``i`` is the file ``base + paths[i]``; the paths are one Arrow array (strings, or a local
+    folder's file-system bytes), which pickles as a few buffers (no Python object per file)."""
 
-    paths: np.ndarray  # object array of str, one per row
+    paths: pa.Array
     fs: pafs.FileSystem | None = None
     prefix: str = ""  # "s3://" for paths on a URI's filesystem: how messages name them
+    base: str = ""  # a local folder's root and separator, when the paths are relative to it
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, rows: np.ndarray) -> FileRows:
-        return FileRows(self.paths[rows], self.fs, self.prefix)
+        """The rows at ``rows``: positions, or a mask of them."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool and rows.all():  # every row: the same array, not a copy
+            return self
+        picked = self.paths.filter(rows) if rows.dtype == bool else self.paths.take(rows)
+        return FileRows(picked, self.fs, self.prefix, self.base)
+
+    def path(self, row: int) -> str:
+        value = self.paths[row].as_py()  # a local folder's are file-system bytes
+        return self.base + (os.fsdecode(value) if isinstance(value, bytes) else value)
 
     def name(self, row: int) -> str:
-        return self.prefix + str(self.paths[row])
+        return self.prefix + self.path(row)
 
     def read(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> list[bytes | Exception]:
         return list(pool.map(self._read_one, rows.tolist()))
@@ -93,9 +105,9 @@ class FileRows:
     def _read_one(self, row: int) -> bytes | Exception:
         try:
             if self.fs is None:
-                with open(self.paths[row], "rb") as file:
+                with open(self.path(row), "rb") as file:
                     return file.read()
-            with self.fs.open_input_stream(self.paths[row]) as stream:
+            with self.fs.open_input_stream(self.path(row)) as stream:
                 return stream.read()
         except (OSError, pa.ArrowException) as exc:
             return exc

@@ -133,15 +133,30 @@ class _Decoded:
     digests: list[bytes] = field(default_factory=list)
 
 
-def copy_groups(digests: Sequence[bytes], labels: Sequence[int] | np.ndarray) -> np.ndarray:
+def copy_groups(
+    digests: Sequence[bytes] | np.ndarray, labels: Sequence[int] | np.ndarray
+) -> np.ndarray:
     """Group ids for files by digest within a class: each file's id is the position of its first
     copy with the same label. (The same bytes filed under two classes is a labelling question,
-    not a split one: those stay separate groups, so each class keeps its own images.)"""
-    first: dict[tuple[bytes, int], int] = {}
-    keys = zip(digests, (int(label) for label in labels), strict=True)
-    return np.fromiter(
-        (first.setdefault(key, i) for i, key in enumerate(keys)), dtype=np.int64, count=len(digests)
-    )
+    not a split one: those stay separate groups, so each class keeps its own images.)
+
+    ``digests``: 16-byte digests, as bytes objects or one ``(N, 16)`` uint8 array. Computed on
+    arrays (a stable sort by label and digest, then one pass over neighbours), not a dict of N
+    Python tuples."""
+    if not isinstance(digests, np.ndarray):
+        digests = np.frombuffer(b"".join(digests), dtype=np.uint8)
+    halves = np.ascontiguousarray(digests).reshape(-1, 16).view("<u8")  # (N, 2)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.lexsort((halves[:, 1], halves[:, 0], labels))  # stable: first copy first
+    starts = np.ones(len(order), dtype=bool)  # where a new (label, digest) begins, in order
+    for column in (labels, halves[:, 0], halves[:, 1]):
+        ordered = column[order]
+        starts[1:] &= ordered[1:] == ordered[:-1]
+    np.logical_not(starts, out=starts)
+    starts[:1] = True
+    groups = np.empty(len(order), dtype=np.int64)
+    groups[order] = order[starts][np.cumsum(starts) - 1]
+    return groups
 
 
 def _decode_all(tasks: Sequence[DecodeTask], *, image_size: int, max_pixels: int) -> _Decoded:
@@ -192,6 +207,7 @@ def decode_tasks(
 
 def index_tasks(
     tasks: Iterable[DecodeTask],
+    count: int,
     rows: Callable[[np.ndarray], Rows],
     *,
     class_names: Sequence[str],
@@ -201,12 +217,14 @@ def index_tasks(
     max_pixels: int,
     note: str = "",
 ) -> ImageData:
-    """The streamed ImageData of ``tasks``: each file is read once, checked without decoding
-    (:func:`~raytl.data.images.check_image`) and digested, and only its place in ``rows`` (given
-    the mask of the tasks kept) is kept; the bad-file policy is the in-memory one."""
-    checked = _Decoded(np.empty(0, np.uint8), np.zeros(0, bool), [], [])
-    keep: list[bool] = []
-    labels: list[int] = []
+    """The streamed ImageData of the ``count`` ``tasks`` (made as they are read): each file is
+    read once, checked without decoding (:func:`~raytl.data.images.check_image`) and digested,
+    and only its place in ``rows`` (given the mask of the tasks kept) is kept; the bad-file
+    policy is the in-memory one. Labels, digests and the mask fill preallocated arrays, so the
+    index costs 25 bytes a file here."""
+    checked = _Decoded(np.empty(0, np.uint8), np.zeros(count, bool), [], [])
+    labels = np.empty(count, dtype=np.int64)
+    digests = np.zeros((count, 16), dtype=np.uint8)
 
     def work(task: DecodeTask) -> tuple[int, bytes | SkippedFile]:
         data = read_task(task)
@@ -218,21 +236,21 @@ def index_tasks(
             return task.label, SkippedFile(task.name, exc.reason)
         return task.label, file_digest(data)
 
-    shown = console.bar(None, "checking files", unit="file")
-    for label, result in shown_as(ordered_map(work, tasks), shown):  # a bounded window in flight
-        labels.append(label)
-        keep.append(not isinstance(result, SkippedFile))
+    shown = console.bar(count, "checking files", unit="file")
+    results = shown_as(ordered_map(work, tasks), shown)  # a bounded window in flight
+    for i, (label, result) in enumerate(results):
+        labels[i] = label
         if isinstance(result, SkippedFile):
             checked.skipped.append(result)
             checked.skipped_labels.append(label)
         else:
-            checked.digests.append(result)
-    checked.keep = np.array(keep, dtype=bool)
-    label_array = np.array(labels, dtype=np.int64)
-    kept = _apply_policy(checked, label_array, class_names, source, on_bad_file)
-    digests = np.frombuffer(b"".join(checked.digests), dtype=np.uint8).reshape(-1, 16)
+            checked.keep[i] = True
+            digests[i] = np.frombuffer(result, dtype=np.uint8)
+    kept = _apply_policy(checked, labels, class_names, source, on_bad_file)
+    digests = digests if kept.all() else digests[kept]
     images = StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels)
-    return _image_data(images, checked, label_array[kept], class_names, source, note)
+    labels = labels if kept.all() else labels[kept]
+    return _image_data(images, checked, labels, class_names, source, note, digests)
 
 
 def _image_data(
@@ -242,15 +260,17 @@ def _image_data(
     class_names: Sequence[str],
     source: str,
     note: str,
+    digests: np.ndarray | None = None,
 ) -> ImageData:
-    """The ImageData of the kept files: their images, labels and copy groups, and the skipped."""
+    """The ImageData of the kept files: their images, labels and copy groups (by ``digests``,
+    default the outcome's), and the skipped."""
     return ImageData(
         images=images,
         labels=labels,
         class_names=tuple(class_names),
         source=source,
         skipped=tuple(outcome.skipped),
-        groups=copy_groups(outcome.digests, labels),
+        groups=copy_groups(outcome.digests if digests is None else digests, labels),
         note=note,
     )
 

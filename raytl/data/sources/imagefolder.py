@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import pyarrow.fs as pafs
 from raytl.data.dataset import DataError, ImageData, SkippedFile
 from raytl.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_path
 from raytl.data.sources.decode import WARN_NAMES, DecodeTask, decode_tasks, index_tasks
-from raytl.data.sources.walk import FolderWalk
+from raytl.data.sources.walk import FolderWalk, path_at
 from raytl.data.splits import stratified_indices
 from raytl.data.stream import FileRows, choose_mode
 from raytl.errors import first_line
@@ -31,7 +32,9 @@ from raytl.storage import Storage, is_uri, shown_location
 
 @dataclass(frozen=True)
 class FolderScan:
-    """What an image folder holds, before any decoding.
+    """What an image folder holds, before any decoding: the files used, as paths relative to
+    ``root`` (one Arrow binary array of file-system bytes: :func:`.walk.path_at`) and their
+    labels.
 
     ``refused`` are files (or linked folders) found but not used, with the reason: links out
     of the folder, loops, a second path to a file already used; ``refused_labels`` their class.
@@ -39,11 +42,34 @@ class FolderScan:
 
     root: Path
     class_names: tuple[str, ...]
-    files: tuple[Path, ...]
-    labels: tuple[int, ...]
+    relative: pa.Array
+    labels: np.ndarray
     ignored: tuple[Path, ...]
     refused: tuple[SkippedFile, ...] = ()
     refused_labels: tuple[int, ...] = ()
+
+    @property
+    def files(self) -> list[Path]:
+        """The files used, as paths (one Python object each: for small folders and tests)."""
+        return [self.root / os.fsdecode(name) for name in self.relative.to_pylist()]
+
+    def all_labels(self) -> np.ndarray:
+        """The labels of the files used, then of the refused ones (the order of the tasks)."""
+        return np.concatenate([self.labels, np.asarray(self.refused_labels, dtype=np.int64)])
+
+    def tasks(self, rows: Iterable[int] | None = None) -> Iterator[DecodeTask]:
+        """Decode tasks, made one at a time, for ``rows`` (positions in :meth:`all_labels`;
+        default all): each reads its file in the worker thread (I/O overlaps decoding); a
+        refused file becomes a SkippedFile with its reason."""
+        used, root = len(self.labels), str(self.root)
+        for row in range(used + len(self.refused)) if rows is None else rows:
+            if row < used:  # strings, not Paths: pathlib would intern every file name for good
+                file = os.path.join(root, path_at(self.relative, row))
+                yield DecodeTask(file, int(self.labels[row]), partial(read_file, file))
+            else:
+                skipped = self.refused[row - used]
+                label = self.refused_labels[row - used]
+                yield DecodeTask(skipped.path, label, bytes, refused=skipped.reason)
 
 
 def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True) -> FolderScan:
@@ -86,11 +112,14 @@ def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True
         )
     class_names = tuple(d.name for d in class_dirs)
     used = walk.used_once(class_names)
+    relative, labels = walk.relative(), walk.labels()
+    if not used.all():
+        relative, labels = relative.filter(pa.array(used)), labels[used]
     return FolderScan(
         root=root,
         class_names=class_names,
-        files=tuple(f.path for f in used),
-        labels=tuple(f.label for f in used),
+        relative=relative,
+        labels=labels,
         ignored=tuple(walk.ignored),
         refused=tuple(skipped for skipped, _ in walk.refused),
         refused_labels=tuple(label for _, label in walk.refused),
@@ -116,6 +145,11 @@ def _class_folders(root: Path, ignored: list[Path]) -> list[Path]:
     return class_dirs
 
 
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def warn_ignored(scan: FolderScan) -> None:
     """Say which non-image or misplaced files were not used, so nothing vanishes unnoticed."""
     if not scan.ignored:
@@ -130,17 +164,8 @@ def warn_ignored(scan: FolderScan) -> None:
 
 
 def folder_tasks(scan: FolderScan) -> list[DecodeTask]:
-    """Decode tasks that read each file in the worker thread (I/O overlaps decoding); the
-    refused files come last, as tasks that become SkippedFiles with their reason."""
-    tasks = [
-        DecodeTask(name=str(file), label=label, read=file.read_bytes)
-        for file, label in zip(scan.files, scan.labels, strict=True)
-    ]
-    tasks += [
-        DecodeTask(name=skipped.path, label=label, read=bytes, refused=skipped.reason)
-        for skipped, label in zip(scan.refused, scan.refused_labels, strict=True)
-    ]
-    return tasks
+    """Every decode task of the folder (:meth:`FolderScan.tasks`), the refused files last."""
+    return list(scan.tasks())
 
 
 @dataclass(frozen=True)
@@ -248,6 +273,8 @@ def load_imagefolder(
     with ``limit``, a stratified sample of the files is taken first and only it is decoded.
     ``mode`` (``memory``, ``stream``, ``auto``: :func:`~raytl.data.stream.choose_mode`): decode
     them all now, or keep an index of the checked files and decode where they are used."""
+    if path is not None and not is_uri(str(path)):
+        return _load_local_folder(path, image_size, on_bad_file, max_pixels, limit, seed, mode)
     tasks, class_names, source, fs, prefix = _listed(path)
     if limit is not None:
         labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
@@ -259,8 +286,43 @@ def load_imagefolder(
         "max_pixels": max_pixels,
     }
     if mode == "stream":
-        rows = FileRows(np.array([t.name[len(prefix) :] for t in tasks], dtype=object), fs, prefix)
-        return index_tasks(
-            tasks, rows.subset, class_names=class_names, source=source, note=note, **options
-        )
+        rows = FileRows(pa.array([t.name[len(prefix) :] for t in tasks], pa.string()), fs, prefix)
+        options.update(class_names=class_names, source=source, note=note)
+        return index_tasks(tasks, len(tasks), rows.subset, **options)
     return decode_tasks(tasks, class_names=class_names, source=source, note=note, **options)
+
+
+def _load_local_folder(
+    path: str,
+    image_size: int,
+    on_bad_file: str,
+    max_pixels: int,
+    limit: int | None,
+    seed: int,
+    mode: str,
+) -> ImageData:
+    """:func:`load_imagefolder` of a local folder, its file list columnar throughout: the
+    sample and the stream index are taken on arrays, and each decode task is made when its
+    file is read, so a streamed folder costs the driver a few dozen bytes a file."""
+    scan = scan_imagefolder(path)
+    warn_ignored(scan)
+    rows = np.arange(len(scan.labels) + len(scan.refused))
+    if limit is not None:
+        rows = stratified_indices(scan.all_labels(), limit, seed=seed)
+    mode, note = choose_mode(mode, len(rows), image_size)
+    options: dict[str, Any] = {
+        "class_names": scan.class_names,
+        "source": str(scan.root),
+        "note": note,
+        "image_size": image_size,
+        "on_bad_file": on_bad_file,
+        "max_pixels": max_pixels,
+    }
+    if mode != "stream":
+        return decode_tasks(list(scan.tasks(rows)), **options)
+    used = rows[rows < len(scan.labels)]  # the refused rows come last and are never kept
+    relative = scan.relative if limit is None else scan.relative.take(pa.array(used))
+    files = FileRows(relative, base=str(scan.root) + os.sep)
+    return index_tasks(
+        scan.tasks(rows), len(rows), lambda kept: files.subset(kept[: len(used)]), **options
+    )

@@ -216,9 +216,11 @@ def stream_parquet(
     """The streamed ImageData of the chosen rows: each row group is read once to check and
     digest its chosen rows (one group in memory at a time); the index keeps where they are."""
     fragments, labels, rows = chosen
-    where: list[tuple[int, int, int]] = []  # (shard, row group, row in group), in task order
+    where = np.empty((len(rows), 3), dtype=np.int64)  # (shard, row group, row in group)
+    filled = 0  # rows of `where` filled so far, in task order
 
     def tasks() -> Iterator[DecodeTask]:
+        nonlocal filled
         start = 0
         for shard, (fragment, shard_labels) in enumerate(zip(fragments, labels, strict=True)):
             mine = rows[(rows >= start) & (rows < start + len(shard_labels))] - start
@@ -233,7 +235,8 @@ def stream_parquet(
                     for row, blob in zip(
                         local.tolist(), column.take(local).to_pylist(), strict=True
                     ):
-                        where.append((shard, group.id, row))
+                        where[filled] = (shard, group.id, row)
+                        filled += 1
                         label = int(shard_labels[group_start + row])
                         yield DecodeTask(
                             f"{name}#row={group_start + row}", label, _in_memory(blob or b"")
@@ -241,7 +244,7 @@ def stream_parquet(
                 group_start += size
 
     def index(kept: np.ndarray) -> ShardRows:
-        table = np.array(where, dtype=np.int64).reshape(-1, 3)[kept]
+        table = where[kept]
         files = tuple(fragment.path for fragment in fragments)
         return ShardRows(
             files,
@@ -253,7 +256,7 @@ def stream_parquet(
         )
 
     return index_tasks(
-        tasks(), index, class_names=shards.class_names, source=shards.source, **options
+        tasks(), len(rows), index, class_names=shards.class_names, source=shards.source, **options
     )
 
 

@@ -1,16 +1,25 @@
-"""Walk an image folder's class folders without leaving it.
+"""Walk an image folder's class folders without leaving it, keeping the file list columnar.
 
 Links are followed only while they stay inside the data folder: a file or folder whose real
 path (``os.path.realpath``) lies outside the real root is refused with the reason, a folder
 link back to an enclosing folder (a cycle) is not followed, and a file reached by two paths
 (from two classes, or twice in one) is used once, the other path refused naming both.
+
+The files found are kept as one Arrow binary array of paths relative to the root and an array of
+labels (their bytes and 16 more a file, where a ``Path`` and a record per file took a kilobyte):
+the walk lists one directory at a time, in the order of ``sorted`` paths, so nothing about the
+whole folder is ever held as Python objects per file.
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from raytl.data.dataset import SkippedFile
 from raytl.data.images import is_image_path
@@ -21,53 +30,99 @@ def is_inside(real: str, real_root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-@dataclass
-class _Found:
-    """One image file: its path in the folder, its real path, its class."""
+def path_at(paths: pa.Array, row: int) -> str:
+    """Row ``row`` of a walk's paths (file-system bytes) as a path string."""
+    return os.fsdecode(paths[row].as_py())
 
-    path: Path
-    real: str
-    label: int
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as os.walk does
+    except OSError:
+        return False
 
 
 @dataclass
 class FolderWalk:
-    """The image files of every class, and what was refused or ignored on the way."""
+    """The image files of every class, and what was refused or ignored on the way.
+
+    Row ``i`` is the file ``root / relative[i]`` of class ``labels[i]``; ``linked`` holds the
+    rows reached through a link (a file link, or a folder reached through one) with their real
+    paths: only those can be a second path to a file already used."""
 
     root: Path
     real_root: str
-    found: list[_Found] = field(default_factory=list)
     refused: list[tuple[SkippedFile, int]] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    linked: list[tuple[int, str]] = field(default_factory=list)
+    _names: bytearray = field(default_factory=bytearray)  # the paths, UTF-8, back to back
+    _ends: array[int] = field(default_factory=lambda: array("q", [0]))  # where each one ends
+    _labels: array[int] = field(default_factory=lambda: array("q"))
+
+    @property
+    def count(self) -> int:
+        return len(self._labels)
+
+    def relative(self) -> pa.Array:
+        """The paths of the rows found, relative to the root, as one binary array of their
+        file-system bytes (``os.fsencode``: a name need not be UTF-8), over the walk's own
+        buffers (no copy); :func:`path_at` reads one back."""
+        buffers = [None, pa.py_buffer(self._ends), pa.py_buffer(self._names)]
+        return pa.Array.from_buffers(pa.large_binary(), self.count, buffers)
+
+    def labels(self) -> np.ndarray:
+        """The rows' labels (a read-only view of the walk's own array)."""
+        return np.frombuffer(self._labels, dtype=np.int64)
 
     def walk_class(self, class_dir: Path, label: int) -> int:
         """Collect the image files under ``class_dir``; how many were found (or refused)."""
-        before = len(self.found) + len(self.refused)
+        before = self.count + len(self.refused)
         real_class = os.path.realpath(class_dir)
         if not is_inside(real_class, self.real_root):
             self._refuse(
                 class_dir, f"folder links outside the data folder (to {real_class})", label
             )
-            return len(self.found) + len(self.refused) - before
-        seen = {real_class}  # a folder reached twice in one class is walked once
-        found: list[_Found] = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            real_dir = os.path.realpath(dirpath)
-            dirnames[:] = self._folders_to_walk(dirpath, real_dir, sorted(dirnames), seen, label)
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    found += self._file(Path(dirpath) / name, real_dir, label)
-        found.sort(key=lambda f: f.path)
-        self.found += found
-        return len(self.found) + len(self.refused) - before
+        else:  # a folder reached twice in one class is walked once
+            self._walk_folder(str(class_dir), real_class, {real_class}, label)
+        return self.count + len(self.refused) - before
+
+    def _walk_folder(self, path: str, real_dir: str, seen: set[str], label: int) -> None:
+        """The files of one folder and, at their place in name order, of its sub-folders (so
+        the rows come in the order of their sorted paths). Its sub-folders are chosen, and
+        marked seen, before any is walked, as ``os.walk`` does top-down."""
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk skips it
+            return
+        entries = [e for e in entries if not e.name.startswith(".")]
+        folders = {e.name for e in entries if _is_dir(e)}
+        walked = set(self._folders_to_walk(path, real_dir, sorted(folders), seen, label))
+        relative = os.path.relpath(path, self.root)
+        direct = real_dir == os.path.normpath(os.path.join(self.real_root, relative))
+        names: list[str] = []
+        for entry in entries:
+            if entry.name in walked:
+                self._add(names, label)
+                names = []
+                sub = os.path.join(path, entry.name)
+                self._walk_folder(sub, os.path.realpath(sub), seen, label)
+            elif entry.name not in folders and self._file(
+                entry, real_dir, direct, label, len(names)
+            ):
+                names.append(os.path.join(relative, entry.name))
+        self._add(names, label)
+
+    def _add(self, names: list[str], label: int) -> None:
+        for name in names:
+            self._names += os.fsencode(name)
+            self._ends.append(len(self._names))
+        self._labels.extend([label] * len(names))
 
     def _folders_to_walk(
         self, dirpath: str, real_dir: str, names: list[str], seen: set[str], label: int
     ) -> list[str]:
         keep = []
         for name in names:
-            if name.startswith("."):
-                continue
             path = os.path.join(dirpath, name)
             real = os.path.realpath(path)
             if not is_inside(real, self.real_root):
@@ -79,39 +134,51 @@ class FolderWalk:
                 keep.append(name)
         return keep
 
-    def _file(self, path: Path, real_dir: str, label: int) -> list[_Found]:
-        if not is_image_path(path.name):
-            self.ignored.append(path)
-            return []
-        real = os.path.realpath(path) if path.is_symlink() else os.path.join(real_dir, path.name)
+    def _file(
+        self, entry: os.DirEntry[str], real_dir: str, direct: bool, label: int, pending: int
+    ) -> bool:
+        """Whether ``entry`` is a file to use (the ``pending``-th of its folder's batch so far);
+        a file reached through a link is noted in ``linked``. Strings, not ``Path`` objects:
+        pathlib interns every part it parses, which would keep every file name for good."""
+        if not is_image_path(entry.name):
+            self.ignored.append(Path(entry.path))
+            return False
+        link = entry.is_symlink()
+        real = os.path.realpath(entry.path) if link else os.path.join(real_dir, entry.name)
         if not is_inside(real, self.real_root):
-            self._refuse(path, f"links outside the data folder (to {real})", label)
-            return []
-        return [_Found(path, real, label)]
+            self._refuse(Path(entry.path), f"links outside the data folder (to {real})", label)
+            return False
+        if link or not direct:
+            self.linked.append((self.count + pending, real))
+        return True
 
     def _refuse(self, path: Path, reason: str, label: int) -> None:
         self.refused.append((SkippedFile(str(path), f"{reason}; not used"), label))
 
-    def used_once(self, class_names: tuple[str, ...]) -> list[_Found]:
-        """The files, each real file once: a direct path wins over one through a link, then
-        the first class; every other path to it is refused with a reason naming both."""
-        order = sorted(range(len(self.found)), key=lambda i: (not self._direct(i), i))
-        owner: dict[str, _Found] = {}
-        for i in order:
-            entry = self.found[i]
-            first = owner.setdefault(entry.real, entry)
-            if first is not entry:
+    def used_once(self, class_names: tuple[str, ...]) -> np.ndarray:
+        """The mask of the rows to use, each real file once: a direct path wins over one
+        through a link, then the first class; every other path to it is refused with a reason
+        naming both. Only rows reached through a link can repeat a file."""
+        keep = np.ones(self.count, dtype=bool)
+        if not self.linked:
+            return keep
+        relative, labels = self.relative(), self.labels()
+        through_link = {row for row, _ in self.linked}
+        direct = {  # a direct row's real path is the real root joined with its relative path
+            path_at(relative, row): row for row in range(self.count) if row not in through_link
+        }
+        owner: dict[str, int] = {}
+        for row, real in self.linked:
+            first = direct.get(os.path.relpath(real, self.real_root))
+            if first is None:
+                first = owner.setdefault(real, row)
+            if first != row:
+                keep[row] = False
                 self._refuse(
-                    entry.path,
-                    f"the same file as {first.path} (class {class_names[first.label]!r}), "
-                    f"reached again from class {class_names[entry.label]!r}",
-                    entry.label,
+                    self.root / path_at(relative, row),
+                    f"the same file as {self.root / path_at(relative, first)} (class "
+                    f"{class_names[labels[first]]!r}), reached again from class "
+                    f"{class_names[labels[row]]!r}",
+                    int(labels[row]),
                 )
-        kept = {id(entry) for entry in owner.values()}
-        return [entry for entry in self.found if id(entry) in kept]
-
-    def _direct(self, i: int) -> bool:
-        """Whether a file's path reaches it without passing through a link."""
-        entry = self.found[i]
-        relative = os.path.relpath(entry.path, self.root)
-        return entry.real == os.path.normpath(os.path.join(self.real_root, relative))
+        return keep
