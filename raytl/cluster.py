@@ -198,38 +198,24 @@ def ray_session(address: str | None) -> Iterator[None]:
             # Ray's processes must be gone before the temp folder is removed: a worker the raylet
             # started just before the shutdown creates its session folders when it gets going
             # (orphaned by then), and the folder would be left behind
-            started = ray_processes(os.environ["RAY_TMPDIR"])
             ray.shutdown(wait_for_processes=True)
-            wait_for_exit(started, timeout_s=30)
+            wait_for_ray_processes(os.environ["RAY_TMPDIR"])
 
 
 def ray_processes(folder: str) -> set[int]:
-    """The processes of the local Ray this process started in ``folder``: its children that
-    name the folder on their command line (GCS, raylet, dashboard, monitors) and everything
-    below them (workers, agents); never another child of this process. Read from /proc (an
-    empty set where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """The running processes, other than this one, whose environment names ``folder`` as
+    ``RAY_TMPDIR``: every process of the local Ray started in it (GCS, raylet, dashboard, agents,
+    workers: they inherit the variable), also one orphaned by a shutdown or a kill, and never a
+    process of another Ray. Read from /proc (an empty set where there is none)."""
+    entry = b"RAY_TMPDIR=" + folder.encode() + b"\0"
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
         try:
-            text = stat.read_text()
-        except OSError:  # gone meanwhile
+            if pid != os.getpid() and entry in environ.read_bytes() + b"\0" and is_running(pid):
+                found.add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
             continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(stat.parent.name))
-
-    def names_folder(pid: int) -> bool:
-        try:
-            return folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-
-    todo = [pid for pid in children.get(os.getpid(), []) if names_folder(pid)]
-    found = set(todo)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
     return found
 
 
@@ -242,10 +228,11 @@ def is_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_for_exit(pids: set[int], timeout_s: float) -> None:
-    """Wait until none of ``pids`` runs any more, at most ``timeout_s``."""
+def wait_for_ray_processes(folder: str, timeout_s: float = 30) -> None:
+    """Wait until no process of the local Ray in ``folder`` runs, at most ``timeout_s``; /proc is
+    read again each time, so a worker that started during the shutdown is waited for too."""
     deadline = time.monotonic() + timeout_s
-    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
+    while ray_processes(folder) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

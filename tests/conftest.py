@@ -20,8 +20,12 @@ def remove_ray_temp_of(pid: int) -> None:
     driver's pid. Nothing else is touched."""
     import tempfile
 
+    from raytl.cluster import wait_for_ray_processes
+
     for folder in Path(tempfile.gettempdir()).glob("raytl-ray-*"):
         if list(folder.glob(f"ray/session_*_{pid}")):
+            # its Ray's processes, orphaned by the kill, write session folders until they exit
+            wait_for_ray_processes(str(folder))
             remove_until_gone(folder)
 
 
