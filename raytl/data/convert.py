@@ -14,7 +14,6 @@ import json
 import os
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -89,7 +88,8 @@ def convert_imagefolder(
                 skipped.append(result)
                 skipped_labels.append(task.label)
                 continue
-            writer.add(result, task.label, Path(task.name).relative_to(scan.root).as_posix())
+            # a string, not a Path: pathlib interns every name it parses, for good
+            writer.add(result, task.label, os.path.relpath(task.name, scan.root))
             kept_per_class[task.label] += 1
         writer.flush()
         _check_kept(scan, kept_per_class)
@@ -106,7 +106,7 @@ def _check_kept(scan: FolderScan, kept_per_class: np.ndarray) -> None:
     """Refuse a conversion that kept no image, or none of some class."""
     if not kept_per_class.any():
         raise DataError(
-            f"no readable images in {scan.root}: all {len(scan.files) + len(scan.refused)} files "
+            f"no readable images in {scan.root}: all {len(scan.labels) + len(scan.refused)} files "
             "failed to decode"
         )
     empty = [n for n, k in zip(scan.class_names, kept_per_class, strict=True) if k == 0]
