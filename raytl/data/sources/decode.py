@@ -147,15 +147,18 @@ def copy_groups(
         digests = np.frombuffer(b"".join(digests), dtype=np.uint8)
     halves = np.ascontiguousarray(digests).reshape(-1, 16).view("<u8")  # (N, 2)
     labels = np.asarray(labels, dtype=np.int64)
-    order = np.lexsort((halves[:, 1], halves[:, 0], labels))  # stable: first copy first
+    # stable: the first copy first; positions as int32 where they fit (half the scratch memory)
+    order = np.lexsort((halves[:, 1], halves[:, 0], labels))
+    order = order.astype(np.int32) if len(order) < 2**31 else order
     starts = np.ones(len(order), dtype=bool)  # where a new (label, digest) begins, in order
     for column in (labels, halves[:, 0], halves[:, 1]):
         ordered = column[order]
         starts[1:] &= ordered[1:] == ordered[:-1]
+        del ordered
     np.logical_not(starts, out=starts)
     starts[:1] = True
     groups = np.empty(len(order), dtype=np.int64)
-    groups[order] = order[starts][np.cumsum(starts) - 1]
+    groups[order] = order[starts][np.cumsum(starts, dtype=order.dtype) - 1]
     return groups
 
 

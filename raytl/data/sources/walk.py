@@ -67,8 +67,13 @@ class FolderWalk:
         """The paths of the rows found, relative to the root, as one binary array of their
         file-system bytes (``os.fsencode``: a name need not be UTF-8), over the walk's own
         buffers (no copy); :func:`path_at` reads one back."""
-        buffers = [None, pa.py_buffer(self._ends), pa.py_buffer(self._names)]
-        return pa.Array.from_buffers(pa.large_binary(), self.count, buffers)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        if len(self._names) < 2**31:  # 32-bit offsets where they fit: 4 bytes a file less
+            ends, kind = ends.astype(np.int32), pa.binary()
+        else:
+            kind = pa.large_binary()
+        buffers = [None, pa.py_buffer(ends), pa.py_buffer(self._names)]
+        return pa.Array.from_buffers(kind, self.count, buffers)
 
     def labels(self) -> np.ndarray:
         """The rows' labels (a read-only view of the walk's own array)."""
@@ -89,34 +94,27 @@ class FolderWalk:
     def _walk_folder(self, path: str, real_dir: str, seen: set[str], label: int) -> None:
         """The files of one folder and, at their place in name order, of its sub-folders (so
         the rows come in the order of their sorted paths). Its sub-folders are chosen, and
-        marked seen, before any is walked, as ``os.walk`` does top-down."""
+        marked seen, before any is walked, as ``os.walk`` does top-down. The listing is kept as
+        (name, is a folder, is a link) while the folder is walked, never as ``DirEntry``s."""
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            with os.scandir(path) as found:
+                listing = sorted(
+                    (e.name, _is_dir(e), e.is_symlink()) for e in found if e.name[0] != "."
+                )
         except OSError:  # unreadable: skipped, as os.walk skips it
             return
-        entries = [e for e in entries if not e.name.startswith(".")]
-        folders = {e.name for e in entries if _is_dir(e)}
-        walked = set(self._folders_to_walk(path, real_dir, sorted(folders), seen, label))
+        folders = [name for name, is_dir, _ in listing if is_dir]
+        walked = set(self._folders_to_walk(path, real_dir, folders, seen, label))
         relative = os.path.relpath(path, self.root)
         direct = real_dir == os.path.normpath(os.path.join(self.real_root, relative))
-        names: list[str] = []
-        for entry in entries:
-            if entry.name in walked:
-                self._add(names, label)
-                names = []
-                sub = os.path.join(path, entry.name)
+        for name, is_dir, link in listing:
+            if name in walked:
+                sub = os.path.join(path, name)
                 self._walk_folder(sub, os.path.realpath(sub), seen, label)
-            elif entry.name not in folders and self._file(
-                entry, real_dir, direct, label, len(names)
-            ):
-                names.append(os.path.join(relative, entry.name))
-        self._add(names, label)
-
-    def _add(self, names: list[str], label: int) -> None:
-        for name in names:
-            self._names += os.fsencode(name)
-            self._ends.append(len(self._names))
-        self._labels.extend([label] * len(names))
+            elif not is_dir and self._file(path, name, link, real_dir, direct, label):
+                self._names += os.fsencode(os.path.join(relative, name))
+                self._ends.append(len(self._names))
+                self._labels.append(label)
 
     def _folders_to_walk(
         self, dirpath: str, real_dir: str, names: list[str], seen: set[str], label: int
@@ -135,21 +133,21 @@ class FolderWalk:
         return keep
 
     def _file(
-        self, entry: os.DirEntry[str], real_dir: str, direct: bool, label: int, pending: int
+        self, folder: str, name: str, link: bool, real_dir: str, direct: bool, label: int
     ) -> bool:
-        """Whether ``entry`` is a file to use (the ``pending``-th of its folder's batch so far);
-        a file reached through a link is noted in ``linked``. Strings, not ``Path`` objects:
-        pathlib interns every part it parses, which would keep every file name for good."""
-        if not is_image_path(entry.name):
-            self.ignored.append(Path(entry.path))
+        """Whether ``folder/name`` is a file to use (the next row); one reached through a link
+        is noted in ``linked``. Strings, not ``Path`` objects: pathlib interns every part it
+        parses, which would keep every file name for good."""
+        path = os.path.join(folder, name)
+        if not is_image_path(name):
+            self.ignored.append(Path(path))
             return False
-        link = entry.is_symlink()
-        real = os.path.realpath(entry.path) if link else os.path.join(real_dir, entry.name)
+        real = os.path.realpath(path) if link else os.path.join(real_dir, name)
         if not is_inside(real, self.real_root):
-            self._refuse(Path(entry.path), f"links outside the data folder (to {real})", label)
+            self._refuse(Path(path), f"links outside the data folder (to {real})", label)
             return False
         if link or not direct:
-            self.linked.append((self.count + pending, real))
+            self.linked.append((self.count, real))
         return True
 
     def _refuse(self, path: Path, reason: str, label: int) -> None:
