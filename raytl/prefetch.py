@@ -2,9 +2,9 @@
 
 :class:`Prefetcher` runs a ``load`` function (index the stored images, pin, copy to the device) for
 the items after the current one in one background thread, while the caller trains on the current
-one. ``load`` must draw no random numbers: torch's generator is shared with the caller's thread,
-and draws from two threads would interleave differently from run to run (augmentation therefore
-stays in the caller, :meth:`raytl.preprocess.BatchPreparer.finish`).
+one. ``load`` must draw nothing from torch's generator: it is shared with the caller's thread,
+and draws from two threads would interleave differently from run to run (the training feed's
+augmentation draws from a NumPy generator of each batch's own instead, :mod:`raytl.train_feed`).
 """
 
 from __future__ import annotations
