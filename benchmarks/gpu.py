@@ -46,9 +46,9 @@ if importlib.util.find_spec("raytl") is None:  # a bare GPU machine: the working
 from raytl.data import load_data  # noqa: E402
 from raytl.data.dataset import ImageData  # noqa: E402
 from raytl.models import create_model, pooled_features, timm_api  # noqa: E402
-from raytl.prefetch import Prefetcher  # noqa: E402
 from raytl.preprocess import BatchPreparer, preprocessing_for  # noqa: E402
 from raytl.space import Hyperparameters  # noqa: E402
+from raytl.train_feed import train_batches  # noqa: E402
 from raytl.unit import UnitTrainer  # noqa: E402
 
 
@@ -132,18 +132,16 @@ def ceiling_rate(trainer: UnitTrainer, setting: Setting, classes: int) -> float:
 
 
 def feed_rate(trainer: UnitTrainer, setting: Setting) -> float:
-    """Images/s of raytl's feed alone: the training loop's loads (gather, pin, copy, augment on
-    the device, 2 batches ahead in a thread), with no model: the most the feed could give it."""
-    rows = np.arange((setting.warmup + setting.steps) * setting.batch) % len(trainer.data.labels)
-    batches = np.split(rows, setting.warmup + setting.steps)
-    prepare, device = trainer.prepare, trainer.device
-    clock = StepClock(device, setting.warmup)
-
-    def load(step: int) -> torch.Tensor:  # as the trainer's: augmented in the thread
-        x = prepare.load_rows(trainer.data.images, batches[step])[0]
-        return prepare.finish(x, augment=True, rng=np.random.default_rng(step))
-
-    with Prefetcher(range(len(batches)), load, device, 2) as loaded:
+    """Images/s of raytl's feed alone: the trainer's own ``train_batches`` (gather, pin, copy,
+    augment on the device, 2 batches ahead in a thread), with no model: the most the feed could
+    give it."""
+    steps = setting.warmup + setting.steps
+    rows = np.arange(steps * setting.batch) % len(trainer.data.labels)
+    labels = torch.from_numpy(trainer.data.labels[rows])
+    batches = np.split(np.arange(len(rows)), steps)
+    feed = (trainer.data.images, rows, labels, batches, None, True, np.random.default_rng)
+    clock = StepClock(trainer.device, setting.warmup)
+    with train_batches(trainer.prepare, *feed) as loaded:
         for step, _ in enumerate(loaded, 1):
             clock(step, len(batches))
     return setting.steps * setting.batch / (clock.end - clock.start)

@@ -250,9 +250,9 @@ def index_tasks(
             checked.keep[i] = True
             digests[i] = np.frombuffer(result, dtype=np.uint8)
     kept = _apply_policy(checked, labels, class_names, source, on_bad_file)
-    digests = digests if kept.all() else digests[kept]
+    if not kept.all():  # else the arrays as they are, not copies
+        digests, labels = digests[kept], labels[kept]
     images = StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels)
-    labels = labels if kept.all() else labels[kept]
     return _image_data(images, checked, labels, class_names, source, note, digests)
 
 

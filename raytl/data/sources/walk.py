@@ -6,7 +6,7 @@ link back to an enclosing folder (a cycle) is not followed, and a file reached b
 (from two classes, or twice in one) is used once, the other path refused naming both.
 
 The files found are kept as one Arrow binary array of paths relative to the root and an array of
-labels (their bytes and 16 more a file, where a ``Path`` and a record per file took a kilobyte):
+labels (their bytes and 12 more a file, where a ``Path`` and a record per file took a kilobyte):
 the walk lists one directory at a time, in the order of ``sorted`` paths, so nothing about the
 whole folder is ever held as Python objects per file.
 """
@@ -55,7 +55,7 @@ class FolderWalk:
     refused: list[tuple[SkippedFile, int]] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
     linked: list[tuple[int, str]] = field(default_factory=list)
-    _names: bytearray = field(default_factory=bytearray)  # the paths, UTF-8, back to back
+    _names: bytearray = field(default_factory=bytearray)  # the paths' fs bytes, back to back
     _ends: array[int] = field(default_factory=lambda: array("q", [0]))  # where each one ends
     _labels: array[int] = field(default_factory=lambda: array("q"))
 
