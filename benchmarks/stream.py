@@ -10,8 +10,9 @@ is the first N of the largest set (hard links), written as an ImageFolder and as
 (``convert_imagefolder``, 1,000 rows a shard). Then, one measurement at a time:
 
 1. Memory in N. A driver process builds the stream index (``load_data(..., image_size=224,
-   mode="stream")``) and pickles the ``ImageData`` (what Ray's object store would hold); a worker
-   process unpickles it and streams one epoch of decoded 224-px batches of 64 (``epoch_order``,
+   mode="stream")``) and serializes the ``ImageData`` as ``ray.put`` does (pickle protocol 5,
+   arrays out of band, one copy into shared memory: :func:`put_like_ray`); a worker process
+   reads it back and streams one epoch of decoded 224-px batches of 64 (``epoch_order``,
    ``Prefetcher(depth=2)`` over ``take_readable``; the consumer only touches each batch). Peak
    resident memory is each process's VmHWM (/proc, so Linux only).
 2. Streaming vs memory. One ``UnitTrainer.run_epoch()`` (fine_tune, efficientnet_lite0, 48 px,
@@ -98,8 +99,52 @@ def child_generate(root: str, n: str, seed: str) -> dict:
     return {"images": int(n)}
 
 
-def child_driver(source: str, path: str, out: str) -> dict:
+def put_like_ray(value, out: str) -> int:
+    """Serialize ``value`` as ``ray.put`` does and save it to ``out``; the object's size.
+
+    Ray pickles with protocol 5 and the arrays' buffers out of band (NumPy's and Arrow's: no
+    copy), then copies the pickle and the buffers once into its shared-memory object store;
+    here that copy goes into a ``/dev/shm`` segment mapped by this process (its pages count in
+    this process's resident memory, as a Ray driver's do), and from there to ``out`` for the
+    worker."""
+    import mmap
     import pickle
+    import struct
+
+    buffers: list = []
+    inband = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    parts = [memoryview(inband), *(b.raw() for b in buffers)]
+    header = struct.pack(f"<{len(parts) + 1}q", len(parts), *(p.nbytes for p in parts))
+    size = len(header) + sum(p.nbytes for p in parts)
+    with tempfile.TemporaryFile(dir="/dev/shm") as shm:
+        shm.truncate(size)
+        with mmap.mmap(shm.fileno(), size) as segment:
+            at = 0
+            for part in (memoryview(header), *parts):
+                segment[at : at + part.nbytes] = part.cast("B")
+                at += part.nbytes
+            with open(out, "wb") as file:
+                file.write(segment)
+    return size
+
+
+def get_like_ray(path: str):
+    """The value :func:`put_like_ray` saved, its buffers views of the one read (as a Ray
+    worker's are views of the object store)."""
+    import pickle
+    import struct
+
+    raw = memoryview(Path(path).read_bytes())
+    (count,) = struct.unpack_from("<q", raw)
+    sizes = struct.unpack_from(f"<{count}q", raw, 8)
+    at, parts = 8 * (count + 1), []
+    for size in sizes:
+        parts.append(raw[at : at + size])
+        at += size
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def child_driver(source: str, path: str, out: str) -> dict:
     import warnings
 
     from raytl.data import load_data
@@ -108,24 +153,21 @@ def child_driver(source: str, path: str, out: str) -> dict:
     start = time.perf_counter()
     data = load_data(source, path=path, image_size=224, mode="stream")
     seconds = time.perf_counter() - start
-    blob = pickle.dumps(data, protocol=5)
-    Path(out).write_bytes(blob)
+    size = put_like_ray(data, out)
     return {
         "images": len(data),
         "streamed": bool(data.streamed),
         "index_seconds": seconds,
-        "store_mb": len(blob) / 2**20,
+        "store_mb": size / 2**20,
         "driver_peak_mb": peak_mb(),
     }
 
 
 def child_worker(pickled: str) -> dict:
-    import pickle
-
     import torch
 
     torch.set_num_threads(CORES)
-    data = pickle.loads(Path(pickled).read_bytes())
+    data = get_like_ray(pickled)
     seen, seconds = stream_epoch(data.images)
     return {"seen": seen, "epoch_seconds": seconds, "worker_peak_mb": peak_mb()}
 
@@ -451,8 +493,11 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "### Memory in N",
         "",
         "Driver: a fresh process builds the stream index (`load_data(..., image_size=224, "
-        'mode="stream")`, every file read once) and pickles the `ImageData`; '
-        "object store is that pickle's size. Worker: a fresh process unpickles it and streams "
+        'mode="stream")`, every file read once) and serializes the `ImageData` as `ray.put` '
+        "does (pickle protocol 5 with NumPy's and Arrow's buffers out of band, then one copy of "
+        "it all into a shared-memory segment mapped by the driver, as Ray's object store is: "
+        "`put_like_ray`); object store is that object's size. Worker: a fresh process reads it "
+        "back (its arrays views of the one copy) and streams "
         "one epoch of 224-px batches of 64 (`epoch_order`, `Prefetcher(depth=2)` over "
         f"`take_readable`, the consumer only touches each batch); per core is over {CORES} "
         "cores. Peak is each process's VmHWM.",

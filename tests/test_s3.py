@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -126,6 +127,9 @@ def test_an_image_folder_on_the_bucket_reads_as_the_local_one(s3, tmp_path, mode
     src = _digits_folder(tmp_path / "digits", per_class=8)
     (src / "digit_1" / ".hidden.png").write_bytes((src / "digit_1" / "000.png").read_bytes())
     (src / "digit_2" / "notes.txt").write_text("not an image")
+    for i, nested in enumerate(("a-b/x.png", "a/b.png", "a/c/d.png", "a.png")):  # path order
+        (src / "digit_0" / nested).parent.mkdir(parents=True, exist_ok=True)
+        (src / "digit_0" / nested).write_bytes((src / "digit_1" / f"00{i}.png").read_bytes())
     uri = s3(f"folder-{mode}")
     fs, root = pafs.FileSystem.from_uri(uri)
     pafs.copy_files(str(src), root, destination_filesystem=fs)
@@ -139,6 +143,28 @@ def test_an_image_folder_on_the_bucket_reads_as_the_local_one(s3, tmp_path, mode
     np.testing.assert_array_equal(remote.images[:], local.images)
     if mode == "stream":
         assert remote.images.name(0) == f"{uri.split('?')[0]}/digit_0/000.png"
+        assert remote.images.rows.paths.type == pa.string()  # one array, no object per file
+    # a sample is taken on the listing, before anything is read: the local one's
+    with pytest.warns(UserWarning, match="ignored 1 file"):
+        few = load_data("imagefolder", path=uri, image_size=16, mode=mode, limit=9, seed=3)
+    with pytest.warns(UserWarning, match="ignored 1 file"):
+        few_local = load_data("imagefolder", path=str(src), image_size=16, limit=9, seed=3)
+    np.testing.assert_array_equal(few.labels, few_local.labels)
+    np.testing.assert_array_equal(few.images[:], few_local.images)
+
+
+def test_a_class_folder_on_the_bucket_without_images_is_named(s3, tmp_path):
+    from raytl.data import load_data
+    from raytl.data.dataset import DataError
+
+    src = _digits_folder(tmp_path / "digits", classes=2, per_class=2)
+    (src / "empty").mkdir()
+    (src / "empty" / "notes.txt").write_text("not an image")
+    uri = s3("folder-empty-class")
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(src), root, destination_filesystem=fs)
+    with pytest.raises(DataError, match=r"class folder s3://\S+/empty contains no image files"):
+        load_data("imagefolder", path=uri, image_size=16)
 
 
 def test_unreachable_storage_is_one_line_naming_the_uri(tmp_path):

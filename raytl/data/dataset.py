@@ -41,8 +41,8 @@ class ImageData:
         class_names: Names of the classes, indexed by label.
         source: Human description of where the data came from (shown in reports).
         skipped: Files that were found but could not be decoded.
-        groups: ``int64`` array of shape ``(N,)``: images from byte-identical files of one class share a
-            group id (splits keep a group on one side); by default each image is its own group.
+        groups: integer array of shape ``(N,)`` (kept as ``int32`` below 2**31 images): images
+            from byte-identical files of one class share a group id (splits keep a group on one side); by default each image is its own group.
         note: How the data is held (``data.mode``'s choice, said when a search starts).
 
     ``images`` may instead be a :class:`~raytl.data.stream.StreamedImages` (``data.mode:
@@ -101,16 +101,18 @@ class ImageData:
         object.__setattr__(self, "groups", self._checked_groups())
 
     def _checked_groups(self) -> np.ndarray:
-        """The group of every image: the given ids, or each image on its own."""
+        """The group of every image: the given ids, or each image on its own; 32-bit where
+        they fit (a streamed index's driver holds and sends this array)."""
+        dtype = np.int32 if len(self.images) < 2**31 else np.int64
         if self.groups is None:
-            return np.arange(len(self.images), dtype=np.int64)
+            return np.arange(len(self.images), dtype=dtype)
         groups = np.asarray(self.groups)
         if groups.shape != (len(self.images),) or not np.issubdtype(groups.dtype, np.integer):
             raise DataError(
                 f"{self.source}: groups must be a 1-D integer array with one id per image, "
                 f"got dtype {groups.dtype} shape {groups.shape}"
             )
-        return np.ascontiguousarray(groups, dtype=np.int64)
+        return np.ascontiguousarray(groups, dtype=dtype)
 
     @property
     def group_ids(self) -> np.ndarray:

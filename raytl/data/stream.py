@@ -190,9 +190,9 @@ Rows = FileRows | ShardRows
 class StreamedImages:
     """Images decoded on demand: ``images[rows]`` is a ``(k, size, size, 3)`` uint8 array.
 
-    ``digests`` (16 bytes per row, of the encoded file) were taken when the index was built;
-    they identify the data (the fingerprint) and its byte-identical copies (the groups).
-    """
+    ``digests`` (one ``uint64`` per row: the first 8 bytes of its encoded file's 16-byte
+    digest, taken when the index was built) identify the data (the fingerprint); the copy
+    groups were cut on the whole digest before."""
 
     streamed = True
     dtype = np.dtype(np.uint8)

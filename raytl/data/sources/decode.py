@@ -157,7 +157,7 @@ def copy_groups(
         del ordered
     np.logical_not(starts, out=starts)
     starts[:1] = True
-    groups = np.empty(len(order), dtype=np.int64)
+    groups = np.empty(len(order), dtype=order.dtype)
     groups[order] = order[starts][np.cumsum(starts, dtype=order.dtype) - 1]
     return groups
 
@@ -219,14 +219,17 @@ def index_tasks(
     on_bad_file: str,
     max_pixels: int,
     note: str = "",
+    labels: np.ndarray | None = None,
 ) -> ImageData:
     """The streamed ImageData of the ``count`` ``tasks`` (made as they are read): each file is
     read once, checked without decoding (:func:`~raytl.data.images.check_image`) and digested,
     and only its place in ``rows`` (given the mask of the tasks kept) is kept; the bad-file
-    policy is the in-memory one. Labels, digests and the mask fill preallocated arrays, so the
-    index costs 25 bytes a file here."""
+    policy is the in-memory one. ``labels``: the tasks' labels where the caller holds them
+    already as an array (not filled again). Labels, digests and the mask fill preallocated
+    arrays, so the index costs 25 bytes a file here, and keeps 8 of the digest's 16."""
     checked = _Decoded(np.empty(0, np.uint8), np.zeros(count, bool), [], [])
-    labels = np.empty(count, dtype=np.int64)
+    filled = labels is None
+    labels = np.empty(count, dtype=np.int64) if labels is None else labels
     digests = np.zeros((count, 16), dtype=np.uint8)
 
     def work(task: DecodeTask) -> tuple[int, bytes | SkippedFile]:
@@ -242,7 +245,8 @@ def index_tasks(
     shown = console.bar(count, "checking files", unit="file")
     results = shown_as(ordered_map(work, tasks), shown)  # a bounded window in flight
     for i, (label, result) in enumerate(results):
-        labels[i] = label
+        if filled:
+            labels[i] = label
         if isinstance(result, SkippedFile):
             checked.skipped.append(result)
             checked.skipped_labels.append(label)
@@ -252,8 +256,11 @@ def index_tasks(
     kept = _apply_policy(checked, labels, class_names, source, on_bad_file)
     if not kept.all():  # else the arrays as they are, not copies
         digests, labels = digests[kept], labels[kept]
-    images = StreamedImages(rows(kept), digests, size=image_size, max_pixels=max_pixels)
-    return _image_data(images, checked, labels, class_names, source, note, digests)
+    groups = copy_groups(digests, labels)  # on the whole digest; the index keeps its first half
+    identities = np.ascontiguousarray(digests[:, :8]).view("<u8").reshape(-1)
+    del digests
+    images = StreamedImages(rows(kept), identities, size=image_size, max_pixels=max_pixels)
+    return _image_data(images, checked, labels, class_names, source, note, groups)
 
 
 def _image_data(
@@ -263,17 +270,17 @@ def _image_data(
     class_names: Sequence[str],
     source: str,
     note: str,
-    digests: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> ImageData:
-    """The ImageData of the kept files: their images, labels and copy groups (by ``digests``,
-    default the outcome's), and the skipped."""
+    """The ImageData of the kept files: their images, labels and copy groups (``groups``, or
+    by the outcome's digests), and the skipped."""
     return ImageData(
         images=images,
         labels=labels,
         class_names=tuple(class_names),
         source=source,
         skipped=tuple(outcome.skipped),
-        groups=copy_groups(outcome.digests if digests is None else digests, labels),
+        groups=copy_groups(outcome.digests, labels) if groups is None else groups,
         note=note,
     )
 

@@ -53,9 +53,22 @@ class FolderScan:
         """The files used, as paths (one Python object each: for small folders and tests)."""
         return [self.root / os.fsdecode(name) for name in self.relative.to_pylist()]
 
+    @property
+    def source(self) -> str:
+        return str(self.root)
+
     def all_labels(self) -> np.ndarray:
         """The labels of the files used, then of the refused ones (the order of the tasks)."""
+        if not self.refused:
+            return self.labels
         return np.concatenate([self.labels, np.asarray(self.refused_labels, dtype=np.int64)])
+
+    def ignored_names(self) -> list[str]:
+        return [str(path.relative_to(self.root)) for path in self.ignored]
+
+    def file_rows(self, relative: pa.Array) -> FileRows:
+        """The stream index's rows for ``relative`` (some of :attr:`relative`)."""
+        return FileRows(relative, base=str(self.root) + os.sep)
 
     def tasks(self, rows: Iterable[int] | None = None) -> Iterator[DecodeTask]:
         """Decode tasks, made one at a time, for ``rows`` (positions in :meth:`all_labels`;
@@ -150,14 +163,15 @@ def read_file(path: str) -> bytes:
         return file.read()
 
 
-def warn_ignored(scan: FolderScan) -> None:
+def warn_ignored(scan: FolderScan | UriFolderScan) -> None:
     """Say which non-image or misplaced files were not used, so nothing vanishes unnoticed."""
     if not scan.ignored:
         return
-    shown = ", ".join(str(p.relative_to(scan.root)) for p in scan.ignored[:WARN_NAMES])
+    names = scan.ignored_names()[:WARN_NAMES]
+    shown = ", ".join(names)
     more = len(scan.ignored) - WARN_NAMES
     warnings.warn(
-        f"ignored {len(scan.ignored)} file(s) in {scan.root} that are not images inside a class "
+        f"ignored {len(scan.ignored)} file(s) in {scan.source} that are not images inside a class "
         f"folder: {shown}" + (f", and {more} more" if more > 0 else ""),
         stacklevel=3,
     )
@@ -170,20 +184,36 @@ def folder_tasks(scan: FolderScan) -> list[DecodeTask]:
 
 @dataclass(frozen=True)
 class UriFolderScan:
-    """An image folder on a pyarrow filesystem URI: ``<uri>/<class>/**/<image>``."""
+    """An image folder on a pyarrow filesystem URI, ``<uri>/<class>/**/<image>``, listed as a
+    local one is: the files' paths relative to the folder as one Arrow string array, in sorted
+    path order, and their labels (a bucket has no links, so nothing is refused)."""
 
     class_names: tuple[str, ...]
-    files: tuple[str, ...]  # paths on fs
-    labels: tuple[int, ...]
+    relative: pa.Array
+    labels: np.ndarray
+    ignored: tuple[str, ...]  # relative paths
     fs: pafs.FileSystem
     source: str  # the URI without its query
-    prefix: str  # "s3://": a file's name in messages is prefix + path
+    base: str  # the folder's path on fs, with a trailing "/"
+    prefix: str  # "s3://": a file's name in messages is prefix + base + relative
+    refused: tuple[SkippedFile, ...] = ()
 
-    def tasks(self) -> list[DecodeTask]:
-        return [
-            DecodeTask(self.prefix + file, label, partial(_read_uri, self.fs, file))
-            for file, label in zip(self.files, self.labels, strict=True)
-        ]
+    def all_labels(self) -> np.ndarray:
+        return self.labels
+
+    def ignored_names(self) -> list[str]:
+        return list(self.ignored)
+
+    def tasks(self, rows: Iterable[int]) -> Iterator[DecodeTask]:
+        """Decode tasks for ``rows``, made one at a time; each reads its file when it runs."""
+        for row in rows:
+            path = self.base + self.relative[row].as_py()
+            yield DecodeTask(
+                self.prefix + path, int(self.labels[row]), partial(_read_uri, self.fs, path)
+            )
+
+    def file_rows(self, relative: pa.Array) -> FileRows:
+        return FileRows(relative, self.fs, self.prefix, self.base)
 
 
 def _read_uri(fs: pafs.FileSystem, path: str) -> bytes:
@@ -195,8 +225,9 @@ def _read_uri(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 def scan_uri_folder(location: str) -> UriFolderScan:
-    """List ``<location>/<class>/**/<image>`` on its filesystem (hidden names skipped, other
-    files ignored, as for a local folder; a bucket has no links to follow).
+    """List ``<location>/<class>/**/<image>`` on its filesystem, one class folder at a time
+    (hidden names skipped, other files ignored, an empty class folder refused, as for a local
+    folder).
 
     Raises:
         DataError: The storage cannot be reached (naming the URI), or the layout is wrong.
@@ -204,59 +235,60 @@ def scan_uri_folder(location: str) -> UriFolderScan:
     shown = shown_location(location)
     try:
         storage = Storage(location)
-        infos = storage.fs.get_file_info(pafs.FileSelector(storage.root, recursive=True))
+        top = storage.fs.get_file_info(pafs.FileSelector(storage.root))
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"image folder {shown} cannot be read: {first_line(exc)}") from None
-    root = storage.root.rstrip("/") + "/"
-    found: dict[str, list[str]] = {}
-    ignored: list[str] = []
-    for info in infos:
-        relative = info.path[len(root) :]
-        parts = relative.split("/")
-        if info.type != pafs.FileType.File or any(part.startswith(".") for part in parts):
-            continue
-        if len(parts) < 2 or not is_image_path(parts[-1]):
-            ignored.append(relative)
-            continue
-        found.setdefault(parts[0], []).append(info.path)
-    if ignored:
-        more = f", and {len(ignored) - WARN_NAMES} more" if len(ignored) > WARN_NAMES else ""
-        warnings.warn(
-            f"ignored {len(ignored)} file(s) in {shown} that are not images inside a class "
-            f"folder: {', '.join(ignored[:WARN_NAMES])}{more}",
-            stacklevel=3,
-        )
-    if len(found) < 2:
+    base = storage.root.rstrip("/") + "/"
+    visible = sorted((i for i in top if not i.base_name.startswith(".")), key=lambda i: i.base_name)
+    ignored = [i.base_name for i in visible if i.type != pafs.FileType.Directory]
+    class_names = tuple(i.base_name for i in visible if i.type == pafs.FileType.Directory)
+    if len(class_names) < 2:
         raise DataError(
-            f"image folder {shown} has {len(found)} class folder(s) with images; classification "
-            "needs at least 2 (one sub-folder per class)"
+            f"image folder {shown} has {len(class_names)} class folder(s); classification needs "
+            "at least 2 (one sub-folder per class)"
         )
-    class_names = tuple(sorted(found))
-    files = [
-        (path, label) for label, name in enumerate(class_names) for path in sorted(found[name])
-    ]
-    prefix = shown.partition("://")[0] + "://"
+    chunks, labels = [], []
+    for label, name in enumerate(class_names):
+        files = _uri_class_files(storage.fs, base, name, ignored, shown)
+        chunks.append(pa.array(files, pa.string()))
+        labels.append(np.full(len(files), label, dtype=np.int64))
     return UriFolderScan(
         class_names,
-        tuple(f for f, _ in files),
-        tuple(label for _, label in files),
+        pa.concat_arrays(chunks),
+        np.concatenate(labels),
+        tuple(ignored),
         storage.fs,
         shown,
-        prefix,
+        base,
+        shown.partition("://")[0] + "://",
     )
 
 
-def _listed(
-    path: str | None,
-) -> tuple[list[DecodeTask], tuple[str, ...], str, pafs.FileSystem | None, str]:
-    """The folder's decode tasks, class names and name in messages, and the filesystem and name
-    prefix its files are read with (None and "" for a local folder)."""
-    if path is not None and is_uri(str(path)):
-        remote = scan_uri_folder(str(path))
-        return remote.tasks(), remote.class_names, remote.source, remote.fs, remote.prefix
-    scan = scan_imagefolder(path)
-    warn_ignored(scan)
-    return folder_tasks(scan), scan.class_names, str(scan.root), None, ""
+def _uri_class_files(
+    fs: pafs.FileSystem, base: str, name: str, ignored: list[str], shown: str
+) -> list[str]:
+    """The image files of class folder ``name``, relative to ``base``, in the order of sorted
+    ``Path``s (by component, as a local folder's); its other visible files go to ``ignored``."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base + name, recursive=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"class folder {shown}/{name} cannot be read: {first_line(exc)}") from None
+    files: list[list[str]] = []
+    for info in infos:
+        parts = info.path[len(base) :].split("/")
+        if info.type != pafs.FileType.File or any(part.startswith(".") for part in parts):
+            continue
+        if is_image_path(parts[-1]):
+            files.append(parts)
+        else:
+            ignored.append("/".join(parts))
+    if not files:
+        raise DataError(
+            f"class folder {shown}/{name} contains no image files "
+            f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}, in any case)"
+        )
+    files.sort()
+    return ["/".join(parts) for parts in files]
 
 
 def load_imagefolder(
@@ -269,50 +301,26 @@ def load_imagefolder(
     seed: int = 0,
     mode: str = "memory",
 ) -> ImageData:
-    """Load ``path/<class>/**/<image>`` with every image resized to ``image_size`` squared;
-    with ``limit``, a stratified sample of the files is taken first and only it is decoded.
-    ``mode`` (``memory``, ``stream``, ``auto``: :func:`~raytl.data.stream.choose_mode`): decode
-    them all now, or keep an index of the checked files and decode where they are used."""
-    if path is not None and not is_uri(str(path)):
-        return _load_local_folder(path, image_size, on_bad_file, max_pixels, limit, seed, mode)
-    tasks, class_names, source, fs, prefix = _listed(path)
-    if limit is not None:
-        labels = np.fromiter((t.label for t in tasks), dtype=np.int64, count=len(tasks))
-        tasks = [tasks[i] for i in stratified_indices(labels, limit, seed=seed)]
-    mode, note = choose_mode(mode, len(tasks), image_size)
-    options: dict[str, Any] = {
-        "image_size": image_size,
-        "on_bad_file": on_bad_file,
-        "max_pixels": max_pixels,
-    }
-    if mode == "stream":
-        rows = FileRows(pa.array([t.name[len(prefix) :] for t in tasks], pa.string()), fs, prefix)
-        options.update(class_names=class_names, source=source, note=note)
-        return index_tasks(tasks, len(tasks), rows.subset, **options)
-    return decode_tasks(tasks, class_names=class_names, source=source, note=note, **options)
+    """Load ``path/<class>/**/<image>`` (a local folder or a URI) with every image resized to
+    ``image_size`` squared; with ``limit``, a stratified sample of the files is taken first and
+    only it is decoded. ``mode`` (``memory``, ``stream``, ``auto``:
+    :func:`~raytl.data.stream.choose_mode`): decode them all now, or keep an index of the
+    checked files and decode where they are used.
 
-
-def _load_local_folder(
-    path: str,
-    image_size: int,
-    on_bad_file: str,
-    max_pixels: int,
-    limit: int | None,
-    seed: int,
-    mode: str,
-) -> ImageData:
-    """:func:`load_imagefolder` of a local folder, its file list columnar throughout: the
-    sample and the stream index are taken on arrays, and each decode task is made when its
-    file is read, so a streamed folder costs the driver a few dozen bytes a file."""
-    scan = scan_imagefolder(path)
+    The file list stays columnar throughout: the sample and the stream index are taken on
+    arrays, and each decode task is made when its file is read, so a streamed folder costs the
+    driver a few dozen bytes a file."""
+    remote = path is not None and is_uri(str(path))
+    scan: FolderScan | UriFolderScan = (
+        scan_uri_folder(str(path)) if remote else scan_imagefolder(path)
+    )
     warn_ignored(scan)
-    rows = np.arange(len(scan.labels) + len(scan.refused))
-    if limit is not None:
-        rows = stratified_indices(scan.all_labels(), limit, seed=seed)
+    labels = scan.all_labels()
+    rows = np.arange(len(labels)) if limit is None else stratified_indices(labels, limit, seed=seed)
     mode, note = choose_mode(mode, len(rows), image_size)
     options: dict[str, Any] = {
         "class_names": scan.class_names,
-        "source": str(scan.root),
+        "source": scan.source,
         "note": note,
         "image_size": image_size,
         "on_bad_file": on_bad_file,
@@ -321,8 +329,11 @@ def _load_local_folder(
     if mode != "stream":
         return decode_tasks(list(scan.tasks(rows)), **options)
     used = rows[rows < len(scan.labels)]  # the refused rows come last and are never kept
-    relative = scan.relative if limit is None else scan.relative.take(pa.array(used))
-    files = FileRows(relative, base=str(scan.root) + os.sep)
+    files = scan.file_rows(scan.relative if limit is None else scan.relative.take(pa.array(used)))
     return index_tasks(
-        scan.tasks(rows), len(rows), lambda kept: files.subset(kept[: len(used)]), **options
+        scan.tasks(rows),
+        len(rows),
+        lambda kept: files.subset(kept[: len(used)]),
+        labels=labels if limit is None else labels[rows],
+        **options,
     )
