@@ -42,7 +42,8 @@ class ImageData:
         source: Human description of where the data came from (shown in reports).
         skipped: Files that were found but could not be decoded.
         groups: integer array of shape ``(N,)`` (kept as ``int32`` below 2**31 images): images
-            from byte-identical files of one class share a group id (splits keep a group on one side); by default each image is its own group.
+            from byte-identical files of one class share a group id (splits keep a group on one
+            side); by default each image is its own group.
         note: How the data is held (``data.mode``'s choice, said when a search starts).
 
     ``images`` may instead be a :class:`~raytl.data.stream.StreamedImages` (``data.mode:

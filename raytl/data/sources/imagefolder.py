@@ -114,10 +114,7 @@ def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True
     class_dirs = _class_folders(root, walk.ignored)
     for label, class_dir in enumerate(class_dirs):
         if not walk.walk_class(class_dir, label) and strict:
-            raise DataError(
-                f"class folder {class_dir} contains no image files "
-                f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}, in any case)"
-            )
+            raise no_images(str(class_dir))
     if len(class_dirs) < 2 and strict:
         raise DataError(
             f"image folder {root} has only one class folder ({class_dirs[0].name}); "
@@ -136,6 +133,14 @@ def scan_imagefolder(path: str | os.PathLike[str] | None, *, strict: bool = True
         ignored=tuple(walk.ignored),
         refused=tuple(skipped for skipped, _ in walk.refused),
         refused_labels=tuple(label for _, label in walk.refused),
+    )
+
+
+def no_images(class_folder: str) -> DataError:
+    """The error for a class folder (local or on a URI) that holds no image file."""
+    return DataError(
+        f"class folder {class_folder} contains no image files "
+        f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}, in any case)"
     )
 
 
@@ -167,8 +172,7 @@ def warn_ignored(scan: FolderScan | UriFolderScan) -> None:
     """Say which non-image or misplaced files were not used, so nothing vanishes unnoticed."""
     if not scan.ignored:
         return
-    names = scan.ignored_names()[:WARN_NAMES]
-    shown = ", ".join(names)
+    shown = ", ".join(scan.ignored_names()[:WARN_NAMES])
     more = len(scan.ignored) - WARN_NAMES
     warnings.warn(
         f"ignored {len(scan.ignored)} file(s) in {scan.source} that are not images inside a class "
@@ -283,10 +287,7 @@ def _uri_class_files(
         else:
             ignored.append("/".join(parts))
     if not files:
-        raise DataError(
-            f"class folder {shown}/{name} contains no image files "
-            f"(expected {', '.join(sorted(IMAGE_EXTENSIONS))}, in any case)"
-        )
+        raise no_images(f"{shown}/{name}")
     files.sort()
     return ["/".join(parts) for parts in files]
 
