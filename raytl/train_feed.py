@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raytl.data.stream import is_streamed
 from raytl.feature_rows import FeatureRows
 from raytl.prefetch import Prefetcher
 from raytl.preprocess import BatchPreparer
@@ -28,6 +29,16 @@ from raytl.preprocess import BatchPreparer
 def finishes_ahead(device: torch.device) -> bool:
     """Whether the prefetch thread also augments and normalises (on a GPU), or the caller does."""
     return device.type == "cuda"
+
+
+def prefetch_depth(device: torch.device, images: Any, features: FeatureRows | None) -> int:
+    """Batches loaded ahead by the feed's thread: none for features already on the device, nor
+    for streamed images on a CPU, whose decoding would run on the cores the step is using
+    (torch's OpenMP threads then wait for the one the decoder displaced: 0.81-0.83 of the
+    in-memory speed, ``benchmarks/stream.py``); they are decoded between steps, on every core."""
+    if features is not None:
+        return 2 if features.streamed else 0
+    return 0 if device.type != "cuda" and is_streamed(images) else 2
 
 
 @contextmanager
@@ -60,7 +71,6 @@ def train_batches(
         for step, (x, y) in enumerate(loaded):
             yield (x if features is not None or ahead_finish else finish(x, step)), y
 
-    # held features are already on the device: nothing to load ahead
-    depth = 0 if features is not None and not features.streamed else 2
+    depth = prefetch_depth(prepare.device, images, features)
     with Prefetcher(range(len(batches)), load, prepare.device, depth=depth) as loaded:
         yield finished(iter(loaded))

@@ -313,6 +313,22 @@ def test_copy_groups_number_each_file_by_its_first_copy_in_its_class():
     assert copy_groups([], []).tolist() == []
 
 
+def test_copy_groups_compare_the_whole_digest_among_unique_files():
+    """Most files are unique; a few share only the first 8 bytes of their digest (not copies),
+    and a few are copies: only the copies share a group."""
+    rng = np.random.default_rng(1)
+    digests = rng.integers(0, 256, (300, 16), dtype=np.uint8)
+    digests[10, :8] = digests[20, :8]  # same first half, different second: not a copy
+    digests[40] = digests[30]  # copies, in one class and across two
+    digests[50] = digests[30]
+    labels = np.zeros(300, dtype=np.int64)
+    labels[50] = 1
+    expected = np.arange(300)
+    expected[40] = 30
+    assert copy_groups(digests, labels).tolist() == expected.tolist()
+    assert copy_groups(digests[:5], labels[:5]).dtype == np.int32
+
+
 def test_imagefolder_extensions_constant():
     assert {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"} == set(IMAGE_EXTENSIONS)
 

@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from raytl import train_feed
 from raytl.data.splits import carve_test, stratified_split
+from raytl.data.stream import FileRows, StreamedImages
 from raytl.prefetch import Prefetcher
 from raytl.space import Hyperparameters
 from raytl.unit import UnitTrainer
@@ -194,3 +197,15 @@ def test_the_gpu_benchmark_runs_small_on_the_cpu_without_ray(tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     names = [row.split(" | ")[0] for row in rows if not row.startswith(("| backbone", "| ---"))]
     assert names == ["| efficientnet_lite0", "| resnet18"] * 2  # training, then the cache
+
+
+def test_streamed_batches_are_decoded_between_steps_on_a_cpu_and_ahead_on_a_gpu():
+    """On a CPU the step uses every core: a streamed batch is decoded (on all of them) between
+    steps, not by a prefetch thread beside the step; held arrays and GPUs still load ahead."""
+    streamed = StreamedImages(
+        FileRows(pa.array([], pa.string())), np.zeros(0, "<u8"), size=8, max_pixels=100
+    )
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert train_feed.prefetch_depth(cpu, streamed, None) == 0
+    assert train_feed.prefetch_depth(gpu, streamed, None) == 2
+    assert train_feed.prefetch_depth(cpu, np.zeros((1, 8, 8, 3), np.uint8), None) == 2

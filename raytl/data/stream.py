@@ -115,15 +115,16 @@ class FileRows:
 
 @dataclass(frozen=True, eq=False)
 class ShardRows:
-    """Rows of Parquet shards: row ``i`` is row ``row[i]`` of row group ``group[i]`` of shard
-    ``shard[i]``; row groups are read whole (Parquet's unit of reading) and kept in a small
-    per-process cache of encoded bytes."""
+    """Rows of Parquet shards: row ``i`` is row ``row[i]`` of the row group
+    ``row_groups[block[i]]`` (a shard and a row group in it); row groups are read whole
+    (Parquet's unit of reading) and kept in a small per-process cache of encoded bytes. Eight
+    bytes a row: the table of row groups is one entry per group, not per row."""
 
     files: tuple[str, ...]
     fs: pafs.FileSystem
-    shard: np.ndarray  # int32 per row
-    group: np.ndarray  # int32 per row: the row group within its shard
-    row: np.ndarray  # int64 per row: the row within its row group
+    row_groups: np.ndarray  # (groups, 2) int32: shard, row group within it
+    block: np.ndarray  # int32 per row: its row group, a row of row_groups
+    row: np.ndarray  # int32 per row (int64 for a row group of 2**31 rows): the row in its group
     prefix: str = ""
     _cache: OrderedDict[tuple[int, int], pa.Array] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -139,15 +140,16 @@ class ShardRows:
 
     def subset(self, rows: np.ndarray) -> ShardRows:
         return ShardRows(
-            self.files, self.fs, self.shard[rows], self.group[rows], self.row[rows], self.prefix
+            self.files, self.fs, self.row_groups, self.block[rows], self.row[rows], self.prefix
         )
 
     def name(self, row: int) -> str:
-        return f"{self.prefix}{self.files[self.shard[row]]}#group={self.group[row]},row={self.row[row]}"
+        shard, group = self.row_groups[self.block[row]]
+        return f"{self.prefix}{self.files[shard]}#group={group},row={self.row[row]}"
 
     def blocks(self) -> np.ndarray:
         """One id per row group, for the block-shuffled order."""
-        return self.shard.astype(np.int64) * (int(self.group.max(initial=0)) + 1) + self.group
+        return self.block
 
     def _block(self, shard: int, group: int) -> pa.Array:
         key = (shard, group)
@@ -173,10 +175,11 @@ class ShardRows:
 
     def read(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> list[bytes | Exception]:
         out: list[bytes | Exception] = [b""] * len(rows)
-        keys = self.shard[rows].astype(np.int64) << 32 | self.group[rows]
+        keys = self.block[rows]
         for key in np.unique(keys):
             where = np.flatnonzero(keys == key)
-            block = self._block(int(key >> 32), int(key & 0xFFFFFFFF))
+            shard, group = self.row_groups[key]
+            block = self._block(int(shard), int(group))
             for i, value in zip(
                 where, block.take(pa.array(self.row[rows[where]])).to_pylist(), strict=True
             ):

@@ -140,25 +140,42 @@ def copy_groups(
     copy with the same label. (The same bytes filed under two classes is a labelling question,
     not a split one: those stay separate groups, so each class keeps its own images.)
 
-    ``digests``: 16-byte digests, as bytes objects or one ``(N, 16)`` uint8 array. Computed on
-    arrays (a stable sort by label and digest, then one pass over neighbours), not a dict of N
-    Python tuples."""
+    ``digests``: 16-byte digests, as bytes objects or one ``(N, 16)`` uint8 array."""
     if not isinstance(digests, np.ndarray):
         digests = np.frombuffer(b"".join(digests), dtype=np.uint8)
     halves = np.ascontiguousarray(digests).reshape(-1, 16).view("<u8")  # (N, 2)
+    return halves_copy_groups(halves[:, 0], halves[:, 1], labels)
+
+
+def halves_copy_groups(
+    first: np.ndarray, second: np.ndarray, labels: Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """:func:`copy_groups` of digests held as their two 8-byte halves (``uint64`` arrays).
+
+    Copies share the first half, so only the rows whose first half repeats are grouped exactly
+    (a stable sort by label and both halves, then one pass over neighbours); in data without
+    copies that is a sort of one copy of the first half, the scratch memory a streamed index
+    of a large folder can afford. 32-bit ids below 2**31 files."""
     labels = np.asarray(labels, dtype=np.int64)
-    # stable: the first copy first; positions as int32 where they fit (half the scratch memory)
-    order = np.lexsort((halves[:, 1], halves[:, 0], labels))
-    order = order.astype(np.int32) if len(order) < 2**31 else order
+    count = len(labels)
+    groups = np.arange(count, dtype=np.int32 if count < 2**31 else np.int64)
+    ordered = np.sort(first)
+    repeats = ordered[1:] == ordered[:-1]
+    if not repeats.any():
+        return groups
+    repeated = np.unique(ordered[1:][repeats])
+    del ordered, repeats
+    candidates = np.flatnonzero(np.isin(first, repeated)).astype(groups.dtype)
+    order = np.lexsort((second[candidates], first[candidates], labels[candidates]))
+    order = order.astype(groups.dtype)  # stable: the first copy first
     starts = np.ones(len(order), dtype=bool)  # where a new (label, digest) begins, in order
-    for column in (labels, halves[:, 0], halves[:, 1]):
-        ordered = column[order]
-        starts[1:] &= ordered[1:] == ordered[:-1]
-        del ordered
+    for column in (labels, first, second):
+        values = column[candidates[order]]
+        starts[1:] &= values[1:] == values[:-1]
     np.logical_not(starts, out=starts)
     starts[:1] = True
-    groups = np.empty(len(order), dtype=order.dtype)
-    groups[order] = order[starts][np.cumsum(starts, dtype=order.dtype) - 1]
+    firsts = order[starts][np.cumsum(starts, dtype=order.dtype) - 1]  # positions in candidates
+    groups[candidates[order]] = candidates[firsts]
     return groups
 
 
@@ -230,7 +247,8 @@ def index_tasks(
     checked = _Decoded(np.empty(0, np.uint8), np.zeros(count, bool), [], [])
     filled = labels is None
     labels = np.empty(count, dtype=np.int64) if labels is None else labels
-    digests = np.zeros((count, 16), dtype=np.uint8)
+    identities = np.zeros(count, dtype="<u8")  # the digests' first halves, kept in the index
+    second = np.zeros(count, dtype="<u8")  # and their second halves, for copy grouping only
 
     def work(task: DecodeTask) -> tuple[int, bytes | SkippedFile]:
         data = read_task(task)
@@ -252,13 +270,12 @@ def index_tasks(
             checked.skipped_labels.append(label)
         else:
             checked.keep[i] = True
-            digests[i] = np.frombuffer(result, dtype=np.uint8)
+            identities[i], second[i] = np.frombuffer(result, dtype="<u8")
     kept = _apply_policy(checked, labels, class_names, source, on_bad_file)
     if not kept.all():  # else the arrays as they are, not copies
-        digests, labels = digests[kept], labels[kept]
-    groups = copy_groups(digests, labels)  # on the whole digest; the index keeps its first half
-    identities = np.ascontiguousarray(digests[:, :8]).view("<u8").reshape(-1)
-    del digests
+        identities, second, labels = identities[kept], second[kept], labels[kept]
+    groups = halves_copy_groups(identities, second, labels)  # on the whole digest
+    del second
     images = StreamedImages(rows(kept), identities, size=image_size, max_pixels=max_pixels)
     return _image_data(images, checked, labels, class_names, source, note, groups)
 

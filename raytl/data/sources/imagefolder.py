@@ -208,9 +208,10 @@ class UriFolderScan:
     def ignored_names(self) -> list[str]:
         return list(self.ignored)
 
-    def tasks(self, rows: Iterable[int]) -> Iterator[DecodeTask]:
-        """Decode tasks for ``rows``, made one at a time; each reads its file when it runs."""
-        for row in rows:
+    def tasks(self, rows: Iterable[int] | None = None) -> Iterator[DecodeTask]:
+        """Decode tasks for ``rows`` (default all), made one at a time; each reads its file when
+        it runs."""
+        for row in range(len(self.labels)) if rows is None else rows:
             path = self.base + self.relative[row].as_py()
             yield DecodeTask(
                 self.prefix + path, int(self.labels[row]), partial(_read_uri, self.fs, path)
@@ -317,8 +318,9 @@ def load_imagefolder(
     )
     warn_ignored(scan)
     labels = scan.all_labels()
-    rows = np.arange(len(labels)) if limit is None else stratified_indices(labels, limit, seed=seed)
-    mode, note = choose_mode(mode, len(rows), image_size)
+    rows = None if limit is None else stratified_indices(labels, limit, seed=seed)
+    count = len(labels) if rows is None else len(rows)
+    mode, note = choose_mode(mode, count, image_size)
     options: dict[str, Any] = {
         "class_names": scan.class_names,
         "source": scan.source,
@@ -329,12 +331,15 @@ def load_imagefolder(
     }
     if mode != "stream":
         return decode_tasks(list(scan.tasks(rows)), **options)
-    used = rows[rows < len(scan.labels)]  # the refused rows come last and are never kept
-    files = scan.file_rows(scan.relative if limit is None else scan.relative.take(pa.array(used)))
+    if rows is None:  # every file: the scan's arrays as they are
+        used, files = len(scan.labels), scan.file_rows(scan.relative)
+    else:  # the refused rows come last and are never kept
+        used = int(np.searchsorted(rows, len(scan.labels)))
+        files = scan.file_rows(scan.relative.take(pa.array(rows[:used])))
     return index_tasks(
         scan.tasks(rows),
-        len(rows),
-        lambda kept: files.subset(kept[: len(used)]),
-        labels=labels if limit is None else labels[rows],
+        count,
+        lambda kept: files.subset(kept[:used]),
+        labels=labels if rows is None else labels[rows],
         **options,
     )

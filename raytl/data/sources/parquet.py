@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -194,69 +193,96 @@ def _check_manifest(storage: Storage, shards: ParquetShards, converted: bool) ->
             )
 
 
-def chosen_rows(
-    shards: ParquetShards, limit: int | None, seed: int
-) -> tuple[list[ds.Fragment], list[np.ndarray], np.ndarray]:
-    """The shards' fragments, their labels, and the rows chosen (all, or a stratified sample of
-    ``limit``: the labels are read first, a small column) as positions over all shards."""
-    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.fs)
-    fragments = list(dataset.get_fragments())
-    labels = [_shard_labels(fragment, shards) for fragment in fragments]
-    everything = np.concatenate(labels)
-    if limit is None:
-        return fragments, labels, np.arange(len(everything))
-    return fragments, labels, stratified_indices(everything, limit, seed=seed)
+@dataclass(frozen=True)
+class ChosenRows:
+    """Every row's label (over all shards, in order), where each shard starts in it, its row
+    groups' sizes, and the rows chosen (all, or a stratified sample), sorted."""
+
+    starts: np.ndarray  # int64, one more than the shards: shard i is rows starts[i]:starts[i+1]
+    group_rows: list[list[int]]  # per shard, the rows of each of its row groups
+    labels: np.ndarray
+    rows: np.ndarray
+
+    def of_shard(self, shard: int) -> np.ndarray:
+        """The chosen rows of shard ``shard``, as rows of that shard."""
+        start, end = self.starts[shard], self.starts[shard + 1]
+        low, high = np.searchsorted(self.rows, (start, end))
+        return self.rows[low:high] - start
 
 
-def stream_parquet(
-    shards: ParquetShards,
-    chosen: tuple[list[ds.Fragment], list[np.ndarray], np.ndarray],
-    **options: Any,
-) -> ImageData:
+def chosen_rows(shards: ParquetShards, limit: int | None, seed: int) -> ChosenRows:
+    """The rows to use: all, or a stratified sample of ``limit`` (the labels are read first, a
+    small column)."""
+    per_shard, group_rows = [], []
+    for file in shards.files:
+        with _reader(shards, file) as reader:
+            per_shard.append(_shard_labels(reader, shards.name(file), shards.class_names))
+            metadata = reader.metadata
+            group_rows.append(
+                [metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
+            )
+    starts = np.cumsum([0] + [len(labels) for labels in per_shard], dtype=np.int64)
+    labels = np.concatenate(per_shard)
+    del per_shard
+    rows = np.arange(len(labels)) if limit is None else stratified_indices(labels, limit, seed=seed)
+    return ChosenRows(starts, group_rows, labels, rows)
+
+
+def stream_parquet(shards: ParquetShards, chosen: ChosenRows, **options: Any) -> ImageData:
     """The streamed ImageData of the chosen rows: each row group is read once to check and
-    digest its chosen rows (one group in memory at a time); the index keeps where they are."""
-    fragments, labels, rows = chosen
-    where = np.empty((len(rows), 3), dtype=np.int64)  # (shard, row group, row in group)
-    filled = 0  # rows of `where` filled so far, in task order
+    digest its chosen rows (one group in memory at a time, by ``ParquetFile.read_row_group`` as
+    the stream reads them: a dataset scan of each group kept memory that grew with the groups
+    read); the index keeps where they are."""
+    row_groups: list[tuple[int, int]] = []  # (shard, row group) of each group read
+    largest = max((size for sizes in chosen.group_rows for size in sizes), default=0)
+    block = np.empty(len(chosen.rows), dtype=np.int32)  # per row: its group in row_groups
+    within = np.empty(len(chosen.rows), dtype=np.int32 if largest < 2**31 else np.int64)
+    filled = 0  # rows of `block` and `within` filled so far, in task order
 
     def tasks() -> Iterator[DecodeTask]:
         nonlocal filled
-        start = 0
-        for shard, (fragment, shard_labels) in enumerate(zip(fragments, labels, strict=True)):
-            mine = rows[(rows >= start) & (rows < start + len(shard_labels))] - start
-            start += len(shard_labels)
-            name = shards.name(fragment.path)
-            group_start = 0
-            for group in fragment.row_groups:
-                size = group.num_rows
-                local = mine[(mine >= group_start) & (mine < group_start + size)] - group_start
-                if len(local):
-                    column = _read_column(fragment.subset(row_group_ids=[group.id]), "image", name)
-                    for row, blob in zip(
-                        local.tolist(), column.take(local).to_pylist(), strict=True
-                    ):
-                        where[filled] = (shard, group.id, row)
-                        filled += 1
-                        label = int(shard_labels[group_start + row])
-                        yield DecodeTask(
-                            f"{name}#row={group_start + row}", label, _in_memory(blob or b"")
-                        )
-                group_start += size
+        for shard, file in enumerate(shards.files):
+            mine, start, name = chosen.of_shard(shard), int(chosen.starts[shard]), shards.name(file)
+            if not len(mine):
+                continue
+            with _reader(shards, file) as reader:
+                group_start = 0
+                for group, size in enumerate(chosen.group_rows[shard]):
+                    low, high = np.searchsorted(mine, (group_start, group_start + size))
+                    local = mine[low:high] - group_start
+                    if len(local):
+                        row_groups.append((shard, group))
+                        blobs = _read_column(reader, "image", name, group).take(local).to_pylist()
+                        for row, blob in zip(local.tolist(), blobs, strict=True):
+                            block[filled], within[filled] = len(row_groups) - 1, row
+                            filled += 1
+                            label = int(chosen.labels[start + group_start + row])
+                            yield DecodeTask(
+                                f"{name}#row={group_start + row}", label, _in_memory(blob or b"")
+                            )
+                    group_start += size
 
     def index(kept: np.ndarray) -> ShardRows:
-        table = where[kept]
-        files = tuple(fragment.path for fragment in fragments)
+        everything = kept.all()
         return ShardRows(
-            files,
+            shards.files,
             shards.fs,
-            table[:, 0].astype(np.int32),
-            table[:, 1].astype(np.int32),
-            table[:, 2],
+            np.array(row_groups, dtype=np.int32).reshape(-1, 2),
+            block if everything else block[kept],
+            within if everything else within[kept],
             shards.uri_prefix,
         )
 
+    everything = len(chosen.rows) == len(chosen.labels)  # all rows, in order: no copy
+    labels = chosen.labels if everything else chosen.labels[chosen.rows]
     return index_tasks(
-        tasks(), len(rows), index, class_names=shards.class_names, source=shards.source, **options
+        tasks(),
+        len(chosen.rows),
+        index,
+        class_names=shards.class_names,
+        source=shards.source,
+        labels=labels,
+        **options,
     )
 
 
@@ -268,31 +294,40 @@ def parquet_tasks(
     The labels are read first (a small column); with ``limit``, a stratified sample of the rows
     is chosen on them, and only those rows' image bytes are kept, one shard read at a time.
     """
-    fragments, labels, chosen = chosen_rows(shards, limit, seed)
+    chosen = chosen_rows(shards, limit, seed)
     tasks: list[DecodeTask] = []
-    start = 0
-    for fragment, shard_labels in zip(fragments, labels, strict=True):
-        rows = chosen[(chosen >= start) & (chosen < start + len(shard_labels))] - start
-        start += len(shard_labels)
+    for shard, file in enumerate(shards.files):
+        rows = chosen.of_shard(shard)
         if not len(rows):
             continue
-        name = shards.name(fragment.path)
-        images = _read_column(fragment, "image", name).take(rows).to_pylist()
-        for row, blob in zip(rows.tolist(), images, strict=True):
-            tasks.append(
-                DecodeTask(
-                    name=f"{name}#row={row}",
-                    label=int(shard_labels[row]),
-                    read=_in_memory(blob or b""),
-                )
-            )
+        name = shards.name(file)
+        labels = chosen.labels[chosen.starts[shard] + rows]
+        with _reader(shards, file) as reader:
+            images = _read_column(reader, "image", name).take(rows).to_pylist()
+        for row, label, blob in zip(rows.tolist(), labels.tolist(), images, strict=True):
+            tasks.append(DecodeTask(f"{name}#row={row}", label, _in_memory(blob or b"")))
     return tasks
 
 
-def _read_column(fragment: ds.Fragment, column: str, name: str) -> pa.ChunkedArray:
-    """One column of a shard; a damaged page (the footer read fine) is one clear line."""
+def _reader(shards: ParquetShards, file: str) -> pq.ParquetFile:
+    """A shard opened for reading (its footer was read when the shards were scanned)."""
     try:
-        return fragment.to_table(columns=[column]).column(column)
+        return pq.ParquetFile(file, filesystem=shards.fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(
+            f"{shards.name(file)} is not a readable Parquet file ({first_line(exc)})"
+        ) from None
+
+
+def _read_column(
+    reader: pq.ParquetFile, column: str, name: str, group: int | None = None
+) -> pa.ChunkedArray:
+    """One column of a shard (or of one of its row groups); a damaged page (the footer read
+    fine) is one clear line."""
+    try:
+        if group is None:
+            return reader.read(columns=[column]).column(column)
+        return reader.read_row_group(group, columns=[column]).column(column)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(
             f"{name}: a data page cannot be read ({first_line(exc)}); the "
@@ -300,21 +335,20 @@ def _read_column(fragment: ds.Fragment, column: str, name: str) -> pa.ChunkedArr
         ) from None
 
 
-def _shard_labels(fragment: ds.Fragment, shards: ParquetShards) -> np.ndarray:
+def _shard_labels(reader: pq.ParquetFile, name: str, class_names: tuple[str, ...]) -> np.ndarray:
     """A shard's labels, checked: none missing, each a class of ``class_names``."""
-    name = shards.name(fragment.path)
-    labels = _read_column(fragment, "label", name)
+    labels = _read_column(reader, "label", name)
     if labels.null_count:
         row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{name}#row={row}: label is missing (null)")
     values = labels.to_numpy().astype(np.int64)
-    n_classes = len(shards.class_names)
+    n_classes = len(class_names)
     bad = np.flatnonzero((values < 0) | (values >= n_classes))
     if len(bad):
         row = int(bad[0])
         raise DataError(
             f"{name}#row={row}: label {values[row]} is outside "
-            f"[0, {n_classes}) for class_names {list(shards.class_names)}"
+            f"[0, {n_classes}) for class_names {list(class_names)}"
         )
     return values
 

@@ -56,7 +56,7 @@ class FolderWalk:
     ignored: list[Path] = field(default_factory=list)
     linked: list[tuple[int, str]] = field(default_factory=list)
     _names: bytearray = field(default_factory=bytearray)  # the paths' fs bytes, back to back
-    _ends: array[int] = field(default_factory=lambda: array("q", [0]))  # where each one ends
+    _ends: array[int] = field(default_factory=lambda: array("i", [0]))  # where each one ends
     _labels: array[int] = field(default_factory=lambda: array("q"))
 
     @property
@@ -67,12 +67,8 @@ class FolderWalk:
         """The paths of the rows found, relative to the root, as one binary array of their
         file-system bytes (``os.fsencode``: a name need not be UTF-8), over the walk's own
         buffers (no copy); :func:`path_at` reads one back."""
-        ends = np.frombuffer(self._ends, dtype=np.int64)
-        if len(self._names) < 2**31:  # 32-bit offsets where they fit: 4 bytes a file less
-            ends, kind = ends.astype(np.int32), pa.binary()
-        else:
-            kind = pa.large_binary()
-        buffers = [None, pa.py_buffer(ends), pa.py_buffer(self._names)]
+        kind = pa.binary() if self._ends.typecode == "i" else pa.large_binary()
+        buffers = [None, pa.py_buffer(self._ends), pa.py_buffer(self._names)]
         return pa.Array.from_buffers(kind, self.count, buffers)
 
     def labels(self) -> np.ndarray:
@@ -113,6 +109,8 @@ class FolderWalk:
                 self._walk_folder(sub, os.path.realpath(sub), seen, label)
             elif not is_dir and self._file(path, name, link, real_dir, direct, label):
                 self._names += os.fsencode(os.path.join(relative, name))
+                if len(self._names) >= 2**31 and self._ends.typecode == "i":
+                    self._ends = array("q", self._ends)  # 64-bit offsets past 2 GiB of names
                 self._ends.append(len(self._names))
                 self._labels.append(label)
 
