@@ -10,9 +10,10 @@ then loads each in a fresh process, whole and with ``data.limit``, and reads tha
 resident memory (VmHWM from /proc) and wall time. Prints the figures and writes the "## Data at
 scale" section of docs/benchmarks.md. Linux only (/proc).
 
-Today's path decodes into memory, so the whole load grows with N (the streaming path of issue 13 is
-what makes it flat); ``data.limit`` samples the file index before anything is decoded, so a limited
-load costs what its sample costs, whatever N is.
+This is the in-memory path (``data.mode: memory``, what ``load_data`` does by default), so the
+whole load grows with N (the streamed path, ``data.mode: stream``, holds an index instead:
+``benchmarks/stream.py``); ``data.limit`` samples the file index before anything is decoded, so a
+limited load costs what its sample costs, whatever N is.
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def reading(rows: list[dict], commit: str) -> list[str]:
             "and so every search, imported anyway)."
         )
     out.append(
-        "- A whole load holds every decoded image in the loading process, so it grows with N; "
-        "the streaming path of issue 13 (not built yet) is what is to make it flat."
+        "- A whole load in memory (`data.mode: memory`) holds every decoded image in the loading "
+        "process, so it grows with N; the streamed path (`data.mode: stream`) holds an index "
+        "instead: see \"Streaming\" (`benchmarks/stream.py`)."
     )
     return out
 
