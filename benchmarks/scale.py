@@ -207,7 +207,7 @@ def reading(rows: list[dict], commit: str) -> list[str]:
     out.append(
         "- A whole load in memory (`data.mode: memory`) holds every decoded image in the loading "
         "process, so it grows with N; the streamed path (`data.mode: stream`) holds an index "
-        "instead: see \"Streaming\" (`benchmarks/stream.py`)."
+        'instead: see "Streaming" (`benchmarks/stream.py`).'
     )
     return out
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from raytl.data.splits import (
     check_class_sizes,
@@ -87,6 +86,8 @@ def _segments(count: int, s: SplitSpec) -> list[Unit]:
             part for _, part in stratified_folds(s.labels, s.pool, count, s.seed, groups=s.groups)
         ]
     else:  # the parts in StratifiedKFold's own order, as every seeded result so far was cut
+        from sklearn.model_selection import StratifiedKFold  # where it cuts (see data.splits)
+
         cutter = StratifiedKFold(n_splits=count, shuffle=True, random_state=s.seed)
         parts = [s.pool[part] for _, part in cutter.split(s.pool, s.labels[s.pool])]
     units = []

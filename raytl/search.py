@@ -40,7 +40,7 @@ from raytl.rundir import (
     write_space,
 )
 from raytl.storage import atomic_write, join_location
-from raytl.trial import SearchInputs, scheme_units
+from raytl.trial import SearchInputs, scheme_units, with_units
 from raytl.tune import echo_line, make_tuner
 
 Echo = Callable[[str], None]
@@ -197,6 +197,7 @@ def tune_search(
     :func:`with_costs`) and ``history.parquet``; a search whose every trial failed is an error
     (after its results are written)."""
     config = inputs.config
+    inputs = with_units(inputs)
     tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
     started = time.perf_counter()
     grid = tuner.fit()

@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +88,9 @@ class SearchInputs:
     data: Any  # ray.ObjectRef of the ImageData: one copy in the object store
     storage: str  # where Tune's experiment and Train's checkpoints go (path or URI)
     features: dict[str, Any] = field(default_factory=dict)  # backbone -> ObjectRef of its features
+    units: Any = (
+        None  # ray.ObjectRef of the scheme's units, cut once by the driver (None: cut here)
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class TrialContext:
     features: Any | None  # ray.ObjectRef of this backbone's cached features, if any
     storage: str
     started: float  # wall clock when Tune started the trial
+    units: Any = None  # ray.ObjectRef of the scheme's units (None: each worker cuts them)
 
     @classmethod
     def create(cls, inputs: SearchInputs, sampled: dict[str, Any]) -> TrialContext:
@@ -111,6 +115,7 @@ class TrialContext:
             inputs.features.get(hp.backbone_name),
             inputs.storage,
             time.time(),
+            inputs.units,
         )
 
     @property
@@ -143,6 +148,14 @@ def scheme_units(config: SpaceConfig, data: ImageData) -> list[Unit]:
         class_names=data.class_names,
         groups=data.groups,
     )
+
+
+def with_units(inputs: SearchInputs) -> SearchInputs:
+    """``inputs`` with its search's units cut once, here, into the object store: every trial's
+    workers read them instead of cutting them again, so a worker never imports scikit-learn
+    and SciPy (0.85 s of each trial's start-up on 2 cores)."""
+    units = scheme_units(inputs.config, ray.get(inputs.data))
+    return replace(inputs, units=ray.put(units))
 
 
 class TrialSession(Protocol):
@@ -244,7 +257,7 @@ def unit_trainers(
 ) -> tuple[dict[int, UnitTrainer], set[int], list[str]]:
     """This rank's trainers by unit, the units whose state it saves, and every unit's name."""
     data: ImageData = ray.get(ctx.data)
-    units = scheme_units(ctx.config, data)
+    units: list[Unit] = scheme_units(ctx.config, data) if ctx.units is None else ray.get(ctx.units)
     plan = assign_units(len(units), session.world)
     groups = session.unit_groups(plan)
     features = resolve_features(ctx.features)

@@ -42,6 +42,26 @@ def test_the_trial_context_reaches_the_workers_but_not_the_controller(tmp_path, 
     assert train_fn.func is raytl.trial.train_loop_per_worker and train_fn.args == (ctx,)
 
 
+def test_a_worker_starts_without_importing_scikit_learn(tmp_path, monkeypatch):
+    """A Train worker gets its units cut by the driver (``SearchInputs.units``): unpickling its
+    training function, in a fresh process, imports neither scikit-learn nor SciPy."""
+    monkeypatch.setattr(raytl.trial, "TuneReportCallback", UserCallback)
+    inputs = SearchInputs(parse_space(SPACE), "data-ref", str(tmp_path), units="units-ref")
+    ctx = TrialContext.create(inputs, {})
+    assert ctx.units == "units-ref"
+    pickled = tmp_path / "train_fn.pkl"
+    pickled.write_bytes(cloudpickle.dumps(raytl.trial.make_trainer(ctx, "t").train_loop_per_worker))
+    code = (
+        "import sys; from ray import cloudpickle; import raytl.unit\n"
+        "cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def test_local_ray_gets_the_train_settings_but_the_environment_wins(monkeypatch):
     for key in LOCAL_TRAIN_SETTINGS:
         monkeypatch.delenv(key, raising=False)
