@@ -88,9 +88,7 @@ class SearchInputs:
     data: Any  # ray.ObjectRef of the ImageData: one copy in the object store
     storage: str  # where Tune's experiment and Train's checkpoints go (path or URI)
     features: dict[str, Any] = field(default_factory=dict)  # backbone -> ObjectRef of its features
-    units: Any = (
-        None  # ray.ObjectRef of the scheme's units, cut once by the driver (None: cut here)
-    )
+    units: Any = None  # ray.ObjectRef of the scheme's units, cut by the driver (None: cut here)
 
 
 @dataclass(frozen=True)
