@@ -317,7 +317,7 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
             total_epochs=first.total_epochs,
         )
         history.append(history_entry(report))
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=checkpoint_staging()) as folder:
             for unit in owners:
                 torch.save(
                     trainers[unit].state_dict(head_only=session.saves_heads_only),
@@ -328,6 +328,15 @@ def train_units(ctx: TrialContext, session: TrialSession) -> None:
             has_files = bool(owners) or session.rank == 0
             session.report({**report, **resumed}, folder if has_files else None, report["epoch"])
         resumed = {}
+
+
+def checkpoint_staging() -> str | None:
+    """Where a report's checkpoint is written before Ray copies it to storage: the local Ray's
+    own folder (``RAY_TMPDIR``, removed with it), so a worker killed mid-report (a fault, a
+    stopped trial) leaves no checkpoint behind in the system's temp folder; elsewhere (a
+    cluster's worker, no such folder) the system's."""
+    folder = os.environ.get("RAY_TMPDIR")
+    return folder if folder and os.path.isdir(folder) else None
 
 
 def train_loop_per_worker(ctx: TrialContext) -> None:

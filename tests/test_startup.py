@@ -104,3 +104,14 @@ def test_a_local_ray_session_waits_for_its_processes_then_removes_its_folder():
     finally:
         other.kill()
         other.wait()
+
+
+def test_checkpoints_are_staged_in_the_local_rays_folder(tmp_path, monkeypatch):
+    """A worker killed mid-report leaves its staged checkpoint in the local Ray's folder, which
+    the session removes; without one (a cluster's worker) the system's temp folder is used."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert raytl.trial.checkpoint_staging() == str(tmp_path)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "not-on-this-node"))
+    assert raytl.trial.checkpoint_staging() is None
+    monkeypatch.delenv("RAY_TMPDIR")
+    assert raytl.trial.checkpoint_staging() is None
