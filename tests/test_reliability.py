@@ -174,7 +174,8 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(
     # TensorBoard has one run per trial after the resume, too; with two at once, a trial that
     # started after Tune's last saved state (so the resume ran another in its place: either of
     # the two running at the kill) keeps its run, ended as lost (status -1), never passing for a
-    # finished trial
+    # finished trial; one that finished just before the kill logged that first (its status then
+    # reads 2, then -1: the run's last word, what the HParams dashboard shows, is lost)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = {p.name for p in (out / "tensorboard").iterdir() if p.name.startswith("trial_")}
@@ -184,7 +185,7 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(
     for run in lost:
         events = EventAccumulator(str(out / "tensorboard" / run))
         events.Reload()
-        assert [e.value for e in events.Scalars("final/status")] == [-1.0]
+        assert [e.value for e in events.Scalars("final/status")] in ([-1.0], [2.0, -1.0])
 
 
 def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
