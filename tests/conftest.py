@@ -50,13 +50,15 @@ def remove_until_gone(folder: Path) -> None:
 @contextlib.contextmanager
 def shared_ray_temp_restored():
     """For a block that runs a plain ``ray.init()`` (Ray's shared temp folder, ``/tmp/ray``):
-    afterwards the session folders it created are removed and Ray's links to the latest session
-    point where they pointed before (or are gone, as before). Nothing else is touched."""
+    afterwards the session folders it created are removed, Ray's links to the latest session
+    point where they pointed before (or are gone, as before), and the folder itself is gone if it
+    was not there before and is empty. Nothing else is touched."""
     import shutil
 
     import ray._private.utils
 
     root = Path(ray._private.utils.get_ray_address_file(None)).parent  # /tmp/ray
+    existed = root.exists()
     links = ("session_latest", "prom_metrics_service_discovery.json")
     sessions = set(root.glob("session_2*"))
     targets = {
@@ -71,6 +73,8 @@ def shared_ray_temp_restored():
             (root / name).unlink(missing_ok=True)
             if target is not None:
                 (root / name).symlink_to(target)
+        if not existed and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # the folder itself, when Ray made it here and nothing is left in it
 
 
 @pytest.fixture
