@@ -273,8 +273,8 @@ def stream_parquet(shards: ParquetShards, chosen: ChosenRows, **options: Any) ->
             shards.uri_prefix,
         )
 
-    everything = len(chosen.rows) == len(chosen.labels)  # all rows, in order: no copy
-    labels = chosen.labels if everything else chosen.labels[chosen.rows]
+    all_rows = len(chosen.rows) == len(chosen.labels)  # every row, in order: no copy
+    labels = chosen.labels if all_rows else chosen.labels[chosen.rows]
     return index_tasks(
         tasks(),
         len(chosen.rows),
