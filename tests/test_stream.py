@@ -5,6 +5,7 @@ trains exactly as on the in-memory array."""
 from __future__ import annotations
 
 import pickle
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from raytl.data.stream import (
     StreamReadError,
     choose_mode,
     epoch_order,
+    map_in_shares,
 )
 from raytl.errors import ConfigError
 from raytl.space import Hyperparameters
@@ -139,6 +141,24 @@ def test_a_file_broken_mid_stream_is_dropped_from_training_and_named(folders, tm
     data.images.take_readable(rows)
     err = capsys.readouterr().err
     assert err.count(f"skipped {victim} mid-stream") == 1  # named once per process
+
+
+def test_a_batch_is_decoded_in_one_share_per_thread_and_comes_back_in_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[tuple[str, int]] = []
+
+    def work(i: int) -> int:
+        seen.append((threading.current_thread().name, i))
+        return i * i
+
+    with ThreadPoolExecutor(3) as pool:
+        assert map_in_shares(pool, 3, work, 7) == [i * i for i in range(7)]
+        assert map_in_shares(pool, 3, work, 2) == [0, 1]  # fewer positions than threads
+        assert map_in_shares(pool, 3, work, 0) == []
+    thread_of: dict[int, str] = {i: name for name, i in seen[:7]}
+    for share in ([0, 3, 6], [1, 4], [2, 5]):  # every third position, on one thread each
+        assert len({thread_of[i] for i in share}) == 1
 
 
 def test_auto_mode_streams_what_would_not_fit_and_says_so(tmp_path):

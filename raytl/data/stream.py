@@ -22,10 +22,10 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +70,23 @@ def choose_mode(
     return "memory", f"data.mode auto: memory ({size} <= {share})"
 
 
+_T = TypeVar("_T")
+
+
+def map_in_shares(
+    pool: ThreadPoolExecutor, threads: int, fn: Callable[[int], _T], count: int
+) -> list[_T]:
+    """``[fn(i) for i in range(count)]`` on ``threads`` of ``pool``'s threads, one task per
+    thread (every ``threads``-th position): a task per position spent more on the pool's
+    hand-offs and the GIL than the threads gained (64 JPEGs decoded to 48 px: 227 us an
+    image with a task each, 211 on one thread, 118 in two shares; docs/benchmarks.md)."""
+    parts = list(pool.map(lambda k: [fn(i) for i in range(k, count, threads)], range(threads)))
+    out: list[_T] = [None] * count  # type: ignore[list-item]  # every slot is filled below
+    for k, part in enumerate(parts):
+        out[k::threads] = part
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class FileRows:
     """Rows that are files: local paths, or paths on ``fs`` (an image folder on a URI). Row
@@ -99,8 +116,11 @@ class FileRows:
     def name(self, row: int) -> str:
         return self.prefix + self.path(row)
 
-    def read(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> list[bytes | Exception]:
-        return list(pool.map(self._read_one, rows.tolist()))
+    def read(
+        self, rows: np.ndarray, pool: ThreadPoolExecutor, threads: int
+    ) -> list[bytes | Exception]:
+        rows_list = rows.tolist()
+        return map_in_shares(pool, threads, lambda i: self._read_one(rows_list[i]), len(rows))
 
     def _read_one(self, row: int) -> bytes | Exception:
         try:
@@ -173,7 +193,9 @@ class ShardRows:
                 self._cache.popitem(last=False)
         return block
 
-    def read(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> list[bytes | Exception]:
+    def read(
+        self, rows: np.ndarray, pool: ThreadPoolExecutor, threads: int
+    ) -> list[bytes | Exception]:
         out: list[bytes | Exception] = [b""] * len(rows)
         keys = self.block[rows]
         for key in np.unique(keys):
@@ -290,7 +312,7 @@ class StreamedImages:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raytl-stream")
         pixels = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
-        blobs = self.rows.read(rows, self._pool)
+        blobs = self.rows.read(rows, self._pool, self.threads)
 
         def decode(i: int) -> str | None:
             blob = blobs[i]
@@ -304,7 +326,7 @@ class StreamedImages:
                 return exc.reason
             return None
 
-        reasons = list(self._pool.map(decode, range(len(rows))))
+        reasons = map_in_shares(self._pool, self.threads, decode, len(rows))
         return pixels, [(i, int(rows[i]), r) for i, r in enumerate(reasons) if r is not None]
 
 
