@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -81,10 +82,11 @@ def map_in_shares(
     hand-offs and the GIL than the threads gained (64 JPEGs decoded to 48 px: 227 us an
     image with a task each, 211 on one thread, 118 in two shares; docs/benchmarks.md)."""
     parts = list(pool.map(lambda k: [fn(i) for i in range(k, count, threads)], range(threads)))
-    out: list[_T] = [None] * count  # type: ignore[list-item]  # every slot is filled below
-    for k, part in enumerate(parts):
-        out[k::threads] = part
-    return out
+    return [parts[i % threads][i // threads] for i in range(count)]
+
+
+MapPositions = Callable[[Callable[[int], _T], int], list[_T]]
+"""How a batch's rows are read: ``map_in_shares`` bound to a stream's pool and threads."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,11 +118,9 @@ class FileRows:
     def name(self, row: int) -> str:
         return self.prefix + self.path(row)
 
-    def read(
-        self, rows: np.ndarray, pool: ThreadPoolExecutor, threads: int
-    ) -> list[bytes | Exception]:
+    def read(self, rows: np.ndarray, map_positions: MapPositions) -> list[bytes | Exception]:
         rows_list = rows.tolist()
-        return map_in_shares(pool, threads, lambda i: self._read_one(rows_list[i]), len(rows))
+        return map_positions(lambda i: self._read_one(rows_list[i]), len(rows))
 
     def _read_one(self, row: int) -> bytes | Exception:
         try:
@@ -193,9 +193,7 @@ class ShardRows:
                 self._cache.popitem(last=False)
         return block
 
-    def read(
-        self, rows: np.ndarray, pool: ThreadPoolExecutor, threads: int
-    ) -> list[bytes | Exception]:
+    def read(self, rows: np.ndarray, map_positions: MapPositions) -> list[bytes | Exception]:
         out: list[bytes | Exception] = [b""] * len(rows)
         keys = self.block[rows]
         for key in np.unique(keys):
@@ -311,8 +309,9 @@ class StreamedImages:
         """The rows' pixels, and (position, row, reason) for each that failed."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raytl-stream")
+        map_positions = partial(map_in_shares, self._pool, self.threads)
         pixels = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
-        blobs = self.rows.read(rows, self._pool, self.threads)
+        blobs = self.rows.read(rows, map_positions)
 
         def decode(i: int) -> str | None:
             blob = blobs[i]
@@ -326,7 +325,7 @@ class StreamedImages:
                 return exc.reason
             return None
 
-        reasons = map_in_shares(self._pool, self.threads, decode, len(rows))
+        reasons = map_positions(decode, len(rows))
         return pixels, [(i, int(rows[i]), r) for i, r in enumerate(reasons) if r is not None]
 
 
