@@ -346,6 +346,14 @@ def child(kind: str, *args: str, env: dict | None = None) -> dict:
     return result | {"others_cores": max(0.0, others)}
 
 
+def worker_env() -> dict:
+    """What a worker of the local Ray that raytl starts gets in its environment (where this one
+    does not set it), so that a child trains and streams as a trial's worker would."""
+    from raytl.cluster import LOCAL_TRAIN_SETTINGS
+
+    return {k: v for k, v in LOCAL_TRAIN_SETTINGS.items() if k not in os.environ}
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -417,7 +425,7 @@ def memory_in_n(sets: dict[int, tuple[Path, Path]], scratch: Path) -> list[dict]
             row = {"n": n, "source": source}
             driver = child("driver", source, str(path), str(pickled))
             row |= driver | {"driver_others": driver.pop("others_cores")}
-            row |= child("worker", str(pickled))
+            row |= child("worker", str(pickled), env=worker_env())
             pickled.unlink()
             row["images_per_second"] = row["seen"] / row["epoch_seconds"]
             row["per_core"] = row["images_per_second"] / CORES
@@ -431,7 +439,16 @@ def stream_vs_memory(folder: Path, shards: Path, train: int, val: int, reps: int
     for rep in range(reps):  # alternated, each in a fresh process
         for source, path in (("imagefolder", folder), ("parquet", shards)):
             for mode in ("memory", "stream"):
-                run = child("train", source, str(path), mode, str(train), str(val), str(rep))
+                run = child(
+                    "train",
+                    source,
+                    str(path),
+                    mode,
+                    str(train),
+                    str(val),
+                    str(rep),
+                    env=worker_env(),
+                )
                 print(json.dumps(run), flush=True)
                 runs.append(run)
     out = []
@@ -524,7 +541,9 @@ def section(res: dict, args: argparse.Namespace) -> str:
         f"{args.reps} alternating repetitions, median training img/s (each run's figure in "
         "brackets). Train loss / accuracy (over the epoch, as it trains), validation accuracy "
         "after the epoch and classes per batch of 64 (of 10; the mean over the epoch's "
-        "batches in `epoch_order`): the first repetition's. Each run is a fresh process; "
+        "batches in `epoch_order`): the first repetition's. Each run is a fresh process with "
+        "the environment a worker of raytl's local Ray gets (`raytl.cluster."
+        "LOCAL_TRAIN_SETTINGS`: `GOMP_SPINCOUNT=10000`), in both modes; "
         "others: the highest of the source's runs.",
         "",
         "| source | memory img/s | stream img/s | stream / memory | memory train loss / acc, "

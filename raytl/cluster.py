@@ -145,8 +145,9 @@ def restrict_token_file(environ: dict[str, str] | None = None, home: Path | None
         path.chmod(0o600)
 
 
-# Ray Train's settings in the local Ray that raytl starts, each only where the environment does not
-# set it already; a cluster joined with --address keeps its own (docs/benchmarks.md, "Trial start-up")
+# settings for the processes of the local Ray that raytl starts, each only where the environment
+# does not set it already; a cluster joined with --address keeps its own (docs/benchmarks.md,
+# "Trial start-up" and "Streaming"; docs/cluster.md)
 LOCAL_TRAIN_SETTINGS = {
     # how often a trial's controller polls its workers (Ray's default: 2 s). Reports reach Tune,
     # and the end of the trial is seen, at the next poll: about 2 s of every trial. A missed poll
@@ -157,6 +158,11 @@ LOCAL_TRAIN_SETTINGS = {
     # never sees: one process fewer per trial, whose start competed for the CPU with the
     # trial's worker importing torch and timm (once measured on 2 cores: 0.7 s of its imports)
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # torch's OpenMP threads (libgomp) spin 300,000 rounds waiting for the next parallel region
+    # before they sleep: a CPU worker decoding streamed images between steps shared its cores
+    # with a spinning thread for most of the decode (an epoch's 5,000 images: 1.05 s of decoding,
+    # 0.70 s at 10,000 rounds; in-memory training no slower; benchmarks/stream.py)
+    "GOMP_SPINCOUNT": "10000",
 }
 
 

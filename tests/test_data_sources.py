@@ -205,6 +205,23 @@ def test_resize_shorter_side_then_center_crop(tmp_path):
     assert big.shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_every_mode_resizes_to_the_pixels_of_its_rgb_array(tmp_path, mode):
+    """RGB and gray images are resized as decoded (no copy to NumPy first), the others as RGB
+    arrays: both give the pixels of resizing the full-size RGB result, bicubic, then cropping."""
+    noise = np.random.default_rng(0).integers(0, 256, (30, 47, 4), dtype=np.uint8)
+    Image.fromarray(noise, "RGBA").convert(mode).save(tmp_path / "a.png")
+    full = decode_file(tmp_path / "a.png")
+    for size in (12, 30, 40):
+        wide = round(47 * size / 30)
+        resized = Image.fromarray(full).resize((wide, size), Image.Resampling.BICUBIC)
+        left = (wide - size) // 2
+        expected = np.asarray(resized.crop((left, 0, left + size, size)))
+        out = decode_file(tmp_path / "a.png", size=size)
+        assert out.dtype == np.uint8 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [

@@ -86,15 +86,18 @@ def test_the_startup_trace_is_written_only_when_asked(tmp_path, monkeypatch):
     assert lines[0]["process"] <= lines[0]["time"] <= time.time()
 
 
-def test_a_local_ray_session_waits_for_its_processes_then_removes_its_folder():
+def test_a_local_ray_session_waits_for_its_processes_then_removes_its_folder(monkeypatch):
     """Every process of the local Ray (its own children and what they started) has exited when
     ray_session returns, and its temp folder is gone; another child of this process is not
-    Ray's and is neither counted nor waited for."""
+    Ray's and is neither counted nor waited for. Its workers get the local settings."""
+    for key in LOCAL_TRAIN_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         with ray_session(None):
             folder = os.environ["RAY_TMPDIR"]
-            assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process, too
+            seen = ray.get(ray.remote(lambda: os.environ.get("GOMP_SPINCOUNT")).remote())
+            assert seen == LOCAL_TRAIN_SETTINGS["GOMP_SPINCOUNT"]  # a worker process, too
             started = ray_processes(folder)
         assert started and other.pid not in started
         assert not os.path.exists(folder)
