@@ -37,7 +37,7 @@ from raytl.data.sources.fashion_mnist import (
     read_idx,
 )
 from raytl.data.sources.imagefolder import scan_imagefolder
-from raytl.data.sources.parquet import MANIFEST_NAME
+from raytl.data.sources.shards import MANIFEST_NAME
 
 BIG = 10**9
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -169,7 +169,7 @@ def test_a_class_folder_on_the_bucket_without_images_is_named(s3, tmp_path):
 
 def test_unreachable_storage_is_one_line_naming_the_uri(tmp_path):
     from raytl.data.dataset import DataError
-    from raytl.data.sources.parquet import scan_parquet
+    from raytl.data.sources.shards import scan_parquet
 
     dead = f"s3://nowhere/shards?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
     env = {**os.environ, **KEYS, "AWS_EC2_METADATA_DISABLED": "true"}

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -122,6 +123,48 @@ def test_parquet_epochs_read_a_few_row_groups_at_a_time_and_mix_classes(tmp_path
     groups = mixed.labels.reshape(-1, 4)  # one row group per 4-row shard
     assert np.mean([len(np.unique(g)) for g in groups]) > 1.5
     assert sorted(mixed.labels.tolist()) == sorted(data.labels.tolist())
+
+
+def test_a_shards_footer_is_read_once_by_the_driver_and_once_by_each_worker(tmp_path):
+    """On a bucket each footer read is requests: the driver reads every shard's footer when it
+    scans the shards and opens them with it after; a worker's ShardRows reads a shard's footer
+    with its first row group and not again. Checked by breaking the footers on disk after."""
+    from raytl.data.images import DEFAULT_MAX_PIXELS
+    from raytl.data.sources.parquet import chosen_rows, parquet_tasks, stream_parquet
+    from raytl.data.sources.shards import scan_parquet
+
+    root = make_folder(tmp_path / "folder", per_class=8)
+    shards = tmp_path / "shards"
+    convert_imagefolder(str(root), str(shards), shard_size=24)
+    for file in sorted(shards.glob("*.parquet")):  # row groups of 6 rows, metadata kept
+        pq.write_table(pq.read_table(file), file, row_group_size=6)
+
+    def break_footers() -> None:  # the trailing length and magic bytes zeroed
+        for file in shards.glob("*.parquet"):
+            with file.open("r+b") as f:
+                f.seek(-8, 2)
+                f.write(bytes(8))
+
+    scanned = scan_parquet(str(shards))
+    expected = load("parquet", shards, "stream")
+    worker = pickle.loads(pickle.dumps(expected.images.rows))
+    first = np.flatnonzero(worker.block == 0)[:1]  # a row of shard 0's first row group
+    assert worker.read(first, lambda fn, n: [fn(i) for i in range(n)])[0]
+    break_footers()
+    with pytest.raises(Exception, match="magic bytes"):
+        pq.read_metadata(next(shards.glob("*.parquet")))
+
+    chosen = chosen_rows(scanned, None, 0)
+    np.testing.assert_array_equal(chosen.labels, expected.labels)
+    streamed = stream_parquet(
+        scanned, chosen, image_size=24, on_bad_file="skip", max_pixels=DEFAULT_MAX_PIXELS
+    )
+    np.testing.assert_array_equal(streamed.labels, expected.labels)  # its rows unread yet
+    assert len(parquet_tasks(scanned)) == len(expected)
+    shard0 = worker.row_groups[worker.block, 0] == 0
+    later = np.flatnonzero(shard0 & (worker.block != 0))  # shard 0, its other row groups
+    blobs = worker.read(later, lambda fn, n: [fn(i) for i in range(n)])
+    assert len(later) == 18 and all(blobs)
 
 
 def test_a_file_broken_mid_stream_is_dropped_from_training_and_named(folders, tmp_path, capsys):

@@ -30,7 +30,7 @@ from raytl.data.sources.decode import (
     warn_skipped,
 )
 from raytl.data.sources.imagefolder import FolderScan, folder_tasks, scan_imagefolder, warn_ignored
-from raytl.data.sources.parquet import CONVERTED_MARKER, MANIFEST_NAME
+from raytl.data.sources.shards import CONVERTED_MARKER, MANIFEST_NAME
 from raytl.errors import first_line
 from raytl.storage import Storage, is_uri, shown_location
 

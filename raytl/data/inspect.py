@@ -14,7 +14,8 @@ from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources import SOURCES, load_data
 from raytl.data.sources.decode import DecodedImage, DecodeTask, decode_task, ordered_map
 from raytl.data.sources.imagefolder import folder_tasks, scan_imagefolder
-from raytl.data.sources.parquet import parquet_tasks, scan_parquet
+from raytl.data.sources.parquet import parquet_tasks
+from raytl.data.sources.shards import scan_parquet
 
 
 @dataclass

@@ -137,8 +137,9 @@ class FileRows:
 class ShardRows:
     """Rows of Parquet shards: row ``i`` is row ``row[i]`` of the row group
     ``row_groups[block[i]]`` (a shard and a row group in it); row groups are read whole
-    (Parquet's unit of reading) and kept in a small per-process cache of encoded bytes. Eight
-    bytes a row: the table of row groups is one entry per group, not per row."""
+    (Parquet's unit of reading) and kept in a small per-process cache of encoded bytes; each
+    shard's footer is read once per process, not once per row group. Eight bytes a row: the
+    table of row groups is one entry per group, not per row."""
 
     files: tuple[str, ...]
     fs: pafs.FileSystem
@@ -148,15 +149,16 @@ class ShardRows:
     prefix: str = ""
     _cache: OrderedDict[tuple[int, int], pa.Array] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _footers: dict[int, pq.FileMetaData] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.row)
 
-    def __getstate__(self) -> dict[str, Any]:  # the index travels; the cache and lock do not
-        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+    def __getstate__(self) -> dict[str, Any]:  # the index travels; the caches and lock do not
+        return {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _cache=OrderedDict(), _lock=threading.Lock())
+        self.__dict__.update(state, _cache=OrderedDict(), _lock=threading.Lock(), _footers={})
 
     def subset(self, rows: np.ndarray) -> ShardRows:
         return ShardRows(
@@ -177,10 +179,11 @@ class ShardRows:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        file = self.files[shard]
+        file, footer = self.files[shard], self._footers.get(shard)
         try:
-            with pq.ParquetFile(file, filesystem=self.fs) as reader:
+            with pq.ParquetFile(file, filesystem=self.fs, metadata=footer) as reader:
                 column = reader.read_row_group(group, columns=["image"]).column("image")
+                self._footers.setdefault(shard, reader.metadata)
         except (OSError, pa.ArrowException) as exc:
             raise StreamReadError(
                 f"{self.prefix}{file}: row group {group} cannot be read mid-stream "
@@ -208,6 +211,7 @@ class ShardRows:
 
 
 Rows = FileRows | ShardRows
+_PER_PROCESS = ("_cache", "_lock", "_footers")  # ShardRows' fields that never travel
 
 
 class StreamedImages:

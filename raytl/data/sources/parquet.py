@@ -1,9 +1,8 @@
 """The ``parquet`` source: shards of encoded images, as written by ``convert_imagefolder``.
 
 Each shard has a binary ``image`` column (the encoded file bytes), an integer ``label``
-column and a JSON list ``class_names`` in its schema metadata. A folder of shards written by
-``convert_imagefolder`` also holds :data:`MANIFEST_NAME`, checked so that a half-finished or
-mixed conversion is refused instead of silently training on part of the data.
+column and a JSON list ``class_names`` in its schema metadata; :mod:`raytl.data.sources.shards`
+finds and checks them (and the manifest of a conversion) first, reading each footer once.
 
 The shards may be a local folder or any pyarrow filesystem URI (``s3://bucket/prefix``, with
 ``?endpoint_override=...`` for an S3-compatible server; ``gs://``): they are listed and read
@@ -12,185 +11,21 @@ through :class:`raytl.storage.Storage`, and named in messages by their URI.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytl.data.dataset import DataError, ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources.decode import DecodeTask, decode_tasks, index_tasks
+from raytl.data.sources.shards import ParquetShards, scan_parquet
 from raytl.data.splits import stratified_indices
 from raytl.data.stream import ShardRows, choose_mode
 from raytl.errors import first_line
-from raytl.storage import Storage, is_uri, shown_location
-
-MANIFEST_NAME = "_raytl_manifest.json"
-"""Written last by ``convert_imagefolder``: its presence proves the conversion finished."""
-CONVERTED_MARKER = "raytl_converted"
-"""Schema metadata key on shards written by ``convert_imagefolder``."""
-
-
-@dataclass(frozen=True)
-class ParquetShards:
-    """Validated Parquet shards: their files (paths on ``fs``) and the class names they agree on."""
-
-    files: tuple[str, ...]
-    class_names: tuple[str, ...]
-    source: str  # the folder or file as the user named it (a URI's query left out)
-    fs: pafs.FileSystem
-    uri_prefix: str = ""  # "s3://" for a URI source: a file's name in messages is prefix + path
-
-    def name(self, file: str) -> str:
-        """How messages name ``file``: its local path, or its URI without the query."""
-        return self.uri_prefix + file
-
-
-def scan_parquet(path: str | os.PathLike[str] | None) -> ParquetShards:
-    """Find and validate the shards (columns, metadata, completeness) without reading images.
-
-    Raises:
-        DataError: Missing path or shards, a storage that cannot be reached (naming the URI), a
-            missing column or metadata key (naming the file and the key), shards that disagree
-            on class names, or an unfinished conversion.
-    """
-    if path is None:
-        raise DataError(
-            "the parquet source needs data.path: a folder of *.parquet shards or one file"
-        )
-    text = str(path)
-    location = text if is_uri(text) else os.path.expanduser(text)
-    shown = shown_location(location)
-    try:
-        storage = Storage(location)
-        kind = storage.fs.get_file_info(storage.root).type
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"parquet path {shown} cannot be read: {first_line(exc)}") from None
-    if kind == pafs.FileType.NotFound:
-        raise DataError(f"parquet path {shown} does not exist")
-    prefix = shown.partition("://")[0] + "://" if is_uri(location) else ""
-    shards = ParquetShards((), (), shown, storage.fs, prefix)
-    files = _shard_files(storage, shards) if kind == pafs.FileType.Directory else (storage.root,)
-    class_names: tuple[str, ...] | None = None
-    converted = False
-    for file in files:
-        names, marked = _read_shard_schema(file, shards)
-        if class_names is None:
-            class_names = tuple(names)
-        elif tuple(names) != class_names:
-            raise DataError(
-                f"{shards.name(file)}: class_names {names} differ from those of "
-                f"{shards.name(files[0])} ({list(class_names)})"
-            )
-        converted = converted or marked
-    assert class_names is not None
-    shards = ParquetShards(files, class_names, shown, storage.fs, prefix)
-    if kind == pafs.FileType.Directory:
-        _check_manifest(storage, shards, converted)
-    return shards
-
-
-def _shard_files(storage: Storage, shards: ParquetShards) -> tuple[str, ...]:
-    """The visible ``*.parquet`` files of the folder, sorted."""
-    try:
-        infos = storage.fs.get_file_info(pafs.FileSelector(storage.root))
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"cannot list {shards.source}: {first_line(exc)}") from None
-    files = tuple(
-        sorted(
-            info.path
-            for info in infos
-            if info.type == pafs.FileType.File
-            and info.base_name.endswith(".parquet")
-            and not info.base_name.startswith((".", "_"))
-        )
-    )
-    if not files:
-        raise DataError(f"no *.parquet files in {shards.source}")
-    return files
-
-
-def _read_shard_schema(path: str, shards: ParquetShards) -> tuple[list[str], bool]:
-    """Validate one shard's columns and metadata; its class names and whether we wrote it.
-
-    Raises:
-        DataError: Unreadable file, a missing or mistyped column, or bad ``class_names``.
-    """
-    file = shards.name(path)
-    try:
-        schema = pq.read_schema(path, filesystem=shards.fs)
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{file} is not a readable Parquet file ({first_line(exc)})") from None
-    for column, expected in (("image", "binary: encoded image file bytes"), ("label", "int64")):
-        if column not in schema.names:
-            raise DataError(
-                f"{file} has no column {column!r} ({expected}); "
-                f"columns found: {', '.join(schema.names)}"
-            )
-    image_type, label_type = schema.field("image").type, schema.field("label").type
-    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise DataError(
-            f"{file}: column 'image' must be binary (encoded image file bytes), got {image_type}"
-        )
-    if not pa.types.is_integer(label_type):
-        raise DataError(f"{file}: column 'label' must be an integer type, got {label_type}")
-    metadata = schema.metadata or {}
-    if b"class_names" not in metadata:
-        raise DataError(
-            f"{file}: schema metadata has no key 'class_names' "
-            "(expected a JSON list of class names, indexed by label)"
-        )
-    try:
-        names = json.loads(metadata[b"class_names"])
-    except ValueError as exc:
-        raise DataError(f"{file}: schema metadata 'class_names' is not JSON ({exc})") from exc
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
-        raise DataError(
-            f"{file}: schema metadata 'class_names' must be a JSON list of at least 2 strings"
-        )
-    return names, CONVERTED_MARKER.encode() in metadata
-
-
-def _check_manifest(storage: Storage, shards: ParquetShards, converted: bool) -> None:
-    """Refuse a half-finished or mixed conversion instead of silently training on part of it."""
-    root, manifest_name = shards.source, shards.name(storage.path(MANIFEST_NAME))
-    if not storage.is_file(MANIFEST_NAME):
-        if converted:
-            raise DataError(
-                f"{root} holds shards from convert_imagefolder but no {MANIFEST_NAME}: the "
-                "conversion did not finish; run it again into an empty folder"
-            )
-        return
-    try:
-        manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
-        listed = {entry["file"]: int(entry["rows"]) for entry in manifest["shards"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{manifest_name} is unreadable ({exc}); run the conversion again") from exc
-    present = {f.rpartition("/")[2]: f for f in shards.files}
-    missing = sorted(set(listed) - set(present))
-    extra = sorted(set(present) - set(listed))
-    if missing:
-        raise DataError(
-            f"{root}: shard(s) listed in {MANIFEST_NAME} are missing: {', '.join(missing)}"
-        )
-    if extra:
-        raise DataError(
-            f"{root}: shard(s) not listed in {MANIFEST_NAME} (left from another conversion?): "
-            f"{', '.join(extra)}"
-        )
-    for name, file in present.items():
-        rows = pq.read_metadata(file, filesystem=shards.fs).num_rows
-        if rows != listed[name]:
-            raise DataError(
-                f"{shards.name(file)} has {rows} rows but {MANIFEST_NAME} says {listed[name]}; "
-                "the shard was altered or truncated"
-            )
 
 
 @dataclass(frozen=True)
@@ -214,8 +49,8 @@ def chosen_rows(shards: ParquetShards, limit: int | None, seed: int) -> ChosenRo
     """The rows to use: all, or a stratified sample of ``limit`` (the labels are read first, a
     small column)."""
     per_shard, group_rows = [], []
-    for file in shards.files:
-        with _reader(shards, file) as reader:
+    for shard, file in enumerate(shards.files):
+        with _reader(shards, shard) as reader:
             per_shard.append(_shard_labels(reader, shards.name(file), shards.class_names))
             metadata = reader.metadata
             group_rows.append(
@@ -245,7 +80,7 @@ def stream_parquet(shards: ParquetShards, chosen: ChosenRows, **options: Any) ->
             mine, start, name = chosen.of_shard(shard), int(chosen.starts[shard]), shards.name(file)
             if not len(mine):
                 continue
-            with _reader(shards, file) as reader:
+            with _reader(shards, shard) as reader:
                 group_start = 0
                 for group, size in enumerate(chosen.group_rows[shard]):
                     low, high = np.searchsorted(mine, (group_start, group_start + size))
@@ -302,17 +137,18 @@ def parquet_tasks(
             continue
         name = shards.name(file)
         labels = chosen.labels[chosen.starts[shard] + rows]
-        with _reader(shards, file) as reader:
+        with _reader(shards, shard) as reader:
             images = _read_column(reader, "image", name).take(rows).to_pylist()
         for row, label, blob in zip(rows.tolist(), labels.tolist(), images, strict=True):
             tasks.append(DecodeTask(f"{name}#row={row}", label, _in_memory(blob or b"")))
     return tasks
 
 
-def _reader(shards: ParquetShards, file: str) -> pq.ParquetFile:
-    """A shard opened for reading (its footer was read when the shards were scanned)."""
+def _reader(shards: ParquetShards, shard: int) -> pq.ParquetFile:
+    """Shard number ``shard`` opened for reading with the footer read when it was scanned."""
+    file = shards.files[shard]
     try:
-        return pq.ParquetFile(file, filesystem=shards.fs)
+        return pq.ParquetFile(file, filesystem=shards.fs, metadata=shards.footers[shard])
     except (OSError, pa.ArrowException) as exc:
         raise DataError(
             f"{shards.name(file)} is not a readable Parquet file ({first_line(exc)})"
@@ -372,7 +208,7 @@ def load_parquet(
     with ``limit``, only a stratified sample of the rows is read and decoded. ``mode`` as for
     :func:`~raytl.data.sources.imagefolder.load_imagefolder`."""
     shards = scan_parquet(path)
-    rows = sum(pq.read_metadata(file, filesystem=shards.fs).num_rows for file in shards.files)
+    rows = sum(footer.num_rows for footer in shards.footers)
     mode, note = choose_mode(mode, min(rows, limit or rows), image_size)
     if mode == "stream":
         return stream_parquet(
