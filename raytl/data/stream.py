@@ -160,9 +160,15 @@ class ShardRows:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _cache=OrderedDict(), _lock=threading.Lock(), _footers={})
 
-    def subset(self, rows: np.ndarray) -> ShardRows:
+    def subset(self, rows: np.ndarray) -> ShardRows:  # the footers read so far are shared
         return ShardRows(
-            self.files, self.fs, self.row_groups, self.block[rows], self.row[rows], self.prefix
+            self.files,
+            self.fs,
+            self.row_groups,
+            self.block[rows],
+            self.row[rows],
+            self.prefix,
+            _footers=self._footers,
         )
 
     def name(self, row: int) -> str:
