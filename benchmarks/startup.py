@@ -106,11 +106,20 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "- Why every trial pays it: Ray Train V2 starts a trial's controller and workers as new "
     "actors, and every actor gets a new Python process (7 per trial here: the Tune trial, its "
     "report queue, the Train controller, the placement-group cleaner, the synchronization "
-    "actor, the dataset manager and the worker; 8 with the preemption watcher). A pooled idle "
-    "process cannot serve them: Ray prestarts idle workers only once (as many as CPUs, when the "
-    "first driver connects) and only with an empty runtime env, Train V2 gives its controller "
-    "and workers a runtime env of their own (`env_vars`, always), and a process that ran a "
-    "task is not handed to an actor (both checked on this machine).",
+    "actor, the dataset manager and the worker; 8 with the preemption watcher). Ray's own pool "
+    "of idle processes cannot serve them: it is filled once (as many as CPUs, when the first "
+    "driver connects) and only with an empty runtime env, Train V2 gives its controller and "
+    "workers a runtime env of their own (`env_vars`, always), and a process that ran a task is "
+    "not handed to an actor (both checked on this machine).",
+    "- Cut (raytl/warm_workers.py, the local Ray raytl starts; 2026-12-01): each Train worker, "
+    "as it starts, asks its raylet (`PrestartWorkers`, the call Ray's core worker makes; Ray "
+    "2.60 has no Python API for it) for one process of this job with the worker's own runtime "
+    "env, whose setup hook imports torch, timm, Ray Train and raytl before the process takes "
+    "work; the next trial's worker starts in it (the raylet matches a hash of the runtime env's "
+    "JSON as Ray's C++ merge wrote it, so the worker sends its own text: rebuilt in Python it "
+    "never matched). The first trial of a search starts cold; later ones do not import (the "
+    "worker's rows above); the idle processes never outnumber the workers that run at once. "
+    "Test: `test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`.",
     "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
     "function (`functools.partial`), which only the workers unpickle, instead of "
     "`train_loop_config`, which is part of the run context the controller unpickles too: the "
@@ -149,8 +158,8 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "`RAY_TRAIN_COLLECTIVE_TIMEOUT_S`, `RAY_TRAIN_ENABLE_*_STRUCTURED_LOGGING`, "
     "`RAY_TRAIN_METRICS_ENABLED`, `RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION`: none is on "
     "the start-up path (the placement group is ready in 0.02 s).",
-    "- Below this needs Ray to hand Train a warm process (a prestarted pool for a runtime env, "
-    "or a worker group kept across `fit()` calls); no setting raytl controls does that.",
+    "- Left: the controller's process is still new every trial (its runtime env is Train's, "
+    "shared by its helper actors, which would take prestarted processes meant for it).",
 ]
 
 
@@ -251,7 +260,7 @@ def trial_events(out: Path) -> list[dict[str, float]]:
             mark = json.loads(line)
             trace.setdefault(mark["trial"], {})[mark["stage"]] = mark
     events = ray_events(out)
-    trials = []
+    trials: list[dict[str, float]] = []
     for _, row in table.iterrows():
         launched = float(row["launched_at"])
         ready = launched + float(row["overhead_seconds"])
@@ -277,6 +286,7 @@ def trial_events(out: Path) -> list[dict[str, float]]:
             if launched - 1 <= key <= ready:
                 t.update({stage: mark["time"] for stage, mark in marks.items()})
                 t["worker_process"] = marks.get("worker_entered", {}).get("process", math.nan)
+        t["first_in_search"] = float(not trials)
         trials.append(t)
     for this, after in zip(trials, trials[1:], strict=False):
         this["to_next_launch"] = after["launched"] - (this["launched"] + this["trial_seconds"])
@@ -409,10 +419,19 @@ def reading(results: dict[str, list], imports: dict[str, dict[str, float]]) -> l
     for name, trials in results.items():
         first, wait = median_stage(trials, total), median_stage(trials, gap)
         trial = median_stage(trials, "trial, launch to end (1 epoch)")
-        verdict = "met" if first <= GOAL_SECONDS else "NOT met"
+        opening = median_stage([t for t in trials if t["first_in_search"]], total)
+        later = median_stage([t for t in trials if not t["first_in_search"]], total)
+        verdict = {  # judged apart: a median over both hides the first trials
+            (True, True): "met",
+            (False, True): "met by the later trials, NOT by the first of each search",
+        }.get((opening <= GOAL_SECONDS, later <= GOAL_SECONDS), "NOT met")
+        warm = sum(t.get("worker_process", math.inf) < t["launched"] for t in trials)
         lines.append(
             f"- {name}: launch to first training step {first:.1f} s (goal <= {GOAL_SECONDS:.0f} s:"
-            f" {verdict}); a trial from its launch to the next one's {trial + wait:.1f} s."
+            f" {verdict}); the first trial of each search {opening:.1f} s, the later ones "
+            f"{later:.1f} s (medians); {warm} of {len(trials)} workers started in a process "
+            f"started before their trial; a trial from its launch to the next one's "
+            f"{trial + wait:.1f} s."
         )
     after = [t for name, t in results.items() if not name.startswith("before")][0]
     stage = {label: median_stage(after, label) for label, _, _ in STAGES}
@@ -420,14 +439,14 @@ def reading(results: dict[str, list], imports: dict[str, dict[str, float]]) -> l
     controller = stage[STAGES[2][0]] + stage[STAGES[3][0]]
     code = [c for c in imports if not c.startswith("before")][0]
     lines += [
-        f"- What remains: the Train worker is a new Python process, and its imports take "
-        f"{worker_imports:.1f} s (torch, torchvision's ops, which import `torch._dynamo`, timm, "
-        f"Ray Train, raytl: {sum(imports[code].values()):.1f} s in a fresh Python, table "
-        f"below). It starts only once the controller's new process is up and has imported "
-        f"torch and Ray Train ({controller:.1f} s) and the placement group, the cleaner and "
-        f"the synchronization actor are up ({stage[STAGES[4][0]]:.1f} s, most of it the "
-        "worker process's own Python and Ray start). torch.distributed, the data and the "
-        "model take 0.2 s together.",
+        f"- What remains (medians over all trials): the controller's new process and its "
+        f"imports of torch and Ray Train ({controller:.1f} s); the placement group, the helper "
+        f"actors and the worker's actor ({stage[STAGES[4][0]]:.1f} s; for a cold worker most "
+        f"of it the worker process's own Python and Ray start); the worker's unpickling and "
+        f"launch of the training function ({worker_imports:.1f} s; a cold worker imports "
+        f"torch, torchvision's ops, timm, Ray Train and raytl there: "
+        f"{sum(imports[code].values()):.1f} s in a fresh Python, table below). "
+        "torch.distributed, the data and the model take 0.2 s together.",
         *WHY,
     ]
     return lines

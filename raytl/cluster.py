@@ -163,6 +163,9 @@ LOCAL_TRAIN_SETTINGS = {
     # with a spinning thread for most of the decode (an epoch's 5,000 images: 1.05 s of decoding,
     # 0.70 s at 10,000 rounds; in-memory training no slower; benchmarks/stream.py)
     "GOMP_SPINCOUNT": "10000",
+    # Train workers' processes started ahead of their trials, with torch and timm imported
+    # (raytl/warm_workers.py): the raylet is asked on this machine, where the trials run
+    "RAYTL_WARM_TRAIN_WORKERS": "1",
 }
 
 

@@ -37,6 +37,7 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raytl import warm_workers
 from raytl.attempts import (
     Attempt,
     AttemptClock,
@@ -347,7 +348,13 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
     Ray Train's controller, which then imported raytl (timm, scikit-learn) for nothing, about 3 s
     of every trial's start-up (docs/benchmarks.md, "Trial start-up").
     """
-    trace_startup("worker_entered", ctx.started, process=process_started())
+    trace_startup(
+        "worker_entered",
+        ctx.started,
+        process=process_started(),
+        preloaded=warm_workers.preloaded_at,  # a prestarted process: before the trial started
+    )
+    warm_workers.prestart_successor()
     train_units(ctx, RayTrainSession())
 
 
@@ -385,5 +392,7 @@ def make_trainer(ctx: TrialContext, trial_id: str) -> TorchTrainer:
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             failure_config=ray.train.FailureConfig(max_failures=ctx.config.search.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Train V2's RunConfig (ray.train's annotation still names V1's, without it)
+            worker_runtime_env=warm_workers.worker_runtime_env(),  # type: ignore[call-arg]
         ),
     )

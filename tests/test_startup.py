@@ -15,6 +15,7 @@ from ray import cloudpickle
 from ray.train.v2.api.callback import UserCallback
 
 import raytl.trial
+from raytl import warm_workers
 from raytl.cluster import (
     LOCAL_TRAIN_SETTINGS,
     is_running,
@@ -23,6 +24,7 @@ from raytl.cluster import (
     ray_session,
 )
 from raytl.config import parse_space
+from raytl.search import share_inputs, tune_search
 from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
 
 SPACE = {"name": "t", "data": {"source": "digits"}, "space": {"strategy": "fine_tune"}}
@@ -118,3 +120,47 @@ def test_checkpoints_are_staged_in_the_local_rays_folder(tmp_path, monkeypatch):
     assert raytl.trial.checkpoint_staging() is None
     monkeypatch.delenv("RAY_TMPDIR")
     assert raytl.trial.checkpoint_staging() is None
+
+
+def test_prestarting_is_off_outside_the_local_ray(monkeypatch):
+    monkeypatch.delenv(warm_workers.ENABLED, raising=False)
+    assert warm_workers.worker_runtime_env() == {}  # Ray's default: Train's own runtime env
+    assert warm_workers.prestart_successor() is False
+
+
+def test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done(
+    tmp_path, monkeypatch
+):
+    """On the local Ray raytl starts, the first trial's worker starts cold and asks for a
+    process like its own; the next trial's worker starts in it, torch and timm imported."""
+    for key in LOCAL_TRAIN_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(STARTUP_TRACE, str(trace))  # Ray's processes inherit it
+    config = parse_space(
+        {
+            "name": "warm",
+            "data": {"source": "digits", "image_size": 32, "limit": 120, "seed": 0},
+            "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},
+            "scheme": {"kind": "holdout"},
+            "search": {"num_samples": 2, "max_concurrent": 1, "max_epochs": 1, "seed": 0}
+            | {"scheduler": "fifo", "seed_configs": []},
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+            "space": {"strategy": "fine_tune", "freeze_depth": 3},
+        }
+    )
+    out = tmp_path / "out"
+    with ray_session(None):
+        inputs = share_inputs(config, config.data.load(), out, lambda line: None)
+        table = tune_search(inputs, out, resume=False, echo=lambda line: None)
+    assert len(table) == 2
+    workers = [json.loads(line) for line in trace.read_text().splitlines()]
+    workers = sorted(
+        (w for w in workers if w["stage"] == "worker_entered"), key=lambda w: w["trial"]
+    )
+    assert len(workers) == 2
+    first, second = workers
+    assert first["process"] > first["trial"]  # cold: started for the first trial
+    assert first["preloaded"] is not None  # its imports ran in Ray's setup hook
+    # the second trial's worker: a process started, and its imports done, before that trial
+    assert second["process"] < second["preloaded"] < second["trial"]

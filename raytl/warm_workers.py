@@ -1,0 +1,127 @@
+"""Ray Train worker processes started ahead of their trials, with torch, timm and raytl imported.
+
+Ray Train V2 starts each trial's workers as new actors, and every actor gets a new Python
+process, which then spends seconds importing torch, timm and Ray Train before the trial can
+train (docs/benchmarks.md, "Trial start-up"). Ray can start worker processes ahead of use for a
+job and a runtime env (the raylet's ``PrestartWorkers`` call), and hands an idle one to the next
+actor of that job whose runtime env is the same. So on the local Ray that raytl starts
+(:data:`ENABLED`, set by :data:`raytl.cluster.LOCAL_TRAIN_SETTINGS`):
+
+- the trials' Train workers get a runtime env of their own (:func:`worker_runtime_env`): Ray's
+  setup hook :func:`preload`, which imports what a worker needs before the process takes work;
+- each Train worker, as it starts, asks its node's raylet for one process like its own, for a
+  later trial's worker (:func:`prestart_successor`). The search's first trials start cold; the
+  idle processes never outnumber the workers that can run at once.
+
+Train still creates, watches and restarts its workers as before (a failed worker is replaced by
+a new process, warm or not); only the process an actor starts in is older. Prestarting is an
+optimisation: where the raylet cannot be asked (another Ray version, a refused call), trials
+start their workers cold, as without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+
+ENABLED = "RAYTL_WARM_TRAIN_WORKERS"
+"""Set to ``1`` in the local Ray's environment (raytl.cluster), where prestarting is on."""
+
+KEEP_ALIVE_S = 600
+"""How long an unused prestarted process is kept from Ray's reaping of idle workers."""
+
+_SETUP_HOOK_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+# what ray.init(runtime_env={"worker_process_setup_hook": "module.function"}) sets for a job's
+# workers (ray._private.runtime_env.setup_hook): Ray's worker runs it after connecting and before
+# taking work; here set for the Train workers' runtime env alone
+
+_log = logging.getLogger(__name__)
+
+preloaded_at: float | None = None
+"""When :func:`preload` finished in this process (wall clock); None where it did not run."""
+
+
+def enabled() -> bool:
+    """Whether this process's Ray is the local one raytl started (prestarting is on)."""
+    return os.environ.get(ENABLED) == "1"
+
+
+def preload() -> None:
+    """Ray's setup hook for a Train worker's process: import what the trial's worker imports
+    (torch, torchvision's ops, timm, Ray Train, raytl's trial) while the process waits for work.
+    Never raises: a failed import is left for the trial's own import to report."""
+    global preloaded_at
+    try:
+        import ray.train.torch  # noqa: F401
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+
+        import raytl.trial  # noqa: F401
+    except Exception:  # the trial reports it when it imports the same  # noqa: BLE001
+        _log.debug("raytl: preload failed", exc_info=True)
+        return
+    preloaded_at = time.time()
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """The Train workers' runtime env (``RunConfig(worker_runtime_env=...)``): the setup hook
+    where prestarting is on, else none (Ray's default)."""
+    if not enabled():
+        return {}
+    return {"env_vars": {_SETUP_HOOK_VAR: f"{__name__}.{preload.__name__}"}}
+
+
+def prestart_successor() -> bool:
+    """In a Train worker: ask this node's raylet to start one process for this job with this
+    worker's own runtime env, for the next trial's worker to start in. Returns whether the raylet
+    took the request (the process starts in the background); False where prestarting is off."""
+    if not enabled() or not ray.is_initialized():
+        return False
+    try:
+        _request(_own_runtime_env(), count=1)
+    except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
+        _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
+        return False
+    return True
+
+
+def _own_runtime_env() -> str:
+    """This process's runtime env as its raylet saw it: the JSON that Ray's core worker wrote
+    when it merged the env into its parents' (Tune's trial, Train's controller), whose exact
+    text the raylet hashes to match processes to actors. Rebuilding it from the parts did not
+    match (Ray writes it compact, and Tune and Train add variables of their own)."""
+    worker: Any = ray._private.worker.global_worker  # its core_worker is set once connected
+    return str(worker.core_worker.get_current_runtime_env())
+
+
+def _request(serialized_env: str, count: int) -> None:
+    """The raylet's PrestartWorkers call, as Ray's core worker makes it (Ray 2.60 exposes no
+    Python API for it)."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray._private.utils import get_runtime_env_info, parse_runtime_env_for_task_or_actor
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    env = parse_runtime_env_for_task_or_actor(json.loads(serialized_env))
+    info = get_runtime_env_info(env, is_job_runtime_env=False, serialize=False)
+    info.serialized_runtime_env = serialized_env
+    context = ray.get_runtime_context()
+    node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
+    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+    try:
+        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+            node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
+                language=common_pb2.Language.PYTHON,  # type: ignore[attr-defined]
+                job_id=bytes.fromhex(context.get_job_id()),
+                runtime_env_info=info,
+                keep_alive_duration_secs=KEEP_ALIVE_S,
+                num_workers=count,
+            ),
+            timeout=10,
+        )
+    finally:
+        channel.close()
