@@ -118,7 +118,7 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "work; the next trial's worker starts in it (the raylet matches a hash of the runtime env's "
     "JSON as Ray's C++ merge wrote it, so the worker sends its own text: rebuilt in Python it "
     "never matched). The first trial of a search starts cold; later ones do not import (the "
-    "worker's rows above); the idle processes never outnumber the workers that run at once. "
+    "worker's rows above); about as many processes wait as workers run at once. "
     "Test: `test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`.",
     "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
     "function (`functools.partial`), which only the workers unpickle, instead of "

@@ -10,8 +10,8 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
 - the trials' Train workers get a runtime env of their own (:func:`worker_runtime_env`): Ray's
   setup hook :func:`preload`, which imports what a worker needs before the process takes work;
 - each Train worker, as it starts, asks its node's raylet for one process like its own, for a
-  later trial's worker (:func:`prestart_successor`). The search's first trials start cold; the
-  idle processes never outnumber the workers that can run at once.
+  later trial's worker (:func:`prestart_successor`). The search's first trials start cold; about
+  as many processes wait as workers run at once (one more for each worker Train restarts).
 
 Train still creates, watches and restarts its workers as before (a failed worker is replaced by
 a new process, warm or not); only the process an actor starts in is older. Prestarting is an
