@@ -119,7 +119,12 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "JSON as Ray's C++ merge wrote it, so the worker sends its own text: rebuilt in Python it "
     "never matched). The first trial of a search starts cold; later ones do not import (the "
     "worker's rows above); about as many processes wait as workers run at once. "
-    "Test: `test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`.",
+    "Test: `test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`. "
+    "Only where the search's trials leave a CPU free: the quickstart (2 trials at once on 2 "
+    "cores) took 215 s with it and 192 s without (`benchmarks/quickstart.py`, one run each, "
+    "2026-12-01, 07ab5d2 and the same with `RAYTL_WARM_TRAIN_WORKERS=0`): a process prestarted "
+    "while every core trains takes its imports' seconds from the running trials, whereas a cold "
+    "worker imports while its own trial waits anyway.",
     "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
     "function (`functools.partial`), which only the workers unpickle, instead of "
     "`train_loop_config`, which is part of the run context the controller unpickles too: the "

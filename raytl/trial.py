@@ -354,7 +354,10 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
         process=process_started(),
         preloaded=warm_workers.preloaded_at,  # a prestarted process: before the trial started
     )
-    warm_workers.prestart_successor()
+    r = ctx.config.resources
+    warm_workers.prestart_successor(
+        ctx.config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker
+    )
     train_units(ctx, RayTrainSession())
 
 

@@ -125,7 +125,14 @@ def test_checkpoints_are_staged_in_the_local_rays_folder(tmp_path, monkeypatch):
 def test_prestarting_is_off_outside_the_local_ray(monkeypatch):
     monkeypatch.delenv(warm_workers.ENABLED, raising=False)
     assert warm_workers.worker_runtime_env() == {}  # Ray's default: Train's own runtime env
-    assert warm_workers.prestart_successor() is False
+    assert warm_workers.prestart_successor(1, 1.0) is False
+
+
+def test_workers_are_prestarted_only_where_the_trials_leave_a_cpu_free():
+    assert warm_workers.leaves_a_cpu(2, trials_at_once=1, cpus_per_trial=1.0)
+    assert not warm_workers.leaves_a_cpu(2, trials_at_once=2, cpus_per_trial=1.0)  # quickstart
+    assert not warm_workers.leaves_a_cpu(16, trials_at_once=4, cpus_per_trial=4.0)
+    assert warm_workers.leaves_a_cpu(16, trials_at_once=1, cpus_per_trial=2.0)  # a GPU trial
 
 
 def test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done(
