@@ -348,16 +348,10 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
     Ray Train's controller, which then imported raytl (timm, scikit-learn) for nothing, about 3 s
     of every trial's start-up (docs/benchmarks.md, "Trial start-up").
     """
-    trace_startup(
-        "worker_entered",
-        ctx.started,
-        process=process_started(),
-        preloaded=warm_workers.preloaded_at,  # a prestarted process: before the trial started
-    )
-    r = ctx.config.resources
-    warm_workers.prestart_successor(
-        ctx.config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker
-    )
+    # preloaded: when this process's imports were done (a prestarted one: before the trial)
+    preloaded = warm_workers.preloaded_at
+    trace_startup("worker_entered", ctx.started, process=process_started(), preloaded=preloaded)
+    warm_workers.prestart_successor(ctx.config)
     train_units(ctx, RayTrainSession())
 
 

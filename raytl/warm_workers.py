@@ -26,6 +26,7 @@ start their workers cold, as without it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ import time
 from typing import Any
 
 import ray
+
+from raytl.config import SpaceConfig
 
 ENABLED = "RAYTL_WARM_TRAIN_WORKERS"
 """Set to ``1`` in the local Ray's environment (raytl.cluster), where prestarting is on."""
@@ -56,17 +59,19 @@ def enabled() -> bool:
     return os.environ.get(ENABLED) == "1"
 
 
+PRELOADED_MODULES = ("torch", "timm", "ray.train.torch", "raytl.trial")
+"""What a trial's worker imports (torch, torchvision's ops, timm, Ray Train, raytl's trial and
+unit trainer), by name, as Ray's own ``RAY_preload_python_modules`` takes them."""
+
+
 def preload() -> None:
-    """Ray's setup hook for a Train worker's process: import what the trial's worker imports
-    (torch, torchvision's ops, timm, Ray Train, raytl's trial) while the process waits for work.
-    Never raises: a failed import is left for the trial's own import to report."""
+    """Ray's setup hook for a Train worker's process: import :data:`PRELOADED_MODULES` while the
+    process waits for work. Never raises: a failed import is left for the trial's own import
+    to report."""
     global preloaded_at
     try:
-        import ray.train.torch  # noqa: F401
-        import timm  # noqa: F401
-        import torch  # noqa: F401
-
-        import raytl.trial  # noqa: F401
+        for name in PRELOADED_MODULES:
+            importlib.import_module(name)
     except Exception:  # the trial reports it when it imports the same  # noqa: BLE001
         _log.debug("raytl: preload failed", exc_info=True)
         return
@@ -87,15 +92,18 @@ def leaves_a_cpu(cluster_cpus: float, trials_at_once: int, cpus_per_trial: float
     return cluster_cpus - trials_at_once * cpus_per_trial >= 1.0
 
 
-def prestart_successor(trials_at_once: int, cpus_per_trial: float) -> bool:
+def prestart_successor(config: SpaceConfig) -> bool:
     """In a Train worker: ask this node's raylet to start one process for this job with this
     worker's own runtime env, for the next trial's worker to start in, if the search's trials
-    (``trials_at_once`` of ``cpus_per_trial``) leave a CPU free. Returns whether the raylet took
-    the request (the process starts in the background); False where prestarting is off."""
+    leave a CPU free. Returns whether the raylet took the request (the process starts in the
+    background); False where prestarting is off."""
     if not enabled() or not ray.is_initialized():
         return False
+    r = config.resources
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    if not leaves_a_cpu(cpus, trials_at_once, cpus_per_trial):
+    if not leaves_a_cpu(
+        cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker
+    ):
         return False
     try:
         _request(_own_runtime_env(), count=1)

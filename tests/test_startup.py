@@ -125,7 +125,7 @@ def test_checkpoints_are_staged_in_the_local_rays_folder(tmp_path, monkeypatch):
 def test_prestarting_is_off_outside_the_local_ray(monkeypatch):
     monkeypatch.delenv(warm_workers.ENABLED, raising=False)
     assert warm_workers.worker_runtime_env() == {}  # Ray's default: Train's own runtime env
-    assert warm_workers.prestart_successor(1, 1.0) is False
+    assert warm_workers.prestart_successor(parse_space(SPACE)) is False
 
 
 def test_workers_are_prestarted_only_where_the_trials_leave_a_cpu_free():
