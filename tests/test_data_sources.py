@@ -219,7 +219,9 @@ def test_every_mode_resizes_to_the_pixels_of_its_rgb_array(tmp_path, mode):
         expected = np.asarray(resized.crop((left, 0, left + size, size)))
         out = decode_file(tmp_path / "a.png", size=size)
         assert out.dtype == np.uint8 and out.flags.c_contiguous
+        assert out.flags.writeable  # torch.from_numpy warns about a read-only array
         np.testing.assert_array_equal(out, expected)
+    assert full.flags.writeable
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def decode_image(
             until they fit beside the images other threads are decoding.
 
     Returns:
-        A C-contiguous ``uint8`` array of shape ``(H, W, 3)``.
+        A C-contiguous, writable ``uint8`` array of shape ``(H, W, 3)``.
 
     Raises:
         UnreadableImage: The bytes are empty, not an image, in a format raytl does not
@@ -122,7 +122,7 @@ def _rgb_pixels(im: Image.Image, size: int | None) -> np.ndarray:
     same pixels as resizing the RGB array (Pillow resizes each band alike), with three copies
     fewer (a 224-px JPEG to 48 px: 211 -> 194 us; the rest is mostly the JPEG decode)."""
     if size is not None and im.mode in ("RGB", "L"):
-        return np.ascontiguousarray(_to_rgb(_resize_center_crop(im, size)))
+        return _writable(_to_rgb(_resize_center_crop(im, size)))
     try:
         rgb = _to_rgb(im)
     except Exception as exc:  # a plugin can fail in many ways on odd files
@@ -131,7 +131,14 @@ def _rgb_pixels(im: Image.Image, size: int | None) -> np.ndarray:
         raise UnreadableImage(f"cannot convert {im.mode} image to RGB ({_describe(exc)})") from exc
     if size is not None:
         rgb = np.asarray(_resize_center_crop(Image.fromarray(np.ascontiguousarray(rgb)), size))
-    return np.ascontiguousarray(rgb)
+    return _writable(rgb)
+
+
+def _writable(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` C-contiguous and writable: an array NumPy reads from a Pillow image is
+    read-only, and torch warns about every tensor made from one (``torch.from_numpy``)."""
+    pixels = np.ascontiguousarray(pixels)
+    return pixels if pixels.flags.writeable else pixels.copy()
 
 
 def _open_checked(data: bytes, *, max_pixels: int, draft_size: int | None) -> Image.Image:
