@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import ray
 
+from raytl import warm_workers
 from raytl.cluster import check_resources, ray_session
 from raytl.config import SpaceConfig
 from raytl.console import LOG_NAME, ray_output_to
@@ -197,6 +198,7 @@ def tune_search(
     :func:`with_costs`) and ``history.parquet``; a search whose every trial failed is an error
     (after its results are written)."""
     config = inputs.config
+    warm_workers.prestart_for_search(config)  # the first trials' Train worker processes
     inputs = with_units(inputs)
     tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
     started = time.perf_counter()

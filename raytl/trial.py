@@ -348,9 +348,13 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
     Ray Train's controller, which then imported raytl (timm, scikit-learn) for nothing, about 3 s
     of every trial's start-up (docs/benchmarks.md, "Trial start-up").
     """
-    # preloaded: when this process's imports were done (a prestarted one: before the trial)
-    preloaded = warm_workers.preloaded_at
-    trace_startup("worker_entered", ctx.started, process=process_started(), preloaded=preloaded)
+    trace_startup(  # preloaded: when this process's imports were done (prestarted: before)
+        "worker_entered",
+        ctx.started,
+        process=process_started(),
+        preloaded=warm_workers.preloaded_at,
+        runtime_env=warm_workers.own_runtime_env(),  # prestarted ones had the same: the test
+    )
     warm_workers.prestart_successor(ctx.config)
     train_units(ctx, RayTrainSession())
 

@@ -9,9 +9,10 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
 
 - the trials' Train workers get a runtime env of their own (:func:`worker_runtime_env`): Ray's
   setup hook :func:`preload`, which imports what a worker needs before the process takes work;
-- each Train worker, as it starts, asks its node's raylet for one process like its own, for a
-  later trial's worker (:func:`prestart_successor`). The search's first trials start cold; about
-  as many processes wait as workers run at once (one more for each worker Train restarts).
+- before Tune launches the first trials, the driver asks for as many processes as their workers
+  (:func:`prestart_for_search`), and each Train worker, as it starts, asks its node's raylet for
+  one process like its own, for a later trial's worker (:func:`prestart_successor`). About as
+  many processes wait as workers run at once (one more for each worker Train restarts).
 
 Only where the search leaves a CPU free (:func:`leaves_a_cpu`): a process prestarted while every
 core trains takes its imports' seconds from the trials running (the quickstart on 2 cores, 2
@@ -37,6 +38,7 @@ from typing import Any
 import ray
 
 from raytl.config import SpaceConfig
+from raytl.strategies import STRATEGIES
 
 ENABLED = "RAYTL_WARM_TRAIN_WORKERS"
 """Set to ``1`` in the local Ray's environment (raytl.cluster), where prestarting is on."""
@@ -106,24 +108,81 @@ def prestart_successor(config: SpaceConfig) -> bool:
     return True
 
 
-def _ask(config: SpaceConfig) -> None:
-    r = config.resources
+def prestart_for_search(config: SpaceConfig) -> int:
+    """In the driver, before Tune launches the first trials: ask this node's raylet for a process
+    for each Train worker of the trials that start at once, with the runtime env those workers
+    will have (:func:`train_worker_env`), if the search runs Train workers and its trials leave a
+    CPU free. Returns how many it asked for (0: none; where prestarting is off, where the
+    asking failed)."""
+    if not enabled() or not ray.is_initialized() or not runs_train_workers(config):
+        return 0
+    r, s = config.resources, config.search
+    first = min(s.max_concurrent, s.num_samples or s.max_concurrent) * r.workers_per_trial
     try:
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
-        per_trial = r.workers_per_trial * r.cpus_per_worker
-        if leaves_a_cpu(cpus, config.search.max_concurrent, per_trial):
-            _request(_own_runtime_env(), count=1)
+        if not _has_a_cpu_free(config):
+            return 0
+        _request(train_worker_env(), count=first)
+    except Exception:  # an optimisation only: the first trials start cold  # noqa: BLE001
+        _log.debug("raytl: prestarting the first Train workers failed", exc_info=True)
+        return 0
+    return first
+
+
+def runs_train_workers(config: SpaceConfig) -> bool:
+    """Whether any trial of the search may train a backbone (run Ray Train workers): not where
+    every strategy trains only a head on the cached features."""
+    strategies = config.options("strategy", "fine_tune")
+    return not config.cache or not all(STRATEGIES[s].only_probes for s in strategies)
+
+
+def _has_a_cpu_free(config: SpaceConfig) -> bool:
+    r = config.resources
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    return leaves_a_cpu(cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker)
+
+
+def _ask(config: SpaceConfig) -> None:
+    try:
+        if _has_a_cpu_free(config):
+            _request(own_runtime_env(), count=1)
     except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
         _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
 
 
-def _own_runtime_env() -> str:
+def train_worker_env() -> str:
+    """The runtime env a trial's Train worker will have, as its raylet will see it, computed in
+    the driver: Tune's trial actor gets Tune's variables (``PL_DISABLE_FORK`` and those it
+    propagates from the driver's environment), Train's controller and workers those Train
+    propagates, the workers :func:`worker_runtime_env`; Ray's core worker merges each child's env
+    into its parent's and writes the JSON compact with sorted keys (checked against
+    :func:`own_runtime_env` in a worker: the same text). A job-level runtime env would be merged
+    in too; the local Ray raytl starts has none."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+        get_env_vars_to_propagate,
+    )
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
+
+    env = dict(DEFAULT_ENV_VARS)  # Tune's trial actor (ray.tune.execution.class_cache)
+    env.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
+    controller = get_env_vars_to_propagate()  # Train's controller (its data_parallel_trainer)
+    controller.setdefault(
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+    )
+    env.update(controller)
+    env.update(get_env_vars_to_propagate())  # the workers (Train's worker group)
+    env.update(worker_runtime_env().get("env_vars", {}))
+    return json.dumps({"env_vars": env}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def own_runtime_env() -> str:
     """This process's runtime env as its raylet saw it: the JSON that Ray's core worker wrote
     when it merged the env into its parents' (Tune's trial, Train's controller), whose exact
-    text the raylet hashes to match processes to actors. Rebuilding it from the parts did not
-    match (Ray writes it compact, and Tune and Train add variables of their own)."""
+    text the raylet hashes to match processes to actors ("" outside a Ray worker). What a worker
+    asks for with: no guess (:func:`train_worker_env` is the driver's, before any worker runs)."""
     worker: Any = ray._private.worker.global_worker  # its core_worker is set once connected
-    return str(worker.core_worker.get_current_runtime_env())
+    return str(worker.core_worker.get_current_runtime_env()) if ray.is_initialized() else ""
 
 
 def _request(serialized_env: str, count: int) -> None:

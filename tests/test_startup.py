@@ -135,11 +135,21 @@ def test_workers_are_prestarted_only_where_the_trials_leave_a_cpu_free():
     assert warm_workers.leaves_a_cpu(16, trials_at_once=1, cpus_per_trial=2.0)  # a GPU trial
 
 
-def test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done(
+def test_no_process_is_prestarted_for_a_search_that_trains_only_heads_on_cached_features():
+    probes = {**SPACE, "space": {"strategy": "linear_probe"}}
+    assert not warm_workers.runs_train_workers(parse_space(probes))
+    assert warm_workers.runs_train_workers(parse_space({**probes, "cache": "off"}))
+    mixed = {**SPACE, "space": {"strategy": {"choice": ["linear_probe", "lp_ft"]}}}
+    assert warm_workers.runs_train_workers(parse_space(mixed))
+    assert warm_workers.runs_train_workers(parse_space(SPACE))
+
+
+def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_done(
     tmp_path, monkeypatch
 ):
-    """On the local Ray raytl starts, the first trial's worker starts cold and asks for a
-    process like its own; the next trial's worker starts in it, torch and timm imported."""
+    """On the local Ray raytl starts, the driver asks for a process for the first trial's worker
+    before Tune launches it, and that worker asks for one like its own: both trials' workers
+    start in a process started before their trial, torch and timm imported there."""
     for key in LOCAL_TRAIN_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     trace = tmp_path / "trace.jsonl"
@@ -160,14 +170,16 @@ def test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_d
     with ray_session(None):
         inputs = share_inputs(config, config.data.load(), out, lambda line: None)
         table = tune_search(inputs, out, resume=False, echo=lambda line: None)
+        expected_env = warm_workers.train_worker_env()
     assert len(table) == 2
     workers = [json.loads(line) for line in trace.read_text().splitlines()]
     workers = sorted(
         (w for w in workers if w["stage"] == "worker_entered"), key=lambda w: w["trial"]
     )
     assert len(workers) == 2
-    first, second = workers
-    assert first["process"] > first["trial"]  # cold: started for the first trial
-    assert first["preloaded"] is not None  # its imports ran in Ray's setup hook
-    # the second trial's worker: a process started, and its imports done, before that trial
-    assert second["process"] < second["preloaded"] < second["trial"]
+    for worker in workers:  # started before its trial (cold, it would start after), preloaded
+        assert worker["process"] < worker["trial"] and worker["preloaded"] is not None, worker
+    # the driver's guess of the workers' runtime env was the env each worker had
+    assert {w["runtime_env"] for w in workers} == {expected_env}
+    # the second trial's worker finished its imports before its trial started
+    assert workers[1]["process"] < workers[1]["preloaded"] < workers[1]["trial"]
