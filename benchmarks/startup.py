@@ -111,15 +111,17 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "driver connects) and only with an empty runtime env, Train V2 gives its controller and "
     "workers a runtime env of their own (`env_vars`, always), and a process that ran a task is "
     "not handed to an actor (both checked on this machine).",
-    "- Cut (raytl/warm_workers.py, the local Ray raytl starts; 2026-12-01): each Train worker, "
-    "as it starts, asks its raylet (`PrestartWorkers`, the call Ray's core worker makes; Ray "
-    "2.60 has no Python API for it) for one process of this job with the worker's own runtime "
-    "env, whose setup hook imports torch, timm, Ray Train and raytl before the process takes "
-    "work; the next trial's worker starts in it (the raylet matches a hash of the runtime env's "
-    "JSON as Ray's C++ merge wrote it, so the worker sends its own text: rebuilt in Python it "
-    "never matched). The first trial of a search starts cold; later ones do not import (the "
-    "worker's rows above); about as many processes wait as workers run at once. "
-    "Test: `test_a_later_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`. "
+    "- Cut (raytl/warm_workers.py, the local Ray raytl starts; 2026-12-01): processes started "
+    "ahead for the trials' Train controllers and workers, by the raylet (`PrestartWorkers`, the "
+    "call Ray's core worker makes; Ray 2.60 has no Python API for it), for this job and the "
+    "runtime env each will have; a worker's setup hook imports torch, timm, Ray Train and raytl "
+    "before the process takes work (a controller's runtime env is Train's own: its process is "
+    "started, its imports are not done). The driver asks for the first trials' processes before "
+    "Tune launches them, each Train worker for its successor's (and, rank 0, for the next "
+    "controller's). The raylet matches a hash of the runtime env's JSON as Ray's C++ merge wrote "
+    "it: the driver computes it from the variables Tune and Train propagate, a worker sends its "
+    "own (the test checks they are the same). Test: "
+    "`test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_done`. "
     "Only where the search's trials leave a CPU free: the quickstart (2 trials at once on 2 "
     "cores) took 215 s with it and 192 s without (`benchmarks/quickstart.py`, one run each, "
     "2026-12-01, 07ab5d2 and the same with `RAYTL_WARM_TRAIN_WORKERS=0`): a process prestarted "
@@ -163,8 +165,10 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "`RAY_TRAIN_COLLECTIVE_TIMEOUT_S`, `RAY_TRAIN_ENABLE_*_STRUCTURED_LOGGING`, "
     "`RAY_TRAIN_METRICS_ENABLED`, `RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION`: none is on "
     "the start-up path (the placement group is ready in 0.02 s).",
-    "- Left: the controller's process is still new every trial (its runtime env is Train's, "
-    "shared by its helper actors, which would take prestarted processes meant for it).",
+    "- Left: the controller's imports (torch, Ray Train) when it unpickles its arguments: its "
+    "runtime env is Train's, without raytl's setup hook, and its helper actors share it (a hook "
+    "there would import torch in each of them; `RAY_preload_python_modules` did that, below); "
+    "the Tune trial's own process, new every trial.",
 ]
 
 

@@ -9,10 +9,12 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
 
 - the trials' Train workers get a runtime env of their own (:func:`worker_runtime_env`): Ray's
   setup hook :func:`preload`, which imports what a worker needs before the process takes work;
-- before Tune launches the first trials, the driver asks for as many processes as their workers
-  (:func:`prestart_for_search`), and each Train worker, as it starts, asks its node's raylet for
-  one process like its own, for a later trial's worker (:func:`prestart_successor`). About as
-  many processes wait as workers run at once (one more for each worker Train restarts).
+- before Tune launches the first trials, the driver asks for as many processes as they have
+  Train controllers and workers (:func:`prestart_for_search`), and each Train worker, as it
+  starts, asks its node's raylet for one process like its own, for a later trial's worker, and
+  one like its controller's (:func:`prestart_successor`). About as many processes wait as
+  workers and controllers run at once (one more for each worker Train restarts). A controller's
+  process imports nothing ahead (its runtime env is Train's own), but is started.
 
 Only where the search leaves a CPU free (:func:`leaves_a_cpu`): a process prestarted while every
 core trains takes its imports' seconds from the trials running (the quickstart on 2 cores, 2
@@ -36,6 +38,7 @@ import time
 from typing import Any
 
 import ray
+import ray.train
 
 from raytl.config import SpaceConfig
 from raytl.strategies import STRATEGIES
@@ -99,33 +102,37 @@ def prestart_successor(config: SpaceConfig) -> bool:
     """In a Train worker: ask this node's raylet, from a background thread (the asking takes
     about 0.1 s of GCS and raylet calls, which the first training step need not wait for), to
     start one process for this job with this worker's own runtime env, for the next trial's
-    worker to start in, if the search's trials leave a CPU free. Returns whether it asks; False
-    where prestarting is off."""
+    worker to start in, and (rank 0) one with its controller's, for the next trial's controller,
+    if the search's trials leave a CPU free. Returns whether it asks; False where prestarting is
+    off."""
     if not enabled() or not ray.is_initialized():
         return False
-    thread = threading.Thread(target=_ask, args=(config,), name="raytl-prestart", daemon=True)
+    rank = ray.train.get_context().get_world_rank()
+    thread = threading.Thread(target=_ask, args=(config, rank), name="raytl-prestart", daemon=True)
     thread.start()
     return True
 
 
 def prestart_for_search(config: SpaceConfig) -> int:
     """In the driver, before Tune launches the first trials: ask this node's raylet for a process
-    for each Train worker of the trials that start at once, with the runtime env those workers
-    will have (:func:`train_worker_env`), if the search runs Train workers and its trials leave a
-    CPU free. Returns how many it asked for (0: none; where prestarting is off, where the
-    asking failed)."""
+    for each Train controller and worker of the trials that start at once, with the runtime envs
+    they will have (:func:`train_envs`), if the search runs Train workers and its trials leave a
+    CPU free. Returns how many worker processes it asked for (0: none; where prestarting is off,
+    where the asking failed)."""
     if not enabled() or not ray.is_initialized() or not runs_train_workers(config):
         return 0
     r, s = config.resources, config.search
-    first = min(s.max_concurrent, s.num_samples or s.max_concurrent) * r.workers_per_trial
+    trials = min(s.max_concurrent, s.num_samples or s.max_concurrent)
     try:
         if not _has_a_cpu_free(config):
             return 0
-        _request(train_worker_env(), count=first)
+        controller, worker = train_envs()
+        _request(controller, count=trials)
+        _request(worker, count=trials * r.workers_per_trial)
     except Exception:  # an optimisation only: the first trials start cold  # noqa: BLE001
         _log.debug("raytl: prestarting the first Train workers failed", exc_info=True)
         return 0
-    return first
+    return trials * r.workers_per_trial
 
 
 def runs_train_workers(config: SpaceConfig) -> bool:
@@ -141,22 +148,25 @@ def _has_a_cpu_free(config: SpaceConfig) -> bool:
     return leaves_a_cpu(cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker)
 
 
-def _ask(config: SpaceConfig) -> None:
+def _ask(config: SpaceConfig, rank: int) -> None:
     try:
         if _has_a_cpu_free(config):
-            _request(own_runtime_env(), count=1)
+            own = own_runtime_env()
+            _request(own, count=1)
+            if rank == 0:  # the controller's helper actors exist by now: none takes it
+                _request(controller_env_of(own), count=1)
     except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
         _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
 
 
-def train_worker_env() -> str:
-    """The runtime env a trial's Train worker will have, as its raylet will see it, computed in
-    the driver: Tune's trial actor gets Tune's variables (``PL_DISABLE_FORK`` and those it
-    propagates from the driver's environment), Train's controller and workers those Train
-    propagates, the workers :func:`worker_runtime_env`; Ray's core worker merges each child's env
-    into its parent's and writes the JSON compact with sorted keys (checked against
-    :func:`own_runtime_env` in a worker: the same text). A job-level runtime env would be merged
-    in too; the local Ray raytl starts has none."""
+def train_envs() -> tuple[str, str]:
+    """The runtime envs a trial's Train controller and its workers will have, as their raylet
+    will see them, computed in the driver: Tune's trial actor gets Tune's variables
+    (``PL_DISABLE_FORK`` and those it propagates from the driver's environment), Train's
+    controller and workers those Train propagates, the workers :func:`worker_runtime_env`; Ray's
+    core worker merges each child's env into its parent's and writes the JSON compact with
+    sorted keys (checked against :func:`own_runtime_env` in a worker: the same text). A
+    job-level runtime env would be merged in too; the local Ray raytl starts has none."""
     from ray.train.v2._internal.constants import (
         DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
         RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
@@ -171,16 +181,31 @@ def train_worker_env() -> str:
         RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
     )
     env.update(controller)
+    controller_text = _as_ray_writes_it(env)
     env.update(get_env_vars_to_propagate())  # the workers (Train's worker group)
     env.update(worker_runtime_env().get("env_vars", {}))
-    return json.dumps({"env_vars": env}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return controller_text, _as_ray_writes_it(env)
+
+
+def controller_env_of(worker_env: str) -> str:
+    """A Train worker's controller's runtime env, from the worker's: without the variable
+    :func:`worker_runtime_env` adds (Train's own are in both)."""
+    env_vars = json.loads(worker_env).get("env_vars", {})
+    env_vars.pop(_SETUP_HOOK_VAR, None)
+    return _as_ray_writes_it(env_vars)
+
+
+def _as_ray_writes_it(env_vars: dict[str, str]) -> str:
+    return json.dumps(
+        {"env_vars": env_vars}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def own_runtime_env() -> str:
     """This process's runtime env as its raylet saw it: the JSON that Ray's core worker wrote
     when it merged the env into its parents' (Tune's trial, Train's controller), whose exact
     text the raylet hashes to match processes to actors ("" outside a Ray worker). What a worker
-    asks for with: no guess (:func:`train_worker_env` is the driver's, before any worker runs)."""
+    asks for with: no guess (:func:`train_envs` is the driver's, before any worker runs)."""
     worker: Any = ray._private.worker.global_worker  # its core_worker is set once connected
     return str(worker.core_worker.get_current_runtime_env()) if ray.is_initialized() else ""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 from ray import cloudpickle
 from ray.train.v2.api.callback import UserCallback
+from ray.util.state import list_actors, list_workers
 
 import raytl.trial
 from raytl import warm_workers
@@ -147,9 +148,10 @@ def test_no_process_is_prestarted_for_a_search_that_trains_only_heads_on_cached_
 def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_done(
     tmp_path, monkeypatch
 ):
-    """On the local Ray raytl starts, the driver asks for a process for the first trial's worker
-    before Tune launches it, and that worker asks for one like its own: both trials' workers
-    start in a process started before their trial, torch and timm imported there."""
+    """On the local Ray raytl starts, the driver asks for processes for the first trial's Train
+    controller and worker before Tune launches it, and that worker asks for one like its own and
+    one like its controller's: both trials' workers and controllers start in a process started
+    before their trial, the workers' with torch and timm imported."""
     for key in LOCAL_TRAIN_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     trace = tmp_path / "trace.jsonl"
@@ -170,7 +172,9 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     with ray_session(None):
         inputs = share_inputs(config, config.data.load(), out, lambda line: None)
         table = tune_search(inputs, out, resume=False, echo=lambda line: None)
-        expected_env = warm_workers.train_worker_env()
+        controller_env, worker_env = warm_workers.train_envs()
+        launched = {w.pid: w.worker_launch_time_ms / 1000 for w in list_workers(detail=True)}
+        controllers = list_actors(filters=[("class_name", "=", "TrainController")], detail=True)
     assert len(table) == 2
     workers = [json.loads(line) for line in trace.read_text().splitlines()]
     workers = sorted(
@@ -180,6 +184,11 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     for worker in workers:  # started before its trial (cold, it would start after), preloaded
         assert worker["process"] < worker["trial"] and worker["preloaded"] is not None, worker
     # the driver's guess of the workers' runtime env was the env each worker had
-    assert {w["runtime_env"] for w in workers} == {expected_env}
+    assert {w["runtime_env"] for w in workers} == {worker_env}
+    assert warm_workers.controller_env_of(worker_env) == controller_env
+    # each trial's Train controller, too, started in a process started before its trial
+    started = sorted(launched[c.pid] for c in controllers)
+    assert len(started) == 2
+    assert all(s < w["trial"] for s, w in zip(started, workers, strict=True)), (started, workers)
     # the second trial's worker finished its imports before its trial started
     assert workers[1]["process"] < workers[1]["preloaded"] < workers[1]["trial"]
