@@ -357,6 +357,7 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
     )
     warm_workers.prestart_successor(ctx.config)
     train_units(ctx, RayTrainSession())
+    warm_workers.prestart_next_controller(ctx.config)  # not earlier: it would slow the training
 
 
 def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:

@@ -11,8 +11,9 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
   setup hook :func:`preload`, which imports what a worker needs before the process takes work;
 - before Tune launches the first trials, the driver asks for as many processes as they have
   Train controllers and workers (:func:`prestart_for_search`), and each Train worker, as it
-  starts, asks its node's raylet for one process like its own, for a later trial's worker, and
-  one like its controller's (:func:`prestart_successor`). About as many processes wait as
+  starts, asks its node's raylet for one process like its own, for a later trial's worker
+  (:func:`prestart_successor`), and rank 0, when its training is done, for one like its
+  controller's (:func:`prestart_next_controller`). About as many processes wait as
   workers and controllers run at once (one more for each worker Train restarts). A controller's
   process imports nothing ahead (its runtime env is Train's own), but is started.
 
@@ -102,14 +103,30 @@ def prestart_successor(config: SpaceConfig) -> bool:
     """In a Train worker: ask this node's raylet, from a background thread (the asking takes
     about 0.1 s of GCS and raylet calls, which the first training step need not wait for), to
     start one process for this job with this worker's own runtime env, for the next trial's
-    worker to start in, and (rank 0) one with its controller's, for the next trial's controller,
-    if the search's trials leave a CPU free. Returns whether it asks; False where prestarting is
-    off."""
+    worker to start in, if the search's trials leave a CPU free. Returns whether it asks; False
+    where prestarting is off."""
     if not enabled() or not ray.is_initialized():
         return False
-    rank = ray.train.get_context().get_world_rank()
-    thread = threading.Thread(target=_ask, args=(config, rank), name="raytl-prestart", daemon=True)
+    thread = threading.Thread(target=_ask, args=(config,), name="raytl-prestart", daemon=True)
     thread.start()
+    return True
+
+
+def prestart_next_controller(config: SpaceConfig) -> bool:
+    """In rank 0 of a Train worker group whose training finished: ask for a process with its
+    controller's runtime env, for the next trial's controller (about 0.1 s, after the trial's
+    last report). Not as the worker starts: two processes starting beside the first training
+    step slowed its model build from 0.2 to 0.8 s (benchmarks/startup.py). Not where the trial
+    was stopped (a later trial's controller starts cold then). Returns whether it asked."""
+    if not enabled() or not ray.is_initialized() or ray.train.get_context().get_world_rank():
+        return False
+    try:
+        if not _has_a_cpu_free(config):
+            return False
+        _request(controller_env_of(own_runtime_env()), count=1)
+    except Exception:  # an optimisation only: the next controller starts cold  # noqa: BLE001
+        _log.debug("raytl: prestarting a Train controller failed", exc_info=True)
+        return False
     return True
 
 
@@ -148,13 +165,10 @@ def _has_a_cpu_free(config: SpaceConfig) -> bool:
     return leaves_a_cpu(cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker)
 
 
-def _ask(config: SpaceConfig, rank: int) -> None:
+def _ask(config: SpaceConfig) -> None:
     try:
         if _has_a_cpu_free(config):
-            own = own_runtime_env()
-            _request(own, count=1)
-            if rank == 0:  # the controller's helper actors exist by now: none takes it
-                _request(controller_env_of(own), count=1)
+            _request(own_runtime_env(), count=1)
     except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
         _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
 
