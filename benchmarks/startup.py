@@ -126,7 +126,13 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "cores) took 215 s with it and 192 s without (`benchmarks/quickstart.py`, one run each, "
     "2026-12-01, 07ab5d2 and the same with `RAYTL_WARM_TRAIN_WORKERS=0`): a process prestarted "
     "while every core trains takes its imports' seconds from the running trials, whereas a cold "
-    "worker imports while its own trial waits anyway.",
+    "worker imports while its own trial waits anyway. The steps, 2026-12-01, each "
+    "`--before 1418573 --searches 2` (medians: all trials, first of each search, later ones): "
+    "later trials' workers only (20348a1) 5.4 / 10.2 / 5.3 s; the first trials' workers too "
+    "(3c3f3b4) 5.3 / 5.8 / 5.0; controllers too, the next one asked for as each worker started "
+    "(fd85bf5) 5.1 / 6.2 / 5.0 (the controller's process 1.2 -> 0.7 s, but the worker's model "
+    "build 0.2 -> 0.8 s, two processes starting beside it); asked for when rank 0's training is "
+    "done (613bf4f, the table above).",
     "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
     "function (`functools.partial`), which only the workers unpickle, instead of "
     "`train_loop_config`, which is part of the run context the controller unpickles too: the "
@@ -448,7 +454,7 @@ def reading(results: dict[str, list], imports: dict[str, dict[str, float]]) -> l
     controller = stage[STAGES[2][0]] + stage[STAGES[3][0]]
     code = [c for c in imports if not c.startswith("before")][0]
     lines += [
-        f"- What remains (medians over all trials): the controller's new process and its "
+        f"- What remains (medians over all trials): the controller's process and its "
         f"imports of torch and Ray Train ({controller:.1f} s); the placement group, the helper "
         f"actors and the worker's actor ({stage[STAGES[4][0]]:.1f} s; for a cold worker most "
         f"of it the worker process's own Python and Ray start); the worker's unpickling and "
