@@ -41,14 +41,12 @@ from typing import Any
 import ray
 import ray.train
 
+from raytl import raylet
 from raytl.config import SpaceConfig
 from raytl.strategies import STRATEGIES
 
 ENABLED = "RAYTL_WARM_TRAIN_WORKERS"
 """Set to ``1`` in the local Ray's environment (raytl.cluster), where prestarting is on."""
-
-KEEP_ALIVE_S = 600
-"""How long an unused prestarted process is kept from Ray's reaping of idle workers."""
 
 _SETUP_HOOK_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 # what ray.init(runtime_env={"worker_process_setup_hook": "module.function"}) sets for a job's
@@ -123,7 +121,7 @@ def prestart_next_controller(config: SpaceConfig) -> bool:
     try:
         if not _has_a_cpu_free(config):
             return False
-        _request(controller_env_of(own_runtime_env()), count=1)
+        raylet.prestart(controller_env_of(own_runtime_env()), count=1)
     except Exception:  # an optimisation only: the next controller starts cold  # noqa: BLE001
         _log.debug("raytl: prestarting a Train controller failed", exc_info=True)
         return False
@@ -144,8 +142,9 @@ def prestart_for_search(config: SpaceConfig) -> int:
         if not _has_a_cpu_free(config):
             return 0
         controller, worker = train_envs()
-        _request(controller, count=trials)
-        _request(worker, count=trials * r.workers_per_trial)
+        raylet.prestart_from_a_worker(
+            [(controller, trials), (worker, trials * r.workers_per_trial)]
+        )
     except Exception:  # an optimisation only: the first trials start cold  # noqa: BLE001
         _log.debug("raytl: prestarting the first Train workers failed", exc_info=True)
         return 0
@@ -168,7 +167,7 @@ def _has_a_cpu_free(config: SpaceConfig) -> bool:
 def _ask(config: SpaceConfig) -> None:
     try:
         if _has_a_cpu_free(config):
-            _request(own_runtime_env(), count=1)
+            raylet.prestart(own_runtime_env(), count=1)
     except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
         _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
 
@@ -222,31 +221,3 @@ def own_runtime_env() -> str:
     asks for with: no guess (:func:`train_envs` is the driver's, before any worker runs)."""
     worker: Any = ray._private.worker.global_worker  # its core_worker is set once connected
     return str(worker.core_worker.get_current_runtime_env()) if ray.is_initialized() else ""
-
-
-def _request(serialized_env: str, count: int) -> None:
-    """The raylet's PrestartWorkers call, as Ray's core worker makes it (Ray 2.60 exposes no
-    Python API for it)."""
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray._private.utils import get_runtime_env_info, parse_runtime_env_for_task_or_actor
-    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
-
-    env = parse_runtime_env_for_task_or_actor(json.loads(serialized_env))
-    info = get_runtime_env_info(env, is_job_runtime_env=False, serialize=False)
-    info.serialized_runtime_env = serialized_env
-    context = ray.get_runtime_context()
-    node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
-    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
-    try:
-        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
-            node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
-                language=common_pb2.Language.PYTHON,  # type: ignore[attr-defined]
-                job_id=bytes.fromhex(context.get_job_id()),
-                runtime_env_info=info,
-                keep_alive_duration_secs=KEEP_ALIVE_S,
-                num_workers=count,
-            ),
-            timeout=10,
-        )
-    finally:
-        channel.close()
