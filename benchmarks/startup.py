@@ -132,7 +132,9 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "(3c3f3b4) 5.3 / 5.8 / 5.0; controllers too, the next one asked for as each worker started "
     "(fd85bf5) 5.1 / 6.2 / 5.0 (the controller's process 1.2 -> 0.7 s, but the worker's model "
     "build 0.2 -> 0.8 s, two processes starting beside it); asked for when rank 0's training is "
-    "done (613bf4f, the table above).",
+    "done (613bf4f) 4.3 / 5.0 / 4.0; the driver's request made by a task, not the driver "
+    "(508f4b1, the table above; the same mechanism, the first trial's processes asked for a "
+    "little later).",
     "- Cut (raytl/trial.py): the trial's `TrialContext` travels bound into the training "
     "function (`functools.partial`), which only the workers unpickle, instead of "
     "`train_loop_config`, which is part of the run context the controller unpickles too: the "
