@@ -198,7 +198,7 @@ def tune_search(
     :func:`with_costs`) and ``history.parquet``; a search whose every trial failed is an error
     (after its results are written)."""
     config = inputs.config
-    warm_workers.prestart_for_search(config)  # the first trials' Train worker processes
+    warm_workers.prestart_for_search(config)  # the first trials' Train processes
     inputs = with_units(inputs)
     tuner = make_tuner(inputs, output, resume=resume, echo=echo, trust_storage=trust_storage)
     started = time.perf_counter()

@@ -105,8 +105,8 @@ def prestart_successor(config: SpaceConfig) -> bool:
     where prestarting is off."""
     if not enabled() or not ray.is_initialized():
         return False
-    thread = threading.Thread(target=_ask, args=(config,), name="raytl-prestart", daemon=True)
-    thread.start()
+    args = (config, own_runtime_env())
+    threading.Thread(target=_prestart_one, args=args, name="raytl-prestart", daemon=True).start()
     return True
 
 
@@ -118,14 +118,7 @@ def prestart_next_controller(config: SpaceConfig) -> bool:
     was stopped (a later trial's controller starts cold then). Returns whether it asked."""
     if not enabled() or not ray.is_initialized() or ray.train.get_context().get_world_rank():
         return False
-    try:
-        if not _has_a_cpu_free(config):
-            return False
-        raylet.prestart(controller_env_of(own_runtime_env()), count=1)
-    except Exception:  # an optimisation only: the next controller starts cold  # noqa: BLE001
-        _log.debug("raytl: prestarting a Train controller failed", exc_info=True)
-        return False
-    return True
+    return _prestart_one(config, controller_env_of(own_runtime_env()))
 
 
 def prestart_for_search(config: SpaceConfig) -> int:
@@ -164,12 +157,17 @@ def _has_a_cpu_free(config: SpaceConfig) -> bool:
     return leaves_a_cpu(cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker)
 
 
-def _ask(config: SpaceConfig) -> None:
+def _prestart_one(config: SpaceConfig, serialized_env: str) -> bool:
+    """From a Train worker: one process with ``serialized_env`` from its raylet, if the search's
+    trials leave a CPU free. Whether it asked; a failure only means a later trial starts cold."""
     try:
-        if _has_a_cpu_free(config):
-            raylet.prestart(own_runtime_env(), count=1)
-    except Exception:  # an optimisation only: the next trial starts cold  # noqa: BLE001
-        _log.debug("raytl: prestarting a Train worker failed", exc_info=True)
+        if not _has_a_cpu_free(config):
+            return False
+        raylet.prestart(serialized_env, count=1)
+    except Exception:  # an optimisation only  # noqa: BLE001
+        _log.debug("raytl: prestarting a process failed", exc_info=True)
+        return False
+    return True
 
 
 def train_envs() -> tuple[str, str]:
