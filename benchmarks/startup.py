@@ -173,6 +173,14 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "`RAY_TRAIN_COLLECTIVE_TIMEOUT_S`, `RAY_TRAIN_ENABLE_*_STRUCTURED_LOGGING`, "
     "`RAY_TRAIN_METRICS_ENABLED`, `RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION`: none is on "
     "the start-up path (the placement group is ready in 0.02 s).",
+    "- Trial end to the next trial's launch (the table's row): the next Tune trial's own actor. "
+    "In one search with `--keep` (2026-12-01, f8156c7), each later trial's actor process started "
+    "0.03 s after the previous trial ended (the trace's `trial_entered` process time) and Tune's "
+    "launch (its `on_trial_start`, fired once the actor is ready) came 5.2 and 5.4 s later (the "
+    "first trial's 4.5 s): the process's Python and Ray start and its loading of the trainable, "
+    "which imports `raytl.trial` (torch, timm, Ray Train: the imports table). That actor gets "
+    "Tune's own runtime env, with no place for raytl's setup hook, so it is not prestarted here; "
+    "the launch-to-first-step total above does not include it.",
     "- Left: the controller's imports (torch, Ray Train) when it unpickles its arguments: its "
     "runtime env is Train's, without raytl's setup hook, and its helper actors share it (a hook "
     "there would import torch in each of them; `RAY_preload_python_modules` did that, below); "

@@ -136,7 +136,11 @@ def write_section(section: str, heading: str, doc: Path = DOC) -> None:
     start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        rest = text[end + 1 :] if end >= 0 else ""
+        # a blank line before the next heading, whatever the section's own text ends with
+        text = (
+            text[:start] + (section.rstrip("\n") + "\n\n" if section and rest else section) + rest
+        )
     else:
         text = text.rstrip("\n") + "\n\n" + section
     doc.write_text(text)
