@@ -69,6 +69,7 @@ def current_cluster_file_as(content: str | None):
 
     pointer = Path(ray._private.utils.get_ray_address_file(None))
     saved = pointer.read_text() if pointer.is_file() else None
+    folder_was_there = pointer.parent.is_dir()
     try:
         pointer.unlink(missing_ok=True)
         if content is not None:
@@ -79,6 +80,9 @@ def current_cluster_file_as(content: str | None):
         pointer.unlink(missing_ok=True)
         if saved is not None:
             pointer.write_text(saved)
+        elif not folder_was_there:  # Ray's temp folder, made for the file: gone again if empty
+            with contextlib.suppress(OSError):
+                pointer.parent.rmdir()
 
 
 @pytest.mark.slow
