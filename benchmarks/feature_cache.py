@@ -78,8 +78,8 @@ def child(kind: str, root: str, limit: int | None) -> dict:
     import ray
 
     from raytl.cluster import ray_session
-    from raytl.config import parse_space
     from raytl.features import prepare_feature_cache
+    from raytl.space_file import parse_space
 
     config = parse_space(
         {

@@ -71,10 +71,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from strategies import DOC, provenance, write_section  # noqa: E402
 
 from raytl.cluster import ray_session  # noqa: E402
-from raytl.config import SpaceConfig, parse_space  # noqa: E402
+from raytl.config import SpaceConfig  # noqa: E402
 from raytl.console import ray_output_to  # noqa: E402
 from raytl.models import create_model  # noqa: E402
 from raytl.search import run_search  # noqa: E402
+from raytl.space_file import parse_space  # noqa: E402
 
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 FASHION_PATH = "/usr/share/datasets/fashion-mnist"

@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from strategies import provenance, write_section  # noqa: E402
 
-from raytl.config import parse_space  # noqa: E402
 from raytl.paired import run_paired  # noqa: E402
 from raytl.paired_stats import rule_lines  # noqa: E402
+from raytl.space_file import parse_space  # noqa: E402
 
 DOC = REPO / "docs" / "schemes.md"
 HEADING = "## Measured: the paired study"

@@ -33,11 +33,11 @@ from peer import run_peer  # noqa: E402
 from strategies import DOC, provenance, write_section  # noqa: E402
 
 from raytl.cluster import ray_session  # noqa: E402
-from raytl.config import parse_space  # noqa: E402
 from raytl.data.splits import carve_test, stratified_split  # noqa: E402
 from raytl.models import create_model  # noqa: E402
 from raytl.preprocess import preprocessing_for  # noqa: E402
 from raytl.search import run_search, share_inputs, tune_search  # noqa: E402
+from raytl.space_file import parse_space  # noqa: E402
 from raytl.unit import UnitTrainer  # noqa: E402
 
 QUICKSTART_DATA = {"source": "digits", "image_size": 48, "test_fraction": 0.2, "seed": 0}
@@ -225,7 +225,7 @@ def search_efficiency(tmp: Path) -> dict[str, Any]:
     """raytl's quickstart search, then the plain Ray Tune script (benchmarks/peer.py's
     :func:`~peer.run_peer`: raytl's four strategies freezing the same parameters, random search,
     one holdout split, no early stopping) for the same wall time, on the same test split."""
-    from raytl.config import load_space
+    from raytl.space_file import load_space
 
     config = load_space(REPO / "search_spaces" / "quickstart.yaml")
     started = time.perf_counter()

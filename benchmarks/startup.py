@@ -99,7 +99,9 @@ STAGES = [
     ("worker: `UnitTrainer` (model build, weights load)", "data_fetched", "trainers_built"),
     ("worker: checkpoint check; first training step starts", "trainers_built", "ready"),
 ]
-IMPORTS = ["torch", "timm", "ray.train.torch", "ray.tune", "raytl.trial"]
+IMPORTS = ["torch", "ray.train.torch", "ray.tune", "raytl.trial", "timm", "raytl.train_loop"]
+"""In this order: what the Tune trial's process imports (to ``raytl.trial``), then what a Train
+worker adds (``raytl.train_loop``, where the code has it)."""
 PRELOAD = {"RAY_preload_python_modules": "torch,timm,raytl.trial"}
 GOAL_SECONDS = 5.0  # issue 15, item 7: launch to first training step of a 1-worker trial
 WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers/default_worker.py)
@@ -203,8 +205,8 @@ def run_search(out: Path, reuse_actors: bool = False) -> None:
         tune.TuneConfig = functools.partial(tune.TuneConfig, reuse_actors=True)  # type: ignore
 
     from raytl.cluster import ray_session
-    from raytl.config import parse_space
     from raytl.search import share_inputs, tune_search
+    from raytl.space_file import parse_space
 
     os.environ["RAYTL_STARTUP_TRACE"] = str(out / "trace.jsonl")  # Ray's processes inherit it
     config = parse_space(SPACE, "benchmarks/startup.py")
@@ -348,7 +350,11 @@ def import_seconds(code: Path, repeats: int) -> dict[str, float]:
     script = (
         "import importlib, json, time\n"
         f"out = {{}}\nfor name in {IMPORTS!r}:\n"
-        "    t = time.perf_counter(); importlib.import_module(name)\n"
+        "    t = time.perf_counter()\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ModuleNotFoundError:  # a module an older commit does not have\n"
+        "        out[name] = float('nan'); continue\n"
         "    out[name] = time.perf_counter() - t\n"
         "print(json.dumps(out))"
     )
@@ -375,6 +381,10 @@ def median_cell(values: list[float]) -> str:
         return "n/a"
     each = ", ".join(f"{v:.1f}" for v in values if not math.isnan(v))
     return f"{statistics.median(real):.1f} [{each}]"
+
+
+def seconds_cell(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def breakdown(results: dict[str, list[dict[str, float]]]) -> list[str]:
@@ -419,10 +429,12 @@ def section(command: str, results: dict, imports: dict, others: dict) -> str:
             "| module | " + " | ".join(cols) + " |",
             "| --- | " + " | ".join("---:" for _ in cols) + " |",
             *(
-                f"| `{name}` | " + " | ".join(f"{imports[c][name]:.2f}" for c in cols) + " |"
+                f"| `{name}` | " + " | ".join(seconds_cell(imports[c][name]) for c in cols) + " |"
                 for name in IMPORTS
             ),
-            "| all | " + " | ".join(f"{sum(imports[c].values()):.2f}" for c in cols) + " |",
+            "| all | "
+            + " | ".join(f"{math.fsum(v for v in imports[c].values() if v == v):.2f}" for c in cols)
+            + " |",
             "",
             "Reading:",
             "",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from raytl.config import parse_space
+from raytl.space_file import parse_space
 from raytl.train import train_single
 
 REPO = Path(__file__).resolve().parent.parent

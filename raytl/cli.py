@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from raytl.config import load_space
     from raytl.rundir import prepare_output
     from raytl.search import run_search
+    from raytl.space_file import load_space
 
     overrides = list(args.overrides)
     if args.num_samples is not None:
@@ -214,8 +214,8 @@ def _inputs(space: str, data_path: str | None) -> list[Path]:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from raytl.config import load_space
     from raytl.search import run_search
+    from raytl.space_file import load_space
 
     output = Path(args.dir)
     if not (output / "space.yaml").is_file():
@@ -234,9 +234,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from raytl.compare import COMPARE_OUTPUTS, parse_schemes, run_compare
-    from raytl.config import load_space
     from raytl.paired import PAIRED_OUTPUTS, run_paired
     from raytl.rundir import prepare_output
+    from raytl.space_file import load_space
 
     schemes = parse_schemes(args.schemes)
     try:
@@ -259,8 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raytl.config import load_space
     from raytl.jobs import submit
+    from raytl.space_file import load_space
 
     config = load_space(args.space, list(args.overrides), local_paths=False)
     return submit(
@@ -305,8 +305,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raytl.config import load_space
     from raytl.rundir import prepare_output
+    from raytl.space_file import load_space
     from raytl.train import TRAIN_OUTPUTS, train_single
 
     config = load_space(args.space, args.overrides)

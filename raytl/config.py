@@ -1,6 +1,7 @@
-"""The search-space file: strict, typed loading with errors that name the file, the key and what was expected.
+"""The search-space file's typed form: the sections' frozen dataclasses and :class:`SpaceConfig`.
 
-A space file has fixed sections (``data``, ``model``, ``scheme``, ``search``, ``resources``), each a
+A space file (read by :mod:`raytl.space_file`, with errors that name the file, the key and what
+was expected) has fixed sections (``data``, ``model``, ``scheme``, ``search``, ``resources``), each a
 frozen dataclass that checks its own ranges, and a ``space`` section of hyperparameters
 (:mod:`raytl.space`). Names that come from a registry (data sources, schemes, strategies) are
 checked against that registry. The validated :class:`SpaceConfig` is what every process receives:
@@ -12,34 +13,25 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import yaml
 
-from raytl.config_checks import check_space
 from raytl.data.dataset import ImageData
 from raytl.data.images import DEFAULT_MAX_PIXELS
 from raytl.data.sources import SOURCES, load_data
 from raytl.data.splits import carve_test, stratified_indices
-from raytl.errors import ConfigError
 from raytl.schema import (
     OneOf,
-    apply_overrides,
     base_type,
-    build_dataclass,
     hints,
-    reject_unknown,
     require,
 )
 from raytl.schemes import SCHEMES
 from raytl.seeds import default_points
 from raytl.space import (
-    HYPERPARAMETER_NAMES,
     Hyperparameters,
     ParamSpec,
-    parse_params,
 )
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name: no "/", no "..", no spaces
@@ -265,6 +257,9 @@ class SpaceConfig:
     space: dict[str, ParamSpec]
     source: str = "<memory>"
     cache: bool = True  # the frozen-feature cache (raytl.features); `cache: off` disables it
+    blocks: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Each backbone's block count (``freeze_depth``'s bound), from timm's model when the file
+    was checked (:mod:`raytl.space_file`): carried, so no other process needs timm for it."""
 
     def hyperparameters(self, sampled: dict[str, Any] | None = None) -> Hyperparameters:
         """The trial configuration for ``sampled`` values, constants and defaults filled in."""
@@ -293,7 +288,7 @@ class SpaceConfig:
         recipes fitted to this space (:mod:`raytl.seeds`)."""
         if self.search.seed_configs is not None:
             return self.search.seed_configs
-        return default_points(self.space, self.model.backbone)
+        return default_points(self.space, self.model.backbone, self.blocks)
 
     def options(self, name: str, default: Any) -> list[Any]:
         """The values hyperparameter ``name`` can take in this space (its bounds for a range)."""
@@ -307,68 +302,3 @@ class SpaceConfig:
             out[section] = dataclasses.asdict(getattr(self, section))
         out["space"] = {name: spec.to_yaml() for name, spec in self.space.items()}
         return out
-
-
-def load_space(
-    path: str | Path, overrides: list[str] | None = None, *, local_paths: bool = True
-) -> SpaceConfig:
-    """Read, override (``--set key=value``) and validate a space file.
-
-    ``local_paths=False`` skips the checks that data and checkpoint paths exist here (``raytl
-    submit``: they are paths on the cluster).
-    """
-    source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(source, "<file>", "no such file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "<file>"
-        raise ConfigError(
-            source, where, f"not valid YAML ({getattr(exc, 'problem', exc)})"
-        ) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(source, "<top level>", f"expected a mapping, got {type(raw).__name__}")
-    apply_overrides(raw, overrides or [], source, bare={n: "space" for n in HYPERPARAMETER_NAMES})
-    return parse_space(raw, source, local_paths=local_paths)
-
-
-def _mapping(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(source, key, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def parse_space(
-    raw: dict[str, Any], source: str = "<memory>", *, local_paths: bool = True
-) -> SpaceConfig:
-    """Validate a space file's mapping; every problem raises a :class:`ConfigError`."""
-    reject_unknown(raw, ["name", "cache", "space", *SECTIONS], source, "")
-    name = raw.get("name", Path(source).stem if source != "<memory>" else "raytl")
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(
-            source,
-            "name",
-            f"expected letters, digits, '.', '_' or '-' (it names folders), got {name!r}",
-        )
-    sections: dict[str, Any] = {
-        key: build_dataclass(cls, _mapping(raw, key, source), source, key)
-        for key, cls in SECTIONS.items()
-    }
-    cache = raw.get("cache", True)
-    if isinstance(cache, str) and cache.lower() in (
-        "on",
-        "off",
-    ):  # YAML 1.2 readers keep them strings
-        cache = cache.lower() == "on"
-    if not isinstance(cache, bool):
-        raise ConfigError(source, "cache", f"expected on or off, got {cache!r}")
-    space = parse_params(_mapping(raw, "space", source), source)
-    config = SpaceConfig(name=name, space=space, source=source, cache=cache, **sections)
-    check_space(config, local_paths)
-    return config

@@ -42,9 +42,9 @@ def require_uri_source(src: str, d: Any) -> None:
         )
 
 
-def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
+def check_space(config: CheckedSpace, local_paths: bool = True) -> dict[str, int]:
     """The checks that span sections: paths exist, backbones and weights fit, freeze depth and
-    probe epochs are within bounds."""
+    probe epochs are within bounds. Returns each backbone's block count."""
     src, d = config.source, config.data
     needs_path = d.source in ("imagefolder", "parquet") or (
         d.source == "fashion-mnist" and not d.download
@@ -53,7 +53,7 @@ def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
         raise ConfigError(src, "data.path", f"no such file or folder: {d.path}")
     require_uri_source(src, d)
     backbone_key = "space.backbone" if "backbone" in config.space else "model.backbone"
-    depths = {}
+    depths: dict[str, int] = {}
     for backbone in config.options("backbone", config.model.backbone):
         try:
             depths[backbone] = count_blocks(backbone)
@@ -75,6 +75,7 @@ def check_space(config: CheckedSpace, local_paths: bool = True) -> None:
             check_points(config.search.seed_configs, config.space, src)
     except InvalidValue as exc:
         raise ConfigError(src, exc.key, exc.message) from None
+    return depths
 
 
 def _check_freeze_depth(config: CheckedSpace, depths: dict[str, int]) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from raytl.cluster import Token, find_token
-from raytl.config import load_space
 from raytl.errors import RaytlError
 from raytl.rundir import new_run_id
+from raytl.space_file import load_space
 from raytl.storage import is_uri, join_location
 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}

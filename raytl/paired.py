@@ -60,7 +60,7 @@ def draw_configurations(config: SpaceConfig, k: int, seed: int) -> list[dict[str
     random sampler (seeded) through the same define-by-run function the searches use."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    define = DefineByRun(config.space)
+    define = DefineByRun(config.space, config.blocks)
     points: dict[str, dict[str, Any]] = {}
     for _ in range(100 * k):
         trial = study.ask()

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from raytl.errors import ConfigError
-from raytl.models import count_blocks
 from raytl.space import HYPERPARAMETER_NAMES, Hyperparameters, ParamSpec
 
 DEFAULT_BATCH = Hyperparameters().batch_size
@@ -90,18 +89,21 @@ def _offers(space: dict[str, ParamSpec], strategy: str) -> bool:
     return strategy in spec.options()
 
 
-def default_points(space: dict[str, ParamSpec], backbone: str) -> list[dict[str, Any]]:
+def default_points(
+    space: dict[str, ParamSpec], backbone: str, blocks: dict[str, int]
+) -> list[dict[str, Any]]:
     """The default recipes fitted to ``space``: searched values only, within their ranges, each
-    point once (a point with nothing searched is left out)."""
+    point once (a point with nothing searched is left out). ``blocks``: each backbone's block
+    count (:attr:`raytl.config.SpaceConfig.blocks`)."""
     batch_spec = space.get("batch_size")
     batch = DEFAULT_BATCH if batch_spec is None else int(batch_spec.options()[0])
     if batch_spec is not None and batch_spec.kind != "const":
         batch = int(_fit(batch_spec, DEFAULT_BATCH) or batch)
     backbones = space["backbone"].options() if "backbone" in space else [backbone]
-    blocks = min(count_blocks(b) for b in backbones)
+    fewest = min(blocks[b] for b in backbones)
     points: list[dict[str, Any]] = []
     for recipe in RECIPES.values():
-        wanted = {**recipe(batch, blocks), "batch_size": batch}
+        wanted = {**recipe(batch, fewest), "batch_size": batch}
         if not _offers(space, wanted["strategy"]):
             continue
         point: dict[str, Any] = {}

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Literal
 
 from raytl.errors import ConfigError
-from raytl.models import count_blocks
 from raytl.schema import OneOf, base_type, coerce, hints, reject_unknown, require
 from raytl.strategies import STRATEGIES
 
@@ -210,11 +209,13 @@ class DefineByRun:
 
     Parents are sampled before the entries conditional on them, so an inactive entry is simply
     never suggested (Optuna then sees it as absent, which multivariate TPE with ``group=True``
-    handles jointly). ``freeze_depth``'s upper bound follows the backbone sampled for the trial.
+    handles jointly). ``freeze_depth``'s upper bound follows the backbone sampled for the trial
+    (``blocks``: each backbone's block count, :attr:`raytl.config.SpaceConfig.blocks`).
     """
 
-    def __init__(self, space: dict[str, ParamSpec]) -> None:
+    def __init__(self, space: dict[str, ParamSpec], blocks: dict[str, int]) -> None:
         self.ordered = condition_order(space)
+        self.blocks = blocks
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
         values: dict[str, Any] = {}
@@ -229,7 +230,7 @@ class DefineByRun:
             elif spec.kind == "int":
                 high = int(spec.high)
                 if spec.name == "freeze_depth" and "backbone" in values:
-                    high = min(high, count_blocks(values["backbone"]))
+                    high = min(high, self.blocks[values["backbone"]])
                 values[spec.name] = trial.suggest_int(
                     spec.name, int(spec.low), high, step=spec.step
                 )

@@ -87,7 +87,7 @@ def make_searcher(config: SpaceConfig) -> OptunaSearch:
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     return PruningOptunaSearch(  # the seeded recipes first (raytl.seeds), then the sampler
-        space=DefineByRun(config.space),
+        space=DefineByRun(config.space, config.blocks),
         metric=s.metric,
         mode=s.mode,
         sampler=sampler,

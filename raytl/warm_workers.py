@@ -64,7 +64,7 @@ def enabled() -> bool:
     return os.environ.get(ENABLED) == "1"
 
 
-PRELOADED_MODULES = ("torch", "timm", "ray.train.torch", "raytl.trial")
+PRELOADED_MODULES = ("torch", "timm", "ray.train.torch", "raytl.train_loop")
 """What a trial's worker imports (torch, torchvision's ops, timm, Ray Train, raytl's trial and
 unit trainer), by name, as Ray's own ``RAY_preload_python_modules`` takes them."""
 

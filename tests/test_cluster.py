@@ -147,8 +147,8 @@ def test_search_spreads_over_nodes_and_writes_to_shared_storage(
     from ray.cluster_utils import Cluster
 
     from raytl.cluster import cluster_wants_token
-    from raytl.config import parse_space
     from raytl.search import run_search
+    from raytl.space_file import parse_space
 
     # a token lying around (as ~/.ray/auth_token often does) must not switch the driver to
     # token mode for a cluster without it: its raylets could not call back, trials would die
@@ -214,8 +214,8 @@ def test_search_asking_more_than_the_cluster_has_fails_clearly(tmp_path, restore
     import ray
     from ray.cluster_utils import Cluster
 
-    from raytl.config import parse_space
     from raytl.search import run_search
+    from raytl.space_file import parse_space
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:

@@ -249,7 +249,7 @@ def test_shipped_space_files_pass_the_preflight_check_on_the_shipped_clusters(
     where: str, space: str, sets: list[str], nodes: list[dict[str, float]]
 ) -> None:
     from raytl.cluster import check_fits
-    from raytl.config import load_space
+    from raytl.space_file import load_space
 
     config = load_space(REPO / space, sets, local_paths=False)
     check_fits(config, nodes)  # raises RaytlError, naming what does not fit

@@ -18,10 +18,10 @@ from raytl.compare_figures import (
     summarize,
     verdict,
 )
-from raytl.config import load_space
 from raytl.ensemble import checkpoint_location, fold_ensemble
 from raytl.errors import RaytlError
 from raytl.results import sampled_values
+from raytl.space_file import load_space
 
 
 def test_rank_correlations_on_known_inputs():

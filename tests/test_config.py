@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from raytl.config import load_space, parse_space
 from raytl.errors import ConfigError
 from raytl.space import condition_order
+from raytl.space_file import load_space, parse_space
 from tests.conftest import REPO
 
 

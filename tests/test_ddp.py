@@ -231,8 +231,8 @@ def test_a_search_trains_its_one_unit_on_two_ranks(tmp_path, space_file):
 )
 def test_the_refit_trains_with_the_batch_the_units_used(digits, kind, workers, batch):
     """A unit on k ranks steps on k x batch_size images; the one-process refit takes the same."""
-    from raytl.config import parse_space
     from raytl.refit import searched_batch
+    from raytl.space_file import parse_space
 
     scheme = {"kind": kind, "folds": 2} if kind == "cv" else {"kind": kind}
     raw = {

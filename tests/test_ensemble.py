@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from raytl.config import parse_space
 from raytl.ensemble import fold_models
 from raytl.errors import ConfigError
 from raytl.models import SoftmaxEnsemble, create_model, load_saved_model, save_model
 from raytl.predict import predict_paths
 from raytl.preprocess import BatchPreparer, preprocessing_for
 from raytl.search import run_search
+from raytl.space_file import parse_space
 from raytl.trial import scheme_units
 
 

@@ -19,7 +19,6 @@ import ray
 import torch
 
 from raytl.cluster import ray_session
-from raytl.config import parse_space
 from raytl.data.dataset import ImageData
 from raytl.feature_rows import FeatureCacheError, FeatureFile
 from raytl.features import (
@@ -34,6 +33,7 @@ from raytl.features import (
 from raytl.models import create_model, pooled_features
 from raytl.preprocess import BatchPreparer, preprocessing_for
 from raytl.space import Hyperparameters
+from raytl.space_file import parse_space
 from raytl.unit import UnitTrainer
 
 

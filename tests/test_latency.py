@@ -7,11 +7,11 @@ import math
 import pandas as pd
 import pytest
 
-from raytl.config import parse_space
 from raytl.errors import RaytlError
 from raytl.latency import measure
 from raytl.models import create_model
 from raytl.search import pick, with_costs
+from raytl.space_file import parse_space
 
 
 def test_measure_counts_the_task_models_parameters_and_times_both_batches():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+import raytl.trial
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "raytl"
 MAX_MODULE_LINES = 400
@@ -94,3 +96,12 @@ def test_readme_space_example_is_the_shipped_quickstart():
     example = section.split("```yaml", 1)[1].split("```", 1)[0]
     shipped = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
     assert yaml.safe_load(example) == shipped
+
+
+def test_the_one_import_by_name_names_the_train_loop():
+    """raytl.trial imports the module that trains a trial's units by name, when a trial first
+    trains (so the Tune trial's process of a worker-group trial never imports timm): the name
+    must stay that module's, with the two functions it calls there."""
+    module = MODULES[raytl.trial.TRAIN_LOOP]
+    functions = {n.name for n in module.body if isinstance(n, ast.FunctionDef)}
+    assert {"train_loop_per_worker", "run_lean_trial"} <= functions

@@ -25,7 +25,6 @@ from sklearn.metrics import (
 from sklearn.utils.class_weight import compute_class_weight
 
 from raytl.attempts import AttemptClock, epoch_report
-from raytl.config import parse_space
 from raytl.errors import ConfigError, RaytlError
 from raytl.metrics import (
     VAL_METRICS,
@@ -38,6 +37,7 @@ from raytl.models import to_json
 from raytl.refit import RefitResult
 from raytl.report import write_report
 from raytl.results import history_table, results_table, write_results
+from raytl.space_file import parse_space
 from raytl.tensorboard import SearchBoard
 from tests.conftest import unit_trainer
 

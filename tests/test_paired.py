@@ -12,10 +12,10 @@ from scipy.stats import kendalltau
 
 from raytl.cli import main
 from raytl.compare import config_key
-from raytl.config import load_space
 from raytl.errors import RaytlError
 from raytl.paired import draw_configurations, scheme_label
 from raytl.paired_stats import bootstrap_intervals, paired_summary, rule_lines
+from raytl.space_file import load_space
 
 SPACE = {
     "name": "tiny-paired",

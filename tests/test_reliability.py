@@ -190,7 +190,7 @@ def test_killed_driver_then_resume_keeps_every_trial_and_the_searcher_state(
 
 def test_attempt_clock_keeps_the_first_attempt_and_counts_restarts(tmp_path):
     from raytl.attempts import AttemptClock, save_checkpoint_meta
-    from raytl.trial import resume_attempt
+    from raytl.train_loop import resume_attempt
 
     class Checkpoint:  # the interface of ray.train.Checkpoint that resume_attempt uses
         def __init__(self, folder):
@@ -270,8 +270,8 @@ def test_a_worker_node_removed_mid_search_the_search_completes(tmp_path, restore
     from ray.cluster_utils import Cluster
 
     from raytl.cluster import free_port
-    from raytl.config import parse_space
     from raytl.search import run_search
+    from raytl.space_file import parse_space
 
     cluster = Cluster(
         initialize_head=True,
@@ -384,7 +384,7 @@ def test_a_checkpoint_holding_a_pickle_payload_is_refused(tmp_path):
     with pytest.raises(RaytlError, match="not a plain state dict"):
         load_checkpoint_weights(torch.nn.Linear(1, 1), path)
     # the way a restarted trial reads its units back: the trial's own checkpoint loader
-    from raytl.trial import resume_attempt
+    from raytl.train_loop import resume_attempt
 
     class Checkpoint:  # the interface of ray.train.Checkpoint that resume_attempt uses
         def as_directory(self):

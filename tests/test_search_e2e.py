@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from raytl.config import parse_space
 from raytl.search import run_search
+from raytl.space_file import parse_space
 from tests.conftest import remove_ray_temp_of, shared_ray_temp_restored
 
 SPACE = {

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import optuna
 
-from raytl.config import parse_space
 from raytl.space import DefineByRun
+from raytl.space_file import parse_space
 from raytl.tune import make_searcher
 
 
 def sample_many(space_raw: dict, n: int = 40, **sections) -> list[dict]:
     config = parse_space({"space": space_raw, **sections})
-    fn = DefineByRun(config.space)
+    fn = DefineByRun(config.space, config.blocks)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     out = []
     for _ in range(n):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from raytl.config import load_space
 from raytl.errors import ConfigError
 from raytl.models import count_blocks
+from raytl.space_file import load_space
 
 SPACE = {
     "model": {"backbone": "efficientnet_lite0", "pretrained": "package"},

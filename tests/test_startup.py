@@ -16,6 +16,7 @@ from ray import cloudpickle
 from ray.train.v2.api.callback import UserCallback
 from ray.util.state import list_actors, list_workers
 
+import raytl.train_loop
 import raytl.trial
 from raytl import warm_workers
 from raytl.cluster import (
@@ -25,8 +26,8 @@ from raytl.cluster import (
     ray_processes,
     ray_session,
 )
-from raytl.config import parse_space
 from raytl.search import share_inputs, tune_search
+from raytl.space_file import parse_space
 from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
 
 SPACE = {"name": "t", "data": {"source": "digits"}, "space": {"strategy": "fine_tune"}}
@@ -43,7 +44,7 @@ def test_the_trial_context_reaches_the_workers_but_not_the_controller(tmp_path, 
     assert b"raytl" not in cloudpickle.dumps(trainer.train_run_context)
     # the training function, which only the workers unpickle, carries the whole context
     train_fn = cloudpickle.loads(cloudpickle.dumps(trainer.train_loop_per_worker))
-    assert train_fn.func is raytl.trial.train_loop_per_worker and train_fn.args == (ctx,)
+    assert train_fn.func is raytl.trial.enter_workers and train_fn.args == (ctx,)
 
 
 def test_a_worker_starts_without_importing_scikit_learn(tmp_path, monkeypatch):
@@ -56,9 +57,33 @@ def test_a_worker_starts_without_importing_scikit_learn(tmp_path, monkeypatch):
     pickled = tmp_path / "train_fn.pkl"
     pickled.write_bytes(cloudpickle.dumps(raytl.trial.make_trainer(ctx, "t").train_loop_per_worker))
     code = (
-        "import sys; from ray import cloudpickle; import raytl.unit\n"
+        "import sys; from ray import cloudpickle\n"
         "cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "import raytl.train_loop  # what entering the function imports\n"
         "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_tune_trials_process_imports_neither_timm_nor_torchvision(tmp_path):
+    """What Tune's trial actor unpickles (the trainable, the search's inputs) and builds (the
+    trial's context) imports no unit trainer: a trial that runs a worker group starts a new Tune
+    process every trial, and timm with torchvision's ops took 1.7 s of its imports; a head-only
+    trial imports them when it trains (``raytl.trial.train_loop``)."""
+    inputs = SearchInputs(parse_space(SPACE), "data-ref", str(tmp_path), units="units-ref")
+    pickled = tmp_path / "trainable.pkl"
+    pickled.write_bytes(cloudpickle.dumps((raytl.trial.run_trial, inputs)))
+    code = (
+        "import sys; from ray import cloudpickle\n"
+        "run_trial, inputs = cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "from raytl.trial import TrialContext\n"
+        "ctx = TrialContext.create(inputs, {'strategy': 'fine_tune'})\n"
+        "assert not ctx.lean\n"
+        "heavy = ('timm', 'torchvision', 'torch._dynamo', 'raytl.unit', 'sklearn', 'optuna')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
@@ -117,11 +142,11 @@ def test_checkpoints_are_staged_in_the_local_rays_folder(tmp_path, monkeypatch):
     """A worker killed mid-report leaves its staged checkpoint in the local Ray's folder, which
     the session removes; without one (a cluster's worker) the system's temp folder is used."""
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    assert raytl.trial.checkpoint_staging() == str(tmp_path)
+    assert raytl.train_loop.checkpoint_staging() == str(tmp_path)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "not-on-this-node"))
-    assert raytl.trial.checkpoint_staging() is None
+    assert raytl.train_loop.checkpoint_staging() is None
     monkeypatch.delenv("RAY_TMPDIR")
-    assert raytl.trial.checkpoint_staging() is None
+    assert raytl.train_loop.checkpoint_staging() is None
 
 
 def test_prestarting_is_off_outside_the_local_ray(monkeypatch):

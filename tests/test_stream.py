@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from raytl.config import load_space
 from raytl.data import convert_imagefolder, load_data
 from raytl.data.stream import (
     WINDOW_BLOCKS,
@@ -27,6 +26,7 @@ from raytl.data.stream import (
 )
 from raytl.errors import ConfigError
 from raytl.space import Hyperparameters
+from raytl.space_file import load_space
 from raytl.unit import UnitTrainer
 from tests.conftest import write_space
 

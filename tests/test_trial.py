@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from raytl.config import parse_space
+from raytl.space_file import parse_space
 from raytl.trial import SearchInputs, TrialContext
 
 SPACE = {
