@@ -204,9 +204,16 @@ def run_search(out: Path, reuse_actors: bool = False) -> None:
     if reuse_actors:
         tune.TuneConfig = functools.partial(tune.TuneConfig, reuse_actors=True)  # type: ignore
 
+    import raytl
     from raytl.cluster import ray_session
     from raytl.search import share_inputs, tune_search
-    from raytl.space_file import parse_space
+
+    # the code measured (PYTHONPATH) may predate raytl.space_file (570e872); the venv's editable
+    # install would find this checkout's module of that name, so look in the measured tree
+    if (Path(raytl.__file__).parent / "space_file.py").exists():
+        from raytl.space_file import parse_space
+    else:
+        from raytl.config import parse_space  # type: ignore[attr-defined,no-redef]
 
     os.environ["RAYTL_STARTUP_TRACE"] = str(out / "trace.jsonl")  # Ray's processes inherit it
     config = parse_space(SPACE, "benchmarks/startup.py")
