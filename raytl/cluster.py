@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import sys
@@ -126,7 +127,7 @@ def init_ray(address: str | None) -> None:
         address="local",
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
+        dashboard_port=dashboard_port(),
         **kwargs,
     )
     restrict_token_file()
@@ -289,6 +290,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+DASHBOARD_PORTS = range(20000, 32768)
+"""Where the local Ray's dashboard port is drawn: above Ray's worker ports (10002-19999) and below
+Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the ports of
+``bind(0)`` and of outgoing connections. A port found free in that range (:func:`free_port`) can
+be taken by one of Ray's own processes before the dashboard binds it: it was, once, in a
+benchmark ("Failed to find a valid port for dashboard ... address already in use")."""
+
+
+def dashboard_port() -> int:
+    """A free port on 127.0.0.1 for the local Ray's dashboard, drawn from :data:`DASHBOARD_PORTS`
+    below the kernel's ephemeral range (so a second local search does not collide on it either,
+    and nothing of Ray's takes it meanwhile); any free port if none of 64 drawn is free."""
+    ports = range(DASHBOARD_PORTS.start, min(DASHBOARD_PORTS.stop, ephemeral_ports().start))
+    for port in random.SystemRandom().sample(ports, min(64, len(ports))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> range:
+    """The kernel's ephemeral port range (Linux); 32768-60999, its default, where unreadable."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(low, high + 1)
 
 
 def check_resources(config: SpaceConfig) -> None:

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from raytl.cluster import DASHBOARD_PORTS, dashboard_port, ephemeral_ports
 from raytl.errors import RaytlError
 from raytl.jobs import entrypoint, find_token, run_location
 from raytl.rundir import new_run_id
@@ -456,3 +457,17 @@ def test_the_local_token_file_is_made_private(tmp_path):
     (home / ".ray" / "auth_token").chmod(0o640)
     restrict_token_file({}, home)
     assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_dashboard_port_is_drawn_where_no_process_of_rays_can_take_it(tmp_path):
+    """Below the kernel's ephemeral range (bind(0) and outgoing connections take ports there,
+    between the check and the dashboard's bind) and above Ray's worker ports; free when drawn."""
+    ports = {dashboard_port() for _ in range(20)}
+    assert all(p in DASHBOARD_PORTS and p < ephemeral_ports().start for p in ports), ports
+    assert len(ports) > 1  # drawn, so two searches started together do not pick the same one
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("1024\t65000\n")
+    assert ephemeral_ports(str(ranges)) == range(1024, 65001)
+    assert ephemeral_ports(str(tmp_path / "none")) == range(32768, 61000)
