@@ -251,8 +251,7 @@ def train_loop_per_worker(ctx: TrialContext) -> None:
     )
     warm_workers.prestart_successor(ctx.config)
     train_units(ctx, RayTrainSession())
-    # not earlier: processes starting beside the training slow it
-    warm_workers.prestart_next_trial(ctx.config, ctx.tune_env)
+    warm_workers.prestart_next_controller(ctx.config)  # not earlier: it would slow the training
 
 
 def run_lean_trial(ctx: TrialContext) -> None:

@@ -90,7 +90,6 @@ class TrialContext:
     storage: str
     started: float  # wall clock when Tune started the trial
     units: Any = None  # ray.ObjectRef of the scheme's units (None: each worker cuts them)
-    tune_env: str = ""  # the Tune trial's runtime env, as its raylet saw it ("" outside Ray)
 
     @classmethod
     def create(cls, inputs: SearchInputs, sampled: dict[str, Any]) -> TrialContext:
@@ -103,7 +102,6 @@ class TrialContext:
             inputs.storage,
             time.time(),
             inputs.units,
-            warm_workers.own_runtime_env(),  # a process like this one for the next trial's
         )
 
     @property
@@ -168,14 +166,13 @@ def run_trial(sampled: dict[str, Any], *, inputs: SearchInputs) -> None:
     """The Tune trial: a thin driver around one TorchTrainer (Train V2 + TuneReportCallback), or,
     for a head-only trial on cached features, the training itself."""
     ctx = TrialContext.create(inputs, sampled)
-    trace_startup("trial_entered", ctx.started, process=process_started(), runtime_env=ctx.tune_env)
+    trace_startup("trial_entered", ctx.started, process=process_started())
     if ctx.lean:
         train_loop().run_lean_trial(ctx)
         return
     trainer = make_trainer(ctx, tune.get_context().get_trial_id())
     trace_startup("fit_called", ctx.started)
     trainer.fit()
-    trace_startup("fit_returned", ctx.started)
 
 
 def make_trainer(ctx: TrialContext, trial_id: str) -> TorchTrainer:

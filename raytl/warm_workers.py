@@ -10,13 +10,12 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
 - the trials' Train workers get a runtime env of their own (:func:`worker_runtime_env`): Ray's
   setup hook :func:`preload`, which imports what a worker needs before the process takes work;
 - before Tune launches the first trials, the driver asks for as many processes as they have
-  Tune trial actors, Train controllers and workers (:func:`prestart_for_search`), and each Train
-  worker, as it starts, asks its node's raylet for one process like its own, for a later trial's
-  worker (:func:`prestart_successor`), and rank 0, when its training is done, for one like its
-  controller's and one like its Tune trial's (:func:`prestart_next_trial`). About as many
-  processes wait as trials, controllers and workers run at once (one more for each worker Train
-  restarts). A controller's and a Tune trial's process import nothing ahead (their runtime envs
-  are Train's and Tune's own), but are started.
+  Train controllers and workers (:func:`prestart_for_search`), and each Train worker, as it
+  starts, asks its node's raylet for one process like its own, for a later trial's worker
+  (:func:`prestart_successor`), and rank 0, when its training is done, for one like its
+  controller's (:func:`prestart_next_controller`). About as many processes wait as
+  workers and controllers run at once (one more for each worker Train restarts). A controller's
+  process imports nothing ahead (its runtime env is Train's own), but is started.
 
 Only where the search leaves a CPU free (:func:`leaves_a_cpu`): a process prestarted while every
 core trains takes its imports' seconds from the trials running (the quickstart on 2 cores, 2
@@ -41,7 +40,6 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.runtime_env import RuntimeEnv
 
 from raytl import raylet
 from raytl.config import SpaceConfig
@@ -112,25 +110,22 @@ def prestart_successor(config: SpaceConfig) -> bool:
     return True
 
 
-def prestart_next_trial(config: SpaceConfig, tune_env: str) -> bool:
+def prestart_next_controller(config: SpaceConfig) -> bool:
     """In rank 0 of a Train worker group whose training finished: ask for a process with its
-    controller's runtime env and one with its Tune trial's (``tune_env``, that process's own),
-    for the next trial's (about 0.1 s each, after the trial's last report; Tune starts the next
-    trial's actor when this trial ends). Not as the worker starts: two processes starting beside
-    the first training step slowed its model build from 0.2 to 0.8 s (benchmarks/startup.py).
-    Not where the trial was stopped (a later trial's start is cold then). Returns whether it
-    asked."""
+    controller's runtime env, for the next trial's controller (about 0.1 s, after the trial's
+    last report). Not as the worker starts: two processes starting beside the first training
+    step slowed its model build from 0.2 to 0.8 s (benchmarks/startup.py). Not where the trial
+    was stopped (a later trial's controller starts cold then). Returns whether it asked."""
     if not enabled() or not ray.is_initialized() or ray.train.get_context().get_world_rank():
         return False
-    asked = _prestart_one(config, controller_env_of(own_runtime_env()))
-    return asked and (not tune_env or _prestart_one(config, tune_env))
+    return _prestart_one(config, controller_env_of(own_runtime_env()))
 
 
 def prestart_for_search(config: SpaceConfig) -> int:
     """In the driver, before Tune launches the first trials: ask this node's raylet for a process
-    for each Tune trial, Train controller and worker of the trials that start at once, with the
-    runtime envs they will have (:func:`tune_trial_env`, :func:`train_envs`), if the search runs
-    Train workers and its trials leave a CPU free. Returns how many worker processes it asked for (0: none; where prestarting is off,
+    for each Train controller and worker of the trials that start at once, with the runtime envs
+    they will have (:func:`train_envs`), if the search runs Train workers and its trials leave a
+    CPU free. Returns how many worker processes it asked for (0: none; where prestarting is off,
     where the asking failed)."""
     if not enabled() or not ray.is_initialized() or not runs_train_workers(config):
         return 0
@@ -141,11 +136,7 @@ def prestart_for_search(config: SpaceConfig) -> int:
             return 0
         controller, worker = train_envs()
         raylet.prestart_from_a_worker(
-            [
-                (tune_trial_env(), trials),
-                (controller, trials),
-                (worker, trials * r.workers_per_trial),
-            ]
+            [(controller, trials), (worker, trials * r.workers_per_trial)]
         )
     except Exception:  # an optimisation only: the first trials start cold  # noqa: BLE001
         _log.debug("raytl: prestarting the first Train workers failed", exc_info=True)
@@ -192,8 +183,10 @@ def train_envs() -> tuple[str, str]:
         RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
         get_env_vars_to_propagate,
     )
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
 
-    env = _tune_trial_env_vars()
+    env = dict(DEFAULT_ENV_VARS)  # Tune's trial actor (ray.tune.execution.class_cache)
+    env.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
     controller = get_env_vars_to_propagate()  # Train's controller (its data_parallel_trainer)
     controller.setdefault(
         RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
@@ -203,23 +196,6 @@ def train_envs() -> tuple[str, str]:
     env.update(get_env_vars_to_propagate())  # the workers (Train's worker group)
     env.update(worker_runtime_env().get("env_vars", {}))
     return controller_text, _as_ray_writes_it(env)
-
-
-def tune_trial_env() -> str:
-    """The runtime env of Tune's trial actors, as their raylet will see it (in the driver): Ray's
-    Python serialization of it, as its parent (the driver) has none to merge it into (checked
-    against :func:`own_runtime_env` in a trial: the same text)."""
-    return RuntimeEnv(env_vars=_tune_trial_env_vars()).serialize()
-
-
-def _tune_trial_env_vars() -> dict[str, str]:
-    """What Tune gives its trial actors (ray.tune.execution.class_cache): ``PL_DISABLE_FORK`` and
-    the variables it propagates from the driver's environment."""
-    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
-
-    env = dict(DEFAULT_ENV_VARS)
-    env.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
-    return env
 
 
 def controller_env_of(worker_env: str) -> str:

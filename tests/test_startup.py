@@ -175,10 +175,9 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     tmp_path, monkeypatch
 ):
     """On the local Ray raytl starts, the driver asks for processes for the first trial's Train
-    controller and worker before Tune launches it, and that worker asks for one like its own, one
-    like its controller's and one like its Tune trial's: both trials' workers and controllers
-    start in a process started before their trial, the workers' with torch and timm imported,
-    and the second trial's Tune actor in one started before the first trial ended."""
+    controller and worker before Tune launches it, and that worker asks for one like its own and
+    one like its controller's: both trials' workers and controllers start in a process started
+    before their trial, the workers' with torch and timm imported."""
     for key in LOCAL_TRAIN_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     trace = tmp_path / "trace.jsonl"
@@ -206,18 +205,13 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
         inputs = share_inputs(config, config.data.load(), out, lambda line: None)
         table = tune_search(inputs, out, resume=False, echo=lambda line: None)
         controller_env, worker_env = warm_workers.train_envs()
-        tune_env = warm_workers.tune_trial_env()
         launched = {w.pid: w.worker_launch_time_ms / 1000 for w in list_workers(detail=True)}
         controllers = list_actors(filters=[("class_name", "=", "TrainController")], detail=True)
     assert len(table) == 2
-    stages = [json.loads(line) for line in trace.read_text().splitlines()]
+    workers = [json.loads(line) for line in trace.read_text().splitlines()]
     workers = sorted(
-        (w for w in stages if w["stage"] == "worker_entered"), key=lambda w: w["trial"]
+        (w for w in workers if w["stage"] == "worker_entered"), key=lambda w: w["trial"]
     )
-    tune_trials = sorted(
-        (t for t in stages if t["stage"] == "trial_entered"), key=lambda t: t["trial"]
-    )
-    fits = sorted((f for f in stages if f["stage"] == "fit_returned"), key=lambda f: f["trial"])
     assert len(workers) == 2
     for worker in workers:  # started before its trial (cold, it would start after), preloaded
         assert worker["process"] < worker["trial"] and worker["preloaded"] is not None, worker
@@ -228,11 +222,5 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     started = sorted(launched[c.pid] for c in controllers)
     assert len(started) == 2
     assert all(s < w["trial"] for s, w in zip(started, workers, strict=True)), (started, workers)
-    # the second trial's worker began its imports before its trial started (whether they were
-    # done by then depends on how long the first trial trained: here about a second)
-    assert workers[1]["process"] < workers[1]["trial"] and workers[1]["preloaded"] is not None
-    # the second trial's Tune actor: in the process the first trial's worker asked for (one at a
-    # time: cold, it would start only once the first trial had ended)
-    assert len(tune_trials) == len(fits) == 2
-    assert tune_trials[1]["process"] < fits[0]["time"], (tune_trials, fits)
-    assert {t["runtime_env"] for t in tune_trials} == {tune_env}
+    # the second trial's worker finished its imports before its trial started
+    assert workers[1]["process"] < workers[1]["preloaded"] < workers[1]["trial"]
