@@ -180,13 +180,35 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "0.03 s after the previous trial ended (the trace's `trial_entered` process time) and Tune's "
     "launch (its `on_trial_start`, fired once the actor is ready) came 5.2 and 5.4 s later (the "
     "first trial's 4.5 s): the process's Python and Ray start and its loading of the trainable, "
-    "which imports `raytl.trial` (torch, timm, Ray Train: the imports table). That actor gets "
-    "Tune's own runtime env, with no place for raytl's setup hook, so it is not prestarted here; "
-    "the launch-to-first-step total above does not include it.",
+    "which imported `raytl.trial` with torch, timm and Ray Train. The launch-to-first-step total "
+    "above does not include it.",
+    "- Cut (raytl/trial.py, raytl/train_loop.py, raytl/space_file.py; 2026-12-01, 570e872): the "
+    "Tune trial's process imports no timm, torchvision or torch._dynamo when its trial runs a "
+    "worker group. The loop that trains the units moved to `raytl.train_loop`, which "
+    "`raytl.trial` imports by name when a trial first trains (the workers, preloaded; a probe on "
+    "cached features in the Tune process); reading a space file (its checks ask timm) moved out "
+    "of `raytl.config`, and each backbone's block count travels in the `SpaceConfig`. Importing "
+    "`raytl.trial` in a fresh Python: 4.2-4.6 s of CPU and 840 MB peak resident before (60b1420), "
+    "2.8-3.4 s and 655 MB after (three runs each, `resource.getrusage`); the imports table above "
+    "(`raytl.trial` 1.88 -> 0.07 s after torch and Ray Train). Measured here (the table, "
+    "`--searches 2`): trial end to the next launch 5.0 -> 4.1 s, but launch to first step "
+    "5.2 -> 6.1 s and launch to the next launch 13.1 -> 13.5 s: on this 2-core machine, one trial "
+    "at a time, the seconds saved before the launch are spent after it. In the kept traces the "
+    "trial now launches while the worker process prestarted for it is still importing (the "
+    "first trial's worker entered 9.0 s after launch, its imports done at 4.5 s; before, 5.7 s "
+    "and 0.5 s), so the controller's and the worker's imports share the cores. What the cut "
+    "saves for certain is each trial's CPU and memory in its Tune process: 1.4 s and 185 MB "
+    "per trial, and per trial running at once.",
+    "- Tried, taken out (ed598a1, reverted in c0d63e6): the next Tune trial's process prestarted "
+    "too (no imports: its runtime env is Tune's own), asked for by rank 0 when its training was "
+    "done. The process was ready before the previous trial ended, but the launch still came "
+    "3.6 s after that end (the actor's imports of torch and Ray Train): trial end to the next "
+    "launch 4.3 s against 4.1 without it, launch to the next launch 15.0 against 14.1 s before "
+    "either change in the same run (`--searches 3`). No gain, so not kept.",
     "- Left: the controller's imports (torch, Ray Train) when it unpickles its arguments: its "
     "runtime env is Train's, without raytl's setup hook, and its helper actors share it (a hook "
     "there would import torch in each of them; `RAY_preload_python_modules` did that, below); "
-    "the Tune trial's own process, new every trial.",
+    "the Tune trial's own process, new every trial, and its imports of torch and Ray Train.",
 ]
 
 
