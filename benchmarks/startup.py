@@ -198,7 +198,10 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "first trial's worker entered 9.0 s after launch, its imports done at 4.5 s; before, 5.7 s "
     "and 0.5 s), so the controller's and the worker's imports share the cores. What the cut "
     "saves for certain is each trial's CPU and memory in its Tune process: 1.4 s and 185 MB "
-    "per trial, and per trial running at once.",
+    "per trial, and per trial running at once. The quickstart (2 trials at once on 2 cores, "
+    "prestarting off), `raytl search search_spaces/quickstart.yaml` alternated, the same trials "
+    "and picks: 234 and 232 s before, 264 and 198 s after: a difference this machine's noise "
+    "hides.",
     "- Tried, taken out (ed598a1, reverted in c0d63e6): the next Tune trial's process prestarted "
     "too (no imports: its runtime env is Tune's own), asked for by rank 0 when its training was "
     "done. The process was ready before the previous trial ended, but the launch still came "
