@@ -33,6 +33,22 @@ from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_start
 SPACE = {"name": "t", "data": {"source": "digits"}, "space": {"strategy": "fine_tune"}}
 
 
+def imported_after_unpickling(value, then: str, modules, tmp_path) -> list[str]:
+    """Which of ``modules`` a fresh Python has imported after unpickling ``value`` (as
+    ``loaded``) and running the code ``then``."""
+    pickled = tmp_path / "value.pkl"
+    pickled.write_bytes(cloudpickle.dumps(value))
+    code = (
+        "import sys; from ray import cloudpickle\n"
+        "loaded = cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
+        f"{then}print(sorted(m for m in {tuple(modules)!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().replace("'", '"'))
+
+
 def test_the_trial_context_reaches_the_workers_but_not_the_controller(tmp_path, monkeypatch):
     # TuneReportCallback refuses to exist outside a Tune session; any callback will do here
     monkeypatch.setattr(raytl.trial, "TuneReportCallback", UserCallback)
@@ -54,18 +70,9 @@ def test_a_worker_starts_without_importing_scikit_learn(tmp_path, monkeypatch):
     inputs = SearchInputs(parse_space(SPACE), "data-ref", str(tmp_path), units="units-ref")
     ctx = TrialContext.create(inputs, {})
     assert ctx.units == "units-ref"
-    pickled = tmp_path / "train_fn.pkl"
-    pickled.write_bytes(cloudpickle.dumps(raytl.trial.make_trainer(ctx, "t").train_loop_per_worker))
-    code = (
-        "import sys; from ray import cloudpickle\n"
-        "cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "import raytl.train_loop  # what entering the function imports\n"
-        "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == "[]"
+    train_fn = raytl.trial.make_trainer(ctx, "t").train_loop_per_worker
+    then = "import raytl.train_loop  # what entering the function imports\n"
+    assert imported_after_unpickling(train_fn, then, ("sklearn", "scipy"), tmp_path) == []
 
 
 def test_the_tune_trials_process_imports_neither_timm_nor_torchvision(tmp_path):
@@ -74,21 +81,14 @@ def test_the_tune_trials_process_imports_neither_timm_nor_torchvision(tmp_path):
     process every trial, and timm with torchvision's ops took 1.7 s of its imports; a head-only
     trial imports them when it trains (``raytl.trial.train_loop``)."""
     inputs = SearchInputs(parse_space(SPACE), "data-ref", str(tmp_path), units="units-ref")
-    pickled = tmp_path / "trainable.pkl"
-    pickled.write_bytes(cloudpickle.dumps((raytl.trial.run_trial, inputs)))
-    code = (
-        "import sys; from ray import cloudpickle\n"
-        "run_trial, inputs = cloudpickle.loads(open(sys.argv[1], 'rb').read())\n"
+    then = (
+        "run_trial, inputs = loaded\n"
         "from raytl.trial import TrialContext\n"
         "ctx = TrialContext.create(inputs, {'strategy': 'fine_tune'})\n"
         "assert not ctx.lean\n"
-        "heavy = ('timm', 'torchvision', 'torch._dynamo', 'raytl.unit', 'sklearn', 'optuna')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == "[]"
+    heavy = ("timm", "torchvision", "torch._dynamo", "raytl.unit", "sklearn", "optuna")
+    assert imported_after_unpickling((raytl.trial.run_trial, inputs), then, heavy, tmp_path) == []
 
 
 def test_local_ray_gets_the_train_settings_but_the_environment_wins(monkeypatch):
