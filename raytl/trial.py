@@ -8,7 +8,7 @@ or, for a linear probe on cached features, in this process.
 
 This process imports :mod:`raytl.train_loop` (the unit trainer: timm, torchvision's ops) only
 for the latter, by name (:func:`train_loop`, the package's one import by name): a trial that runs
-a worker group is a new Tune process every trial, and the imports took 1.7 of its 4 s of imports
+a worker group is a new Tune process every trial, and they cost it 1.4 s of CPU and 185 MB
 (docs/benchmarks.md, "Trial start-up"). The workers import it when they enter the training
 function (:func:`enter_workers`), prestarted with it imported (:mod:`raytl.warm_workers`).
 """
