@@ -9,9 +9,9 @@ For each dataset and seed: raytl's search (``search_spaces/quickstart.yaml``'s s
 raytl's seeded recipes, ASHA, cv with 2 folds, the frozen-feature cache, then the refit of the
 best on train+val and one test) runs and its wall time W is measured; then the plain script runs
 for the same wall time W (its data load and Ray start-up included: the Tuner's ``time_budget_s``
-is W minus them) and its best trial by validation accuracy is read at the same untouched test
-split. Prints a table and writes the "## Search against a plain Ray Tune script" section of
-docs/benchmarks.md (``--no-write``: prints only).
+is W minus them) and its best trial by validation accuracy (its last checkpoint) is tested on
+the same untouched test split, after the budget. Prints a table and writes the "## Search
+against a plain Ray Tune script" section of docs/benchmarks.md (``--no-write``: prints only).
 
 ``--space`` runs another space file the same way (the backbone search,
 ``search_spaces/backbones.yaml``, where the plain script samples the backbone too) and writes its
@@ -55,6 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,10 @@ def plain_freeze(model: torch.nn.Module, depth: int | None) -> list[torch.nn.Mod
 
 def plain_trainable(config: dict[str, Any], data_ref: list[Any], setup: dict[str, Any]) -> None:
     """One trial of the plain script: build the timm model, freeze per strategy, train with AdamW
-    on one holdout split, report validation accuracy every epoch and, after the last, the test
-    accuracy (read only for the trial picked by validation accuracy)."""
+    on one holdout split, report validation accuracy every epoch and, after the last, a Tune
+    checkpoint of the model (the driver tests only the trial picked by validation accuracy, after
+    the budget: :func:`test_pick`)."""
     import ray
-    import timm
     from ray import tune
     from sklearn.model_selection import train_test_split
 
@@ -135,22 +136,7 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any], setup: dict[str
     strategy = config["strategy"]
     weights = "none" if strategy == "scratch" else setup["pretrained"]
     model = create_model(config.get("backbone", setup["backbone"]), setup["num_classes"], weights)
-    data_config = timm.data.resolve_model_data_config(model)
-    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
-    size = setup["image_size"]
-
-    def inputs(rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float().div(255)
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-        return (x - mean) / std
-
-    def accuracy(rows: np.ndarray) -> float:
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([model(inputs(rows[i : i + 256])) for i in range(0, len(rows), 256)])
-        return float((logits.argmax(1).numpy() == labels[rows]).mean())
+    inputs = plain_inputs(model, images, setup["image_size"])
 
     epochs, depth = setup["epochs"], int(config.get("freeze_depth", 0))
     phases: list[tuple[int | None, int]] = {  # (freeze depth, None: the probe; epochs)
@@ -184,9 +170,62 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any], setup: dict[str
                 loss.backward()
                 optimizer.step()
             done += 1
-            metrics = {"val_accuracy": accuracy(val), "epoch": done, "finished": done == total}
-            metrics["test_accuracy"] = accuracy(test) if done == total else math.nan
-            tune.report(metrics)
+            metrics = {
+                "val_accuracy": plain_accuracy(model, inputs, labels, val),
+                "epoch": done,
+                "finished": done == total,
+            }
+            if done < total:
+                tune.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(model.state_dict(), Path(folder) / "model.pt")
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def plain_inputs(
+    model: torch.nn.Module, images: np.ndarray, size: int
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """Rows of ``images`` as the model's normalized input at ``size`` px (timm's mean and std)."""
+    import timm
+
+    data_config = timm.data.resolve_model_data_config(model)
+    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+
+    def inputs(rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float().div(255)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        return (x - mean) / std
+
+    return inputs
+
+
+def plain_accuracy(
+    model: torch.nn.Module,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    labels: np.ndarray,
+    rows: np.ndarray,
+) -> float:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(inputs(rows[i : i + 256])) for i in range(0, len(rows), 256)])
+    return float((logits.argmax(1).numpy() == labels[rows]).mean())
+
+
+def test_pick(
+    checkpoint: Any, backbone: str, setup: dict[str, Any], data: Any, test: np.ndarray
+) -> float:
+    """The picked trial's final model (its Tune checkpoint) on the untouched test split, in the
+    driver after the search: only the pick is tested, and not on the plain script's clock."""
+    model = create_model(backbone, setup["num_classes"], "none")
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+    images = np.asarray(data.images)
+    return plain_accuracy(
+        model, plain_inputs(model, images, setup["image_size"]), data.labels, test
+    )
 
 
 def plain_space(config: SpaceConfig) -> dict[str, Any]:
@@ -290,6 +329,12 @@ def run_peer(
         else None
     )
     probes = done[done["config/strategy"] == "linear_probe"] if len(done) else done
+    test_accuracy = math.nan
+    if best is not None:
+        results = (grid[i] for i in range(len(grid)))
+        result = next(r for r in results if (r.metrics or {}).get("trial_id") == best["trial_id"])
+        backbone = best.get("config/backbone", setup["backbone"])
+        test_accuracy = test_pick(result.checkpoint, backbone, setup, data, test)
     errors = [str(e).strip().splitlines()[-1] for e in grid.errors]
     return {
         "seconds": seconds,
@@ -305,7 +350,7 @@ def run_peer(
             else None
         ),
         "val": float(best["val_accuracy"]) if best is not None else math.nan,
-        "test": float(best["test_accuracy"]) if best is not None else math.nan,
+        "test": test_accuracy,
         "probes": [
             (float(r["val_accuracy"]), float(r["time_total_s"])) for _, r in probes.iterrows()
         ],
@@ -341,9 +386,14 @@ def pick_of(row: pd.Series, prefix: str = "", backbone: bool = False) -> str:
 # --------------------------------------------------------------------------- raytl, one repeat
 
 
-def dataset_raw(name: str, quick: bool, fashion_limit: int, space: Path) -> dict[str, Any]:
-    """The space file (the quickstart's), for digits as shipped; for ``fashion`` its data swapped."""
+def dataset_raw(
+    name: str, quick: bool, fashion_limit: int, space: Path, test_fraction: float | None = None
+) -> dict[str, Any]:
+    """The space file (the quickstart's), for digits as shipped; for ``fashion`` its data swapped;
+    ``test_fraction`` (when given) replaces the file's ``data.test_fraction``."""
     raw = yaml.safe_load(space.read_text())
+    if test_fraction is not None:
+        raw["data"]["test_fraction"] = test_fraction
     if name == "fashion":
         raw["name"] = "peer_fashion"
         raw["data"] = {**raw["data"], "source": "fashion-mnist", "limit": fashion_limit}
@@ -453,9 +503,9 @@ def section(
         "every configuration trained for the same `max_epochs` with raytl's four strategies (the "
         "same parameters frozen, frozen BatchNorm in eval mode), 2 trials at once like raytl; it "
         "gets raytl's measured wall time W in all (its data load and Ray start-up included) and "
-        "its best finished trial by validation accuracy is tested on the same untouched test split "
-        "as raytl's pick. Repeat `s` sets `data.seed` and `search.seed` to `s` (seed 0: the file as "
-        "shipped), so the spread includes the luck of the test split; within a repeat both see the "
+        "its best finished trial by validation accuracy is tested (its final checkpoint, after the "
+        "budget, off its clock) on the same untouched test split as raytl's pick. Repeat `s` sets "
+        "`data.seed` and `search.seed` to `s` (seed 0: the file as shipped), so the spread includes the luck of the test split; within a repeat both see the "
         "same images and test split. Spread: the larger of the two standard deviations over "
         "repeats. The plain script's wall time (plain s) runs a little past W: Tune's own start "
         "and Ray's shutdown lie outside `time_budget_s`, in its favour.",
@@ -541,6 +591,14 @@ def main() -> None:
     )
     parser.add_argument("--fashion-limit", type=int, default=2000)
     parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="data.test_fraction for every dataset (the file's: 0.2); with --fashion-limit, a "
+        "larger untouched test split beside the same training pool (6000 and 0.6667: 2,000 to "
+        "search and refit on, 4,000 to test)",
+    )
+    parser.add_argument(
         "--fixed-split",
         action="store_true",
         help="keep the file's data.seed (one test split); vary search.seed only",
@@ -569,15 +627,16 @@ def main() -> None:
         if args.seeds
         else list(range(args.repeats))
     )
+    tested = f", test {args.test_fraction:g}" if args.test_fraction is not None else ""
     labels = {
-        "digits": "digits" + (" (300)" if args.quick else ""),
-        "fashion": f"fashion-mnist ({args.fashion_limit:,})",
+        "digits": "digits" + (" (300)" if args.quick else f" ({tested[2:]})" if tested else ""),
+        "fashion": f"fashion-mnist ({args.fashion_limit:,}{tested})",
     }
     command = shlex.join([".venv/bin/python", "benchmarks/peer.py", *sys.argv[1:]])
     results: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
     for name in datasets:
-        raw = dataset_raw(name, args.quick, args.fashion_limit, args.space)
+        raw = dataset_raw(name, args.quick, args.fashion_limit, args.space, args.test_fraction)
         for seed in seeds:
             run = one_repeat(repeat_config(raw, name, seed, args.fixed_split), seed)
             results.setdefault(name, []).append(run)
