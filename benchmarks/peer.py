@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/peer.py --datasets digits --repeats 2
     .venv/bin/python benchmarks/peer.py --quick --no-write       # smoke test: ~3 min on 2 cores
     .venv/bin/python benchmarks/peer.py --space search_spaces/backbones.yaml --datasets digits
+    # larger untouched test splits (docs/benchmarks.md says why): 4,000 and 898 test images
+    .venv/bin/python benchmarks/peer.py --datasets fashion --fashion-limit 6000 --test-fraction 0.6667
+    .venv/bin/python benchmarks/peer.py --datasets digits --test-fraction 0.5
 
 For each dataset and seed: raytl's search (``search_spaces/quickstart.yaml``'s search: TPE with
 raytl's seeded recipes, ASHA, cv with 2 folds, the frozen-feature cache, then the refit of the
