@@ -122,7 +122,7 @@ def plain_trainable(config: dict[str, Any], data_ref: list[Any], setup: dict[str
     """One trial of the plain script: build the timm model, freeze per strategy, train with AdamW
     on one holdout split, report validation accuracy every epoch and, after the last, a Tune
     checkpoint of the model (the driver tests only the trial picked by validation accuracy, after
-    the budget: :func:`test_pick`)."""
+    the budget: :func:`pick_test_accuracy`)."""
     import ray
     from ray import tune
     from sklearn.model_selection import train_test_split
@@ -217,7 +217,7 @@ def plain_accuracy(
     return float((logits.argmax(1).numpy() == labels[rows]).mean())
 
 
-def test_pick(
+def pick_test_accuracy(
     checkpoint: Any, backbone: str, setup: dict[str, Any], data: Any, test: np.ndarray
 ) -> float:
     """The picked trial's final model (its Tune checkpoint) on the untouched test split, in the
@@ -337,7 +337,7 @@ def run_peer(
         results = (grid[i] for i in range(len(grid)))
         result = next(r for r in results if (r.metrics or {}).get("trial_id") == best["trial_id"])
         backbone = best.get("config/backbone", setup["backbone"])
-        test_accuracy = test_pick(result.checkpoint, backbone, setup, data, test)
+        test_accuracy = pick_test_accuracy(result.checkpoint, backbone, setup, data, test)
     errors = [str(e).strip().splitlines()[-1] for e in grid.errors]
     return {
         "seconds": seconds,
@@ -508,8 +508,9 @@ def section(
         "gets raytl's measured wall time W in all (its data load and Ray start-up included) and "
         "its best finished trial by validation accuracy is tested (its final checkpoint, after the "
         "budget, off its clock) on the same untouched test split as raytl's pick. Repeat `s` sets "
-        "`data.seed` and `search.seed` to `s` (seed 0: the file as shipped), so the spread includes the luck of the test split; within a repeat both see the "
-        "same images and test split. Spread: the larger of the two standard deviations over "
+        "`data.seed` and `search.seed` to `s` (seed 0: the file as shipped), so the spread "
+        "includes the luck of the test split; within a repeat both see the same images and test "
+        "split. Spread: the larger of the two standard deviations over "
         "repeats. The plain script's wall time (plain s) runs a little past W: Tune's own start "
         "and Ray's shutdown lie outside `time_budget_s`, in its favour.",
         "",
