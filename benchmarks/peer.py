@@ -631,10 +631,11 @@ def main() -> None:
         if args.seeds
         else list(range(args.repeats))
     )
-    tested = f", test {args.test_fraction:g}" if args.test_fraction is not None else ""
+    tested = [f"test {args.test_fraction:g}"] if args.test_fraction is not None else []
+    digits = ["300"] if args.quick else tested
     labels = {
-        "digits": "digits" + (" (300)" if args.quick else f" ({tested[2:]})" if tested else ""),
-        "fashion": f"fashion-mnist ({args.fashion_limit:,}{tested})",
+        "digits": "digits" + (f" ({', '.join(digits)})" if digits else ""),
+        "fashion": f"fashion-mnist ({', '.join([f'{args.fashion_limit:,}', *tested])})",
     }
     command = shlex.join([".venv/bin/python", "benchmarks/peer.py", *sys.argv[1:]])
     results: dict[str, list[dict[str, Any]]] = {}
