@@ -10,7 +10,7 @@ Ray, ``search.share_inputs`` + ``search.tune_search``; no refit): digits at 32 p
 holdout, ``fine_tune`` fixed, 1 epoch, 3 trials one at a time, 1 worker x 1 CPU, no seeded
 recipes. The stages come from two clocks that need nothing but the run itself: Ray's task
 timeline (``ray.timeline()``: when the Train controller and worker actors run their methods) and
-raytl's start-up trace (``RAYTL_STARTUP_TRACE``, :func:`raytl.trial.trace_startup`), joined with
+raytl's start-up trace (``RAYTL_STARTUP_TRACE``, :func:`raytl.startup_trace.trace_startup`), joined with
 the results table's ``launched_at`` (the driver's clock when Tune launched the trial). A code
 older than the trace shows only the timeline's stages. Each stage is the median over the trials
 (each trial's figure in brackets); the imports are timed separately, in fresh processes.

@@ -26,6 +26,7 @@ import ray
 from ray._raylet import Config, GcsClient  # type: ignore[attr-defined]  # compiled, no stubs
 from ray.exceptions import AuthenticationError
 
+from raytl import preload_claims
 from raytl.config import SpaceConfig
 from raytl.errors import RaytlError
 from raytl.schemes import assign_units
@@ -167,6 +168,10 @@ LOCAL_TRAIN_SETTINGS = {
     # Train workers' processes started ahead of their trials, with torch and timm imported
     # (raytl/warm_workers.py): the raylet is asked on this machine, where the trials run
     "RAYTL_WARM_TRAIN_WORKERS": "1",
+    # every Python worker process runs raytl's setup hook, which imports ahead only in a process
+    # asked for a Train controller (raytl/preload_claims.py); a runtime env's own hook (the Train
+    # workers') replaces it
+    preload_claims.SETUP_HOOK_VAR: preload_claims.HOOK,
 }
 
 

@@ -46,13 +46,8 @@ from raytl.attempts import (
 from raytl.data.dataset import ImageData
 from raytl.feature_rows import resolve_features
 from raytl.schemes import Assignment, Unit, assign_units
-from raytl.trial import (
-    UNIT_STATE,
-    TrialContext,
-    process_started,
-    scheme_units,
-    trace_startup,
-)
+from raytl.startup_trace import process_started, trace_startup
+from raytl.trial import UNIT_STATE, TrialContext, scheme_units
 from raytl.unit import UnitTrainer
 from raytl.unit_group import UnitGroup, groups_for_rank
 

@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
-import math
-import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -38,34 +34,13 @@ from raytl.config import SpaceConfig
 from raytl.data.dataset import ImageData
 from raytl.schemes import Unit, make_units
 from raytl.space import Hyperparameters
+from raytl.startup_trace import process_started, trace_startup
 from raytl.strategies import STRATEGIES
 
 TRAIN_LOOP = "raytl.train_loop"
 """The module that trains a trial's units, imported by name (:func:`train_loop`)."""
 
 UNIT_STATE = "unit_{}.pt"
-# a file each process of a trial appends its start-up stages to, one JSON line per stage (wall
-# clock, pid, the trial's start as its key): what benchmarks/startup.py times; unset, nothing is written
-STARTUP_TRACE = "RAYTL_STARTUP_TRACE"
-
-
-def trace_startup(stage: str, trial: float, **extra: Any) -> None:
-    """Append one start-up stage of the trial that started at ``trial`` to $RAYTL_STARTUP_TRACE."""
-    path = os.environ.get(STARTUP_TRACE)
-    if path:
-        line = {"stage": stage, "time": time.time(), "pid": os.getpid(), "trial": trial, **extra}
-        with open(path, "a") as trace:  # one short append per line: whole lines on Linux
-            trace.write(json.dumps(line) + "\n")
-
-
-def process_started() -> float:
-    """When this process started (wall clock, from /proc: 10 ms resolution); NaN elsewhere."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return math.nan
-    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 @dataclass(frozen=True)

@@ -41,17 +41,12 @@ from typing import Any
 import ray
 import ray.train
 
-from raytl import raylet
+from raytl import preload_claims, raylet
 from raytl.config import SpaceConfig
 from raytl.strategies import STRATEGIES
 
 ENABLED = "RAYTL_WARM_TRAIN_WORKERS"
 """Set to ``1`` in the local Ray's environment (raytl.cluster), where prestarting is on."""
-
-_SETUP_HOOK_VAR = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
-# what ray.init(runtime_env={"worker_process_setup_hook": "module.function"}) sets for a job's
-# workers (ray._private.runtime_env.setup_hook): Ray's worker runs it after connecting and before
-# taking work; here set for the Train workers' runtime env alone
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +62,15 @@ def enabled() -> bool:
 PRELOADED_MODULES = ("torch", "timm", "ray.train.torch", "raytl.train_loop")
 """What a trial's worker imports (torch, torchvision's ops, timm, Ray Train, raytl's trial and
 unit trainer), by name, as Ray's own ``RAY_preload_python_modules`` takes them."""
+
+CONTROLLER_MODULES = (
+    "torch",
+    "ray.train.torch",
+    "ray.train.v2._internal.execution.controller.controller",
+    "ray.tune.integration.ray_train",
+)
+"""What a trial's Train controller imports when it unpickles its class and arguments (Train's
+controller, the Torch backend's config, Tune's report callback)."""
 
 
 def preload() -> None:
@@ -88,7 +92,7 @@ def worker_runtime_env() -> dict[str, Any]:
     where prestarting is on, else none (Ray's default)."""
     if not enabled():
         return {}
-    return {"env_vars": {_SETUP_HOOK_VAR: f"{__name__}.{preload.__name__}"}}
+    return {"env_vars": {preload_claims.SETUP_HOOK_VAR: f"{__name__}.{preload.__name__}"}}
 
 
 def leaves_a_cpu(cluster_cpus: float, trials_at_once: int, cpus_per_trial: float) -> bool:
@@ -118,7 +122,8 @@ def prestart_next_controller(config: SpaceConfig) -> bool:
     was stopped (a later trial's controller starts cold then). Returns whether it asked."""
     if not enabled() or not ray.is_initialized() or ray.train.get_context().get_world_rank():
         return False
-    return _prestart_one(config, controller_env_of(own_runtime_env()))
+    controller = controller_env_of(own_runtime_env())
+    return _prestart_one(config, controller, CONTROLLER_MODULES)
 
 
 def prestart_for_search(config: SpaceConfig) -> int:
@@ -135,6 +140,7 @@ def prestart_for_search(config: SpaceConfig) -> int:
         if not _has_a_cpu_free(config):
             return 0
         controller, worker = train_envs()
+        preload_claims.leave_claims(controller, CONTROLLER_MODULES, count=trials)
         raylet.prestart_from_a_worker(
             [(controller, trials), (worker, trials * r.workers_per_trial)]
         )
@@ -157,12 +163,15 @@ def _has_a_cpu_free(config: SpaceConfig) -> bool:
     return leaves_a_cpu(cpus, config.search.max_concurrent, r.workers_per_trial * r.cpus_per_worker)
 
 
-def _prestart_one(config: SpaceConfig, serialized_env: str) -> bool:
+def _prestart_one(config: SpaceConfig, serialized_env: str, claim: tuple[str, ...] = ()) -> bool:
     """From a Train worker: one process with ``serialized_env`` from its raylet, if the search's
-    trials leave a CPU free. Whether it asked; a failure only means a later trial starts cold."""
+    trials leave a CPU free, with a claim to import ``claim`` where given. Whether it asked; a
+    failure only means a later trial starts cold."""
     try:
         if not _has_a_cpu_free(config):
             return False
+        if claim:
+            preload_claims.leave_claims(serialized_env, claim)
         raylet.prestart(serialized_env, count=1)
     except Exception:  # an optimisation only  # noqa: BLE001
         _log.debug("raytl: prestarting a process failed", exc_info=True)
@@ -202,7 +211,7 @@ def controller_env_of(worker_env: str) -> str:
     """A Train worker's controller's runtime env, from the worker's: without the variable
     :func:`worker_runtime_env` adds (Train's own are in both)."""
     env_vars = json.loads(worker_env).get("env_vars", {})
-    env_vars.pop(_SETUP_HOOK_VAR, None)
+    env_vars.pop(preload_claims.SETUP_HOOK_VAR, None)
     return _as_ray_writes_it(env_vars)
 
 
@@ -216,6 +225,7 @@ def own_runtime_env() -> str:
     """This process's runtime env as its raylet saw it: the JSON that Ray's core worker wrote
     when it merged the env into its parents' (Tune's trial, Train's controller), whose exact
     text the raylet hashes to match processes to actors ("" outside a Ray worker). What a worker
-    asks for with: no guess (:func:`train_envs` is the driver's, before any worker runs)."""
+    asks for with: no guess (:func:`train_envs` is the driver's, before any worker runs). Only
+    once the process runs a task: Ray's core worker has no runtime env before (and crashes)."""
     worker: Any = ray._private.worker.global_worker  # its core_worker is set once connected
     return str(worker.core_worker.get_current_runtime_env()) if ray.is_initialized() else ""

@@ -18,7 +18,7 @@ from ray.util.state import list_actors, list_workers
 
 import raytl.train_loop
 import raytl.trial
-from raytl import warm_workers
+from raytl import preload_claims, warm_workers
 from raytl.cluster import (
     LOCAL_TRAIN_SETTINGS,
     is_running,
@@ -28,7 +28,8 @@ from raytl.cluster import (
 )
 from raytl.search import share_inputs, tune_search
 from raytl.space_file import parse_space
-from raytl.trial import STARTUP_TRACE, SearchInputs, TrialContext, process_started, trace_startup
+from raytl.startup_trace import STARTUP_TRACE, process_started, trace_startup
+from raytl.trial import SearchInputs, TrialContext
 
 SPACE = {"name": "t", "data": {"source": "digits"}, "space": {"strategy": "fine_tune"}}
 
@@ -177,7 +178,8 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     """On the local Ray raytl starts, the driver asks for processes for the first trial's Train
     controller and worker before Tune launches it, and that worker asks for one like its own and
     one like its controller's: both trials' workers and controllers start in a process started
-    before their trial, the workers' with torch and timm imported."""
+    before their trial, the workers' with torch and timm imported, the controllers' with torch
+    and Ray Train (and no helper actor's process imports them)."""
     for key in LOCAL_TRAIN_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     trace = tmp_path / "trace.jsonl"
@@ -207,8 +209,10 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
         controller_env, worker_env = warm_workers.train_envs()
         launched = {w.pid: w.worker_launch_time_ms / 1000 for w in list_workers(detail=True)}
         controllers = list_actors(filters=[("class_name", "=", "TrainController")], detail=True)
+        actors = list_actors(detail=True, limit=1000)
     assert len(table) == 2
-    workers = [json.loads(line) for line in trace.read_text().splitlines()]
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    workers = lines
     workers = sorted(
         (w for w in workers if w["stage"] == "worker_entered"), key=lambda w: w["trial"]
     )
@@ -226,3 +230,31 @@ def test_every_trials_worker_starts_in_a_prestarted_process_with_its_imports_don
     # done by then depends on how long the first trial trained (here about a second) and on how
     # soon the next trial launches (sooner since its Tune process imports no timm: 570e872)
     assert workers[1]["process"] < workers[1]["trial"] and workers[1]["preloaded"] is not None
+    # each controller's process took a claim: it imported torch and Ray Train before it took
+    # work (its hook), in a process started before its trial (how far the imports had got when
+    # the trial started is timing: the first trial launches right after the driver's request)
+    claims = {line["pid"]: line for line in lines if line["stage"] == "claim_preloaded"}
+    in_order = sorted(controllers, key=lambda c: launched[c.pid])
+    for controller, worker in zip(in_order, workers, strict=True):
+        assert claims[controller.pid]["process"] < worker["trial"], (claims, controller.pid)
+    # and no other actor's process did (the helpers sharing their runtime env, Tune's actors);
+    # the process asked for by the last trial, for a controller that never came, did
+    others = {a.pid for a in actors if a.class_name != "TrainController"}
+    assert not others & set(claims), (claims, actors)
+
+
+def test_a_claim_is_taken_by_one_process_with_its_variables_once_and_expires(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    env = '{"env_vars":{"A":"1","B":"2"}}'
+    controller = {"A": "1", "B": "2", "PATH": "/bin"}  # its variables, and the raylet's
+    assert preload_claims.take_claim(controller) is None  # none left: no import
+    assert preload_claims.leave_claims(env, ["json", "csv"], count=2) == 2
+    assert preload_claims.take_claim({"A": "1", "PATH": "/bin"}) is None  # another env's process
+    assert preload_claims.take_claim({"A": "1", "B": "3"}) is None
+    assert preload_claims.take_claim(controller) == ["json", "csv"]
+    later = time.time() + preload_claims.CLAIM_TTL_S + 1
+    assert preload_claims.take_claim(controller, now=later) is None
+    assert preload_claims.take_claim(controller) is None  # the expired one was removed, not left
+    assert list((tmp_path / preload_claims.FOLDER).iterdir()) == []
+    monkeypatch.delenv("RAY_TMPDIR")
+    assert preload_claims.leave_claims(env, ["json"]) == 0  # no local Ray: nothing to claim
