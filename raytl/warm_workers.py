@@ -15,7 +15,9 @@ actor of that job whose runtime env is the same. So on the local Ray that raytl 
   (:func:`prestart_successor`), and rank 0, when its training is done, for one like its
   controller's (:func:`prestart_next_controller`). About as many processes wait as
   workers and controllers run at once (one more for each worker Train restarts). A controller's
-  process imports nothing ahead (its runtime env is Train's own), but is started.
+  runtime env is Train's own and shared with its helper actors, which need no torch: its process
+  imports torch and Ray Train ahead through a claim left beside the request
+  (:mod:`raytl.preload_claims`).
 
 Only where the search leaves a CPU free (:func:`leaves_a_cpu`): a process prestarted while every
 core trains takes its imports' seconds from the trials running (the quickstart on 2 cores, 2
