@@ -7,11 +7,12 @@ and its first training step, stage by stage.
 
 Each run is a real search in a fresh process, as ``raytl search`` runs one (a raytl-started local
 Ray, ``search.share_inputs`` + ``search.tune_search``; no refit): digits at 32 px, 300 images,
-holdout, ``fine_tune`` fixed, 1 epoch, 3 trials one at a time, 1 worker x 1 CPU, no seeded
-recipes. The stages come from two clocks that need nothing but the run itself: Ray's task
-timeline (``ray.timeline()``: when the Train controller and worker actors run their methods) and
-raytl's start-up trace (``RAYTL_STARTUP_TRACE``, :func:`raytl.startup_trace.trace_startup`), joined with
-the results table's ``launched_at`` (the driver's clock when Tune launched the trial). A code
+holdout, ``fine_tune`` fixed, 1 epoch (``--epochs``), 3 trials one at a time, 1 worker x 1 CPU,
+no seeded recipes. The stages come from two clocks that need nothing but the run itself: Ray's
+task timeline (``ray.timeline()``: when the Train controller and worker actors run their
+methods) and raytl's start-up trace (``RAYTL_STARTUP_TRACE``,
+:func:`raytl.startup_trace.trace_startup`), joined with the results table's ``launched_at``
+(the driver's clock when Tune launched the trial). A code
 older than the trace shows only the timeline's stages. Each stage is the median over the trials
 (each trial's figure in brackets); the imports are timed separately, in fresh processes.
 
@@ -117,8 +118,8 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "ahead for the trials' Train controllers and workers, by the raylet (`PrestartWorkers`, the "
     "call Ray's core worker makes; Ray 2.60 has no Python API for it), for this job and the "
     "runtime env each will have; a worker's setup hook imports torch, timm, Ray Train and raytl "
-    "before the process takes work (a controller's runtime env is Train's own: its process is "
-    "started, its imports are not done). The driver asks for the first trials' processes before "
+    "before the process takes work (a controller's runtime env is Train's own: its process was "
+    "started, its imports were not done, until the next item). The driver asks for the first trials' processes before "
     "Tune launches them, each Train worker for its successor's (and, rank 0, for the next "
     "controller's). The raylet matches a hash of the runtime env's JSON as Ray's C++ merge wrote "
     "it: the driver computes it from the variables Tune and Train propagate, a worker sends its "
@@ -208,10 +209,39 @@ WHY = [  # checked against Ray 2.60's source (ray/train/v2, ray/_private/workers
     "3.6 s after that end (the actor's imports of torch and Ray Train): trial end to the next "
     "launch 4.3 s against 4.1 without it, launch to the next launch 15.0 against 14.1 s before "
     "either change in the same run (`--searches 3`). No gain, so not kept.",
-    "- Left: the controller's imports (torch, Ray Train) when it unpickles its arguments: its "
-    "runtime env is Train's, without raytl's setup hook, and its helper actors share it (a hook "
-    "there would import torch in each of them; `RAY_preload_python_modules` did that, below); "
-    "the Tune trial's own process, new every trial, and its imports of torch and Ray Train.",
+    "- Cut (raytl/preload_claims.py, the local Ray raytl starts; 2026-12-02, 32be18e): the "
+    "controller's process imports torch and Ray Train ahead too. Every Python worker process of "
+    "the local Ray runs raytl's setup hook (Ray's `__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR` in "
+    "the raylet's environment; a runtime env's own, the Train workers', replaces it), which "
+    "imports only where a claim waits: a file the asker leaves in the local Ray's folder beside "
+    "its `PrestartWorkers` request, naming the runtime env's variables and the modules, taken "
+    "(an atomic rename) by the first process whose environment has those variables. The "
+    "controller's helper actors share its runtime env but start after it and find none (the "
+    "test checks that no other actor's process imported). Variables, not the runtime env's "
+    "text: a process cannot ask Ray for its own runtime env before its first task (Ray's core "
+    "worker crashed in `GetCurrentSerializedRuntimeEnv`). The table's before and after columns "
+    "are this change (between them only this and the benchmark's `--epochs` option): the "
+    "controller's two rows are about 0.1 s each now, and the first trial of each search gains "
+    "most (its controller's process was started and imported while Tune launched the trial); "
+    "trial end to the next launch grows by about as much as the later trials gain, because the "
+    "controller's imports now run at the trial's end, beside the next Tune trial's start.",
+    "- Tried, not kept (2026-12-02, on top of 32be18e, not committed): the next Tune trial's "
+    "process prestarted with a claim to import torch, Ray Train and raytl's trainable (its "
+    "runtime env, Tune's, travels in the `TrialContext`; the driver's Python writes that one "
+    "with `RuntimeEnv.serialize`, not compact like the C++ merge). Asked for by rank 0 when its "
+    "training was done (`--before 32be18e --searches 2`): trial end to the next launch 4.5 -> "
+    "3.9 s, but a trial's launch to its end 6.0 -> 6.8 s and launch to the next launch 10.5 -> "
+    "10.6 s. Asked for after the first epoch, to overlap the training (`--before 32be18e "
+    "--searches 2 --epochs 3`): trial end to the next launch 3.8 -> 0.1 s, but launch to end "
+    "9.2 -> 12.5 s, launch to first step 3.6 -> 4.1 s and launch to the next launch 13.0 -> "
+    "12.6 s. On 2 cores the imports of three processes a trial (the next worker's, about 4 s "
+    "of CPU, the controller's and the Tune trial's, about 2.3 s each) are more than the one "
+    "core a trial leaves free can do while a short trial trains: they move, they do not "
+    "shrink, and they slow the trial they overlap. Where more cores idle beside a trial (a GPU "
+    "node) this would pay; not measurable here, so not kept.",
+    "- Left: the Tune trial's own process, new every trial, and its imports of torch and Ray "
+    "Train (trial end to the next launch, above); on 2 cores, the first trial of each search, "
+    "whose worker, controller and Tune processes all import at the search's start.",
 ]
 
 
@@ -271,6 +301,7 @@ def search_in(run: Run, out: Path) -> float:
     wait_quiet(limit=0.3, patience=180.0)
     t0, busy0 = time.perf_counter(), busy_seconds()
     flags = ["--reuse-actors"] if run.reuse_actors else []
+    flags += ["--epochs", str(SPACE["search"]["max_epochs"])]
     with open(out / "stderr.txt", "w") as stderr:
         child = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--run-search", str(out), *flags],
@@ -370,7 +401,7 @@ def stage_seconds(trial: dict[str, float]) -> dict[str, float]:
         "worker_process", math.nan
     ) - trial.get("fit_called", math.nan)
     out["trial end to the next trial's launch"] = trial.get("to_next_launch", math.nan)
-    out["trial, launch to end (1 epoch)"] = trial["trial_seconds"]
+    out[trial_row()] = trial["trial_seconds"]
     return out
 
 
@@ -434,6 +465,15 @@ def breakdown(results: dict[str, list[dict[str, float]]]) -> list[str]:
     return lines
 
 
+def epochs() -> str:
+    n = SPACE["search"]["max_epochs"]
+    return f"{n} epoch" + ("s" if n > 1 else "")
+
+
+def trial_row() -> str:
+    return f"trial, launch to end ({epochs()})"
+
+
 def section(command: str, results: dict, imports: dict, others: dict) -> str:
     cols = list(imports)
     return "\n".join(
@@ -443,7 +483,7 @@ def section(command: str, results: dict, imports: dict, others: dict) -> str:
             provenance(command),
             "",
             "A search of 3 trials one at a time (digits, 32 px, 300 images, holdout, `fine_tune`, "
-            "1 epoch, 1 Ray Train worker x 1 CPU, no seeded recipes), each run in a fresh "
+            f"{epochs()}, 1 Ray Train worker x 1 CPU, no seeded recipes), each run in a fresh "
             "process with a Ray of its own, after waiting for a quiet moment. Stages are "
             "consecutive (they add up to the total); each cell is the median over the trials, "
             "each trial's figure in brackets. Sources: the results table's `launched_at` and "
@@ -487,7 +527,7 @@ def reading(results: dict[str, list], imports: dict[str, dict[str, float]]) -> l
     lines = []
     for name, trials in results.items():
         first, wait = median_stage(trials, total), median_stage(trials, gap)
-        trial = median_stage(trials, "trial, launch to end (1 epoch)")
+        trial = median_stage(trials, trial_row())
         opening = median_stage([t for t in trials if t["first_in_search"]], total)
         later = median_stage([t for t in trials if not t["first_in_search"]], total)
         verdict = {  # judged apart: a median over both hides the first trials
@@ -552,11 +592,13 @@ def main() -> None:
     parser.add_argument("--before-label", help="how the table names --before (default: it)")
     parser.add_argument("--variants", action="store_true", help="also the two tried mechanisms")
     parser.add_argument("--searches", type=int, default=1, help="searches of 3 trials per run")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
     parser.add_argument("--keep", type=Path, help="keep each search's raw events in this folder")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     parser.add_argument("--run-search", type=Path, help=argparse.SUPPRESS)  # the child
     parser.add_argument("--reuse-actors", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SPACE["search"]["max_epochs"] = args.epochs
     if args.run_search:
         run_search(args.run_search, args.reuse_actors)
         return
@@ -580,6 +622,7 @@ def main() -> None:
     command += f" --before-label '{args.before_label}'" if args.before_label else ""
     command += " --variants" if args.variants else ""
     command += f" --searches {args.searches}" if args.searches != 1 else ""
+    command += f" --epochs {args.epochs}" if args.epochs != 1 else ""
     text = section(command, results, imports, others)
     print(text)
     if not args.no_write:
