@@ -46,9 +46,6 @@ CLAIM_TTL_S = 30.0
 
 _log = logging.getLogger(__name__)
 
-preloaded_at: float | None = None
-"""When this process finished the imports of a claim it took (wall clock); None where it took none."""
-
 
 def claims_folder() -> Path | None:
     """Where claims are left: in the local Ray's folder; None outside one (a cluster's node)."""
@@ -94,28 +91,27 @@ def take_claim(environ: Mapping[str, str], now: float | None = None) -> list[str
         if not fresh:
             claim.unlink(missing_ok=True)
         elif all(environ.get(k) == v for k, v in wanted["env_vars"].items()):
+            taken = claim.with_name(f".taken-{os.getpid()}")
             try:
-                claim.rename(claim.with_name(f".taken-{os.getpid()}"))
+                claim.rename(taken)
             except OSError:  # another process took it first
                 continue
-            claim.with_name(f".taken-{os.getpid()}").unlink(missing_ok=True)
+            taken.unlink(missing_ok=True)
             return [str(m) for m in wanted["modules"]]
     return None
 
 
 def on_process_start() -> None:
-    """Ray's setup hook: import what a claim waiting for this process's runtime env names. Never
+    """Ray's setup hook: import what a claim waiting for a process like this one names. Never
     raises (Ray ends a process whose hook fails); a failed import is left for the actor's own
     import to report."""
-    global preloaded_at
     try:
         modules = take_claim(os.environ)
         if modules is None:
             return
         for name in modules:
             importlib.import_module(name)
-        preloaded_at = time.time()
         # no trial yet: keyed 0; benchmarks/startup.py and the tests find the process by its pid
-        trace_startup("claim_preloaded", 0.0, process=process_started(), preloaded=preloaded_at)
+        trace_startup("claim_preloaded", 0.0, process=process_started(), preloaded=time.time())
     except Exception:  # an optimisation only  # noqa: BLE001
         _log.debug("raytl: preloading a claimed process failed", exc_info=True)
