@@ -103,15 +103,24 @@ def take_claim(environ: Mapping[str, str], now: float | None = None) -> list[str
 
 def on_process_start() -> None:
     """Ray's setup hook: import what a claim waiting for a process like this one names. Never
-    raises (Ray ends a process whose hook fails); a failed import is left for the actor's own
-    import to report."""
+    raises (Ray ends a process whose hook fails)."""
     try:
         modules = take_claim(os.environ)
-        if modules is None:
-            return
-        for name in modules:
-            importlib.import_module(name)
-        # no trial yet: keyed 0; benchmarks/startup.py and the tests find the process by its pid
-        trace_startup("claim_preloaded", 0.0, process=process_started(), preloaded=time.time())
+        done = import_each(modules) if modules else None
+        if done is not None:
+            # no trial yet: keyed 0; benchmarks/startup.py and the tests find it by its pid
+            trace_startup("claim_preloaded", 0.0, process=process_started(), preloaded=done)
     except Exception:  # an optimisation only  # noqa: BLE001
         _log.debug("raytl: preloading a claimed process failed", exc_info=True)
+
+
+def import_each(modules: Sequence[str]) -> float | None:
+    """Import ``modules`` in a process that waits for work: when that was done (wall clock), or
+    None where one failed (the actor's own import of it reports it). Never raises."""
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001
+        _log.debug("raytl: preloading %s failed", modules, exc_info=True)
+        return None
+    return time.time()

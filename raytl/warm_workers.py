@@ -32,12 +32,10 @@ start their workers cold, as without it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import ray
@@ -80,13 +78,7 @@ def preload() -> None:
     process waits for work. Never raises: a failed import is left for the trial's own import
     to report."""
     global preloaded_at
-    try:
-        for name in PRELOADED_MODULES:
-            importlib.import_module(name)
-    except Exception:  # the trial reports it when it imports the same  # noqa: BLE001
-        _log.debug("raytl: preload failed", exc_info=True)
-        return
-    preloaded_at = time.time()
+    preloaded_at = preload_claims.import_each(PRELOADED_MODULES)
 
 
 def worker_runtime_env() -> dict[str, Any]:
